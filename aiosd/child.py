@@ -1,0 +1,49 @@
+"""Entry point of the daemon's child processes: ``python -m aiosd.child ROLE [NAME]``.
+
+The supervisor passes the validated configuration (``AIOS_CONFIG_JSON``) and
+the runtime directory through the environment, so every child runs on
+exactly the configuration the supervisor checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from libaios import paths
+
+from . import config as config_mod
+from . import logs
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python -m aiosd.child scheduler | llm NAME", file=sys.stderr)
+        return 2
+    cfg = config_mod.from_dict(json.loads(os.environ.get("AIOS_CONFIG_JSON", "{}")))
+    runtime_dir = Path(os.environ.get("AIOS_RUNTIME_DIR") or paths.runtime_dir())
+    role = argv[0]
+    if role == "scheduler":
+        logs.setup(cfg.kernel.log_level, "scheduler")
+        from .scheduler.server import serve
+
+        serve(cfg, runtime_dir)
+        return 0
+    if role == "llm" and len(argv) == 2:
+        logs.setup(cfg.kernel.log_level, f"llm:{argv[1]}")
+        from .llm.core import serve as serve_core
+
+        try:
+            serve_core(cfg, argv[1], paths.ipc(runtime_dir, paths.WORKERS_SOCKET))
+        except config_mod.ConfigError as exc:
+            print(f"llm core {argv[1]}: {exc}", file=sys.stderr)
+            return 78  # EX_CONFIG: restarting cannot help
+        return 0
+    print(f"unknown child role {argv!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

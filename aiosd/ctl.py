@@ -1,0 +1,334 @@
+"""``aiosctl``: the operator's command line.
+
+Thin click commands, one per operation: each makes system calls through
+libaios and renders the answer (``--json`` for machines). Exit codes:
+0 success, 1 failure, 2 usage, 3 aiosd is not running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import libaios
+from libaios import errors, paths
+from libaios.protocol import MsgType
+
+EXIT_FAIL = 1
+EXIT_NOT_RUNNING = 3
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = EXIT_FAIL) -> None:
+    err.print(f"aiosctl: {message}", markup=False)
+    sys.exit(code)
+
+
+@contextmanager
+def kernel(timeout: float = 10.0) -> Iterator[libaios.Client]:
+    """A client to the running kernel; exit 3 when there is none."""
+    client = libaios.Client(name="aiosctl", operator=True, timeout=timeout)
+    try:
+        client.connect()
+        yield client
+    except errors.NotRunning as exc:
+        fail(exc.message, EXIT_NOT_RUNNING)
+    except errors.Timeout as exc:
+        if not client.identity:
+            fail(f"aiosd does not answer on {client.endpoint}: {exc.message}", EXIT_NOT_RUNNING)
+        fail(exc.message)
+    except errors.AIOSError as exc:
+        fail(f"{exc.code.name}: {exc.message}")
+    finally:
+        client.close()
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="aios", prog_name="aiosctl")
+def main() -> None:
+    """Control a running aiosd (the AIOS kernel).
+
+    The daemon is found through AIOS_RUNTIME_DIR (default
+    $XDG_RUNTIME_DIR/aios).
+    """
+
+
+# -- lifecycle -------------------------------------------------------------------
+
+
+def _status_or_none(timeout: float = 2.0) -> dict[str, Any] | None:
+    try:
+        with libaios.Client(name="aiosctl", operator=True, timeout=timeout) as client:
+            return client.call(MsgType.ADMIN_STATUS)
+    except (errors.NotRunning, errors.Timeout, errors.Unauthenticated):
+        return None
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="TOML configuration file for aiosd.")
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for readiness.")
+def start(config_path: str | None, timeout: float) -> None:
+    """Start aiosd in the background and return once it is ready."""
+    status = _status_or_none()
+    if status is not None:
+        out.print(f"aiosd is already running (pid {status['supervisor_pid']}) on {status['runtime_dir']}")
+        return
+    from .supervisor import prepare_dir
+
+    runtime = paths.runtime_dir()
+    prepare_dir(runtime)
+    log_path = runtime / paths.LOG_FILE
+    argv = [sys.executable, "-m", "aiosd"] + (["--config", config_path] if config_path else [])
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        code = proc.poll()
+        if code is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-15:]
+            fail(f"aiosd exited with code {code} while starting; {log_path} says:\n" + "\n".join(tail))
+        status = _status_or_none(1.0)
+        if status is not None and status.get("ready"):
+            out.print(f"aiosd started (pid {proc.pid}) on {runtime}; log: {log_path}")
+            return
+        if status is not None and any(c["state"] == "failed" for c in status["cores"]):
+            failed = [c["name"] for c in status["cores"] if c["state"] == "failed"]
+            fail(f"aiosd started but LLM core(s) {', '.join(failed)} failed; see {log_path}")
+        time.sleep(0.2)
+    fail(f"aiosd did not become ready within {timeout:g}s; see {log_path}")
+
+
+@main.command()
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for it to exit.")
+def stop(timeout: float) -> None:
+    """Stop aiosd cleanly and wait until it has exited."""
+    with kernel() as client:
+        status = client.call(MsgType.ADMIN_STATUS)
+        client.call(MsgType.ADMIN_SHUTDOWN)
+    pid = status.get("supervisor_pid") or status["pid"]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            out.print(f"aiosd (pid {pid}) stopped")
+            return
+        time.sleep(0.1)
+    fail(f"aiosd (pid {pid}) still runs after {timeout:g}s")
+
+
+# -- inspection -------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(as_json: bool) -> None:
+    """Show the kernel: processes, LLM cores, queues."""
+    with kernel() as client:
+        data = client.call(MsgType.ADMIN_STATUS)
+    if as_json:
+        emit_json(data)
+        return
+    state = "ready" if data["ready"] else "starting"
+    if data.get("stopping"):
+        state = "stopping"
+    out.print(
+        f"aiosd {data['version']} [bold]{state}[/] (pid {data['supervisor_pid']}), "
+        f"up {data['uptime_s']:.0f}s, policy {data['policy']}, runtime {data['runtime_dir']}"
+    )
+    table = Table("process", "kind", "state", "pid", "restarts", "last exit")
+    for proc in data["procs"]:
+        colour = {"running": "green", "fatal": "red", "backoff": "yellow"}.get(proc["state"], "")
+        table.add_row(proc["name"], proc["kind"], f"[{colour}]{proc['state']}[/]" if colour else proc["state"],
+                      str(proc["pid"] or "-"), str(proc["restarts"]), proc["exit"] or "-")
+    out.print(table)
+    cores = Table("core", "backend", "state", "model", "slots", "running", "served")
+    for core in data["cores"]:
+        info = core.get("info", {})
+        cores.add_row(core["name"], core["backend"], core["state"], str(info.get("model", "-")),
+                      str(core.get("capacity", "-")), str(core.get("running", "-")),
+                      str(core.get("served", "-")))
+    out.print(cores)
+    queues = ", ".join(f"{k}: {v}" for k, v in data["queues"].items())
+    out.print(f"queued: {queues}; running: {data['running']}; live agents: {data['agents']}")
+    failed = [c["name"] for c in data["cores"] if c["state"] == "failed"]
+    if failed:
+        fail(f"LLM core(s) failed: {', '.join(failed)} (restart budget spent; see the log)")
+
+
+def agents_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
+    table = Table("agent", "pid", "state", "calls", "prompt tok", "compl tok",
+                  "queue wait", "running", "turnaround", title=title)
+    for row in rows:
+        state = row["exit"] if row["state"] in ("exited", "killed") else row["state"]
+        table.add_row(
+            row["id"], str(row["pid"] or "-"), state, str(row["calls"]),
+            str(row["prompt_tokens"]), str(row["completion_tokens"]),
+            seconds(row["wait_s"]), seconds(row["service_s"]), seconds(row["turnaround_s"]),
+        )
+    return table
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--all", "show_all", is_flag=True, help="Include agents that have ended.")
+def ps(as_json: bool, show_all: bool) -> None:
+    """List agents with what each has used of the kernel."""
+    with kernel() as client:
+        rows = client.call(MsgType.ADMIN_PS)["agents"]
+    if not show_all:
+        rows = [r for r in rows if r["state"] in ("running", "connected")]
+    if as_json:
+        emit_json(rows)
+        return
+    out.print(agents_table(rows))
+
+
+# -- agents -------------------------------------------------------------------------
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--task", help="The task handed to the agent (as --task TEXT).")
+@click.option("--name", help="The agent's name (default: the file's name).")
+@click.option("--detach", is_flag=True, help="Return at once with the agent's id.")
+@click.option("--json", "as_json", is_flag=True, help="With --detach: print JSON.")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run(path: str, task: str | None, name: str | None, detach: bool, as_json: bool,
+        args: tuple[str, ...]) -> None:
+    """Launch the agent at PATH through the kernel; show its output and exit
+    with its exit code. Arguments after PATH go to the agent."""
+    argv = list(args) + (["--task", task] if task is not None else [])
+    body = {"path": str(Path(path).resolve()), "args": argv, "cwd": os.getcwd(),
+            "wait": not detach, "name": name}
+    with kernel() as client:
+        if detach:
+            info = client.call(MsgType.AGENT_RUN, body)
+            if as_json:
+                emit_json(info)
+            else:
+                out.print(f"launched {info['agent']} (pid {info['pid']})")
+            return
+        stream = client.stream(MsgType.AGENT_RUN, body, timeout=10 * 365 * 86400.0)
+        agent_id = None
+        try:
+            for part in stream:
+                if part.get("event") == "started":
+                    agent_id = part["agent"]
+                elif "data" in part:
+                    target = sys.stderr if part["stream"] == "stderr" else sys.stdout
+                    target.write(part["data"])
+                    target.flush()
+        except KeyboardInterrupt:
+            if agent_id:
+                with kernel() as killer:
+                    killer.call(MsgType.ADMIN_KILL, {"agent": agent_id})
+            sys.exit(130)
+        result = stream.result or {}
+    code = result.get("exit_code")
+    if code is None:
+        sys.exit(EXIT_FAIL)
+    sys.exit(128 - code if code < 0 else code)
+
+
+@main.command()
+@click.argument("agent")
+def kill(agent: str) -> None:
+    """Kill AGENT (an id, a name or a pid from `aiosctl ps`)."""
+    with kernel() as client:
+        info = client.call(MsgType.ADMIN_KILL, {"agent": agent})
+    out.print(f"killed {info['agent']} (pid {info['pid']})")
+
+
+# -- the demo ------------------------------------------------------------------------
+
+DEMO_TASKS = [
+    ("chat.py", "Plan a weekend trip to the mountains."),
+    ("summarize.py", "Why do leaves change colour in autumn?"),
+    ("chat.py", "Learn the basics of baking bread."),
+    ("summarize.py", "How does a bicycle stay upright?"),
+    ("planner.py", "Organise a small birthday party."),
+    ("chat.py", "Start running three times a week."),
+    ("summarize.py", "What makes a good night's sleep?"),
+    ("planner.py", "Tidy up a cluttered garage."),
+]
+
+
+def default_agents_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "agents"
+
+
+@main.command()
+@click.option("--agents", "count", default=8, show_default=True, help="How many agents to launch.")
+@click.option("--agents-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=default_agents_dir, help="Where the example agents live.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final per-agent figures as JSON.")
+def demo(count: int, agents_dir: Path, as_json: bool) -> None:
+    """Launch the example agents at once, show live progress, then a table
+    per agent."""
+    from rich.live import Live
+
+    with kernel() as client:
+        ids = []
+        start = time.time()
+        for i in range(count):
+            script, task = DEMO_TASKS[i % len(DEMO_TASKS)]
+            body = {"path": str((agents_dir / script).resolve()), "args": ["--task", task],
+                    "cwd": os.getcwd(), "wait": False}
+            ids.append(client.call(MsgType.AGENT_RUN, body)["agent"])
+
+        def rows() -> list[dict[str, Any]]:
+            all_rows = {r["id"]: r for r in client.call(MsgType.ADMIN_PS)["agents"]}
+            return [all_rows[i] for i in ids if i in all_rows]
+
+        with Live(console=err, refresh_per_second=4, transient=True) as live:
+            while True:
+                current = rows()
+                done = sum(1 for r in current if r["state"] in ("exited", "killed"))
+                live.update(agents_table(current, title=f"{done}/{len(ids)} agents done, "
+                                                        f"{time.time() - start:.1f}s"))
+                if done == len(ids):
+                    break
+                time.sleep(0.25)
+        final = rows()
+    makespan = time.time() - start
+    if as_json:
+        emit_json({"makespan_s": makespan, "agents": final})
+    else:
+        out.print(agents_table(final, title=f"{len(final)} agents in {makespan:.1f}s"))
+        total_p = sum(r["prompt_tokens"] for r in final)
+        total_c = sum(r["completion_tokens"] for r in final)
+        out.print(f"calls: {sum(r['calls'] for r in final)}, prompt tokens: {total_p}, "
+                  f"completion tokens: {total_c}")
+    bad = [r["id"] for r in final if r["exit_code"] != 0 or r["failed"]]
+    if bad:
+        fail(f"agents failed: {', '.join(bad)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""LLM cores: one worker process per configured model instance."""

@@ -1,0 +1,89 @@
+"""An LLM core: the worker process that serves one model instance.
+
+It builds the configured backend, then serves ``llm.chat`` (and the no-op
+``sys.null``) through the shared worker runtime. The chat request was
+checked by the scheduler; it is parsed again here because a worker trusts
+nothing it did not parse itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from libaios.protocol import MsgType
+
+from ..config import Config, CoreConfig
+from ..worker import Task, WorkerRuntime
+from . import request
+from .backend import Backend
+
+log = logging.getLogger(__name__)
+
+#: Fault injection for the fault tests: "stall" makes every chat block until
+#: it is cancelled, as a wedged model would.
+FAULT_ENV = "AIOS_FAULT"
+
+
+def make_backend(cfg: CoreConfig) -> Backend:
+    if cfg.backend == "llamacpp":
+        from .llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(cfg)
+    from .openai_backend import OpenAIBackend
+
+    return OpenAIBackend(cfg)
+
+
+class LLMCore:
+    """The handlers of one core; they hold the backend, never a socket."""
+
+    def __init__(self, cfg: CoreConfig, backend: Backend):
+        self.cfg = cfg
+        self.backend = backend
+        self.fault = os.environ.get(FAULT_ENV, "")
+
+    def chat(self, task: Task) -> dict[str, Any]:
+        req = request.parse(task.body)
+        if self.fault == "stall":
+            while True:
+                task.check()
+                task.cancelled.wait(0.05)
+        stream = req.stream
+
+        def emit(text: str) -> None:
+            if stream:
+                task.emit({"text": text})
+
+        out = self.backend.chat(req, emit, task.check)
+        return out.to_body(self.cfg.name)
+
+    def null(self, task: Task) -> dict[str, Any]:
+        return {"core": self.cfg.name}
+
+    def handlers(self) -> dict[MsgType, Any]:
+        return {MsgType.LLM_CHAT: self.chat, MsgType.SYS_NULL: self.null}
+
+
+def serve(config: Config, name: str, endpoint: str) -> None:
+    """Load the model of core ``name`` and serve it until shut down."""
+    cfg = next(c for c in config.llm.cores if c.name == name)
+    backend = make_backend(cfg)
+    core = LLMCore(cfg, backend)
+    runtime = WorkerRuntime(
+        kind="llm",
+        name=cfg.name,
+        # A llama.cpp model object runs one generation at a time (batching
+        # several sequences in one context is the context manager's job);
+        # a remote server takes as many concurrent calls as configured.
+        capacity=cfg.slots if cfg.backend == "openai" else 1,
+        endpoint=endpoint,
+        handlers=core.handlers(),
+        heartbeat_interval=config.kernel.heartbeat_interval,
+        info=backend.describe(),
+    )
+    try:
+        runtime.run()
+    finally:
+        backend.close()

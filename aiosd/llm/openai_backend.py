@@ -1,0 +1,126 @@
+"""The ``openai`` backend: any OpenAI-compatible server (vLLM, llama-server,
+Ollama, llama-cpp-python's server, a cloud API) by base URL.
+
+The API key comes from the environment variable named in the config, never
+from the config file. Generation is always streamed from the server so that
+a cancelled call stops at the next token and closes the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from libaios.errors import BackendError, InvalidArgument, Unavailable
+
+from ..config import CoreConfig
+from .backend import ChatOutput, Emit, StopScanner
+from .request import ChatRequest
+
+
+class OpenAIBackend:
+    """A model served over the OpenAI chat completions API."""
+
+    def __init__(self, cfg: CoreConfig):
+        import openai
+
+        self.cfg = cfg
+        self._openai = openai
+        self.client = openai.OpenAI(
+            base_url=cfg.base_url,
+            api_key=os.environ.get(cfg.api_key_env) or "unused",
+            timeout=cfg.request_timeout,
+            max_retries=0,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "openai", "model": self.cfg.model, "base_url": self.cfg.base_url}
+
+    def _params(self, req: ChatRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "model": self.cfg.model,
+            "messages": req.messages,
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if req.stop:
+            params["stop"] = req.stop
+        if req.seed is not None:
+            params["seed"] = req.seed
+        if req.tools:
+            params["tools"] = req.tools
+            params["tool_choice"] = req.tool_choice
+        if req.response_format is not None:
+            params["response_format"] = req.response_format
+        return params
+
+    def chat(self, req: ChatRequest, emit: Emit, check: Callable[[], None]) -> ChatOutput:
+        oa = self._openai
+        scanner = StopScanner([])
+        finish = "length"
+        usage: Any = None
+        calls: dict[int, dict[str, Any]] = {}
+        pieces = 0
+        try:
+            stream = self.client.chat.completions.create(**self._params(req))
+            with stream:
+                for chunk in stream:
+                    check()
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    for choice in chunk.choices:
+                        delta = choice.delta
+                        if delta.content:
+                            pieces += 1
+                            out = scanner.feed(delta.content.encode())
+                            if out:
+                                emit(out)
+                        for tc in delta.tool_calls or []:
+                            slot = calls.setdefault(
+                                tc.index,
+                                {"id": tc.id or "", "type": "function",
+                                 "function": {"name": "", "arguments": ""}},
+                            )
+                            if tc.id:
+                                slot["id"] = tc.id
+                            if tc.function and tc.function.name:
+                                slot["function"]["name"] += tc.function.name
+                            if tc.function and tc.function.arguments:
+                                slot["function"]["arguments"] += tc.function.arguments
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
+        except oa.APIConnectionError as exc:
+            raise Unavailable(f"cannot reach the model server at {self.cfg.base_url}: {exc}") from None
+        except oa.BadRequestError as exc:
+            raise InvalidArgument(f"the model server refused the request: {exc.message}") from None
+        except oa.APIStatusError as exc:
+            raise BackendError(
+                f"the model server at {self.cfg.base_url} answered {exc.status_code}: {exc.message}",
+                retriable=exc.status_code >= 500 or exc.status_code == 429,
+            ) from None
+        except oa.APITimeoutError:
+            raise Unavailable(f"the model server at {self.cfg.base_url} did not answer in time") from None
+        scanner.finish()
+        parsed = None
+        if req.json_schema is not None:
+            try:
+                parsed = json.loads(scanner.text)
+            except ValueError:
+                parsed = None
+        tool_calls = [calls[i] for i in sorted(calls)]
+        return ChatOutput(
+            text=scanner.text,
+            finish_reason="tool_calls" if tool_calls else finish,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else pieces,
+            tool_calls=tool_calls,
+            parsed=parsed,
+        )
+
+    def close(self) -> None:
+        self.client.close()

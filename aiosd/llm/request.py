@@ -1,0 +1,175 @@
+"""The ``llm.chat`` request: checked once, in the scheduler, before it queues.
+
+Pure logic, no I/O. Every rejection names the field and what was wrong, and
+is raised as :class:`libaios.errors.InvalidArgument`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+
+from libaios.errors import InvalidArgument
+
+ROLES = ("system", "user", "assistant", "tool")
+MAX_MESSAGES = 1024
+MAX_TOKENS_LIMIT = 32768
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict[str, Any]]
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    stream: bool = False
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str | dict[str, Any] = "auto"
+    #: ``{"type": "json_object"}``, optionally with a "schema", or
+    #: ``{"type": "json_schema", "json_schema": {"schema": {...}}}``.
+    response_format: dict[str, Any] | None = None
+
+    @property
+    def json_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must satisfy, if any ({} = any JSON object)."""
+        rf = self.response_format
+        if rf is None:
+            return None
+        if rf.get("type") == "json_schema":
+            return rf["json_schema"]["schema"]
+        return rf.get("schema") or {"type": "object"}
+
+    def tool_names(self) -> list[str]:
+        return [t["function"]["name"] for t in self.tools]
+
+
+def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise InvalidArgument(f"llm.chat: '{key}' must be a number from {lo} to {hi}, got {value!r}")
+    return float(value)
+
+
+def _messages(raw: Any) -> list[dict[str, Any]]:
+    if not isinstance(raw, list) or not raw:
+        raise InvalidArgument("llm.chat: 'messages' must be a non-empty list of messages")
+    if len(raw) > MAX_MESSAGES:
+        raise InvalidArgument(f"llm.chat: at most {MAX_MESSAGES} messages, got {len(raw)}")
+    out = []
+    for i, msg in enumerate(raw):
+        if not isinstance(msg, dict):
+            raise InvalidArgument(f"llm.chat: messages[{i}] must be a map with 'role' and 'content'")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise InvalidArgument(
+                f"llm.chat: messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}"
+            )
+        content = msg.get("content")
+        if content is None and role == "assistant" and msg.get("tool_calls"):
+            content = ""
+        if not isinstance(content, str):
+            raise InvalidArgument(f"llm.chat: messages[{i}].content must be a string")
+        clean: dict[str, Any] = {"role": role, "content": content}
+        for extra in ("name", "tool_call_id", "tool_calls"):
+            if extra in msg:
+                clean[extra] = msg[extra]
+        out.append(clean)
+    return out
+
+
+def _tools(raw: Any) -> list[dict[str, Any]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise InvalidArgument("llm.chat: 'tools' must be a list of function tools")
+    names = set()
+    for i, tool in enumerate(raw):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise InvalidArgument(
+                f"llm.chat: tools[{i}] must be {{'type': 'function', 'function': {{...}}}}"
+            )
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(f"llm.chat: tools[{i}].function.name must be a non-empty string")
+        if name in names:
+            raise InvalidArgument(f"llm.chat: tools[{i}].function.name {name!r} is used twice")
+        names.add(name)
+        params = fn.setdefault("parameters", {"type": "object", "properties": {}})
+        _check_schema(params, f"tools[{i}].function.parameters")
+    return raw
+
+
+def _check_schema(schema: Any, where: str) -> None:
+    if not isinstance(schema, dict):
+        raise InvalidArgument(f"llm.chat: {where} must be a JSON schema object")
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise InvalidArgument(f"llm.chat: {where} is not a valid JSON schema: {exc.message}") from None
+
+
+def _response_format(raw: Any) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or raw.get("type") not in ("text", "json_object", "json_schema"):
+        raise InvalidArgument(
+            "llm.chat: 'response_format.type' must be 'text', 'json_object' or 'json_schema'"
+        )
+    if raw["type"] == "text":
+        return None
+    if raw["type"] == "json_schema":
+        inner = raw.get("json_schema")
+        if not isinstance(inner, dict) or "schema" not in inner:
+            raise InvalidArgument("llm.chat: 'response_format.json_schema.schema' is missing")
+        _check_schema(inner["schema"], "response_format.json_schema.schema")
+    elif "schema" in raw:
+        _check_schema(raw["schema"], "response_format.schema")
+    return raw
+
+
+def parse(body: dict[str, Any]) -> ChatRequest:
+    """Check an ``llm.chat`` body and return the request it describes."""
+    max_tokens = body.get("max_tokens", 256)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not (
+        0 < max_tokens <= MAX_TOKENS_LIMIT
+    ):
+        raise InvalidArgument(
+            f"llm.chat: 'max_tokens' must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {max_tokens!r}"
+        )
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+        raise InvalidArgument("llm.chat: 'stop' must be a string or a list of up to 16 non-empty strings")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise InvalidArgument(f"llm.chat: 'seed' must be a non-negative integer, got {seed!r}")
+    tools = _tools(body.get("tools"))
+    tool_choice = body.get("tool_choice", "auto")
+    names = {t["function"]["name"] for t in tools}
+    if isinstance(tool_choice, dict):
+        chosen = (tool_choice.get("function") or {}).get("name")
+        if chosen not in names:
+            raise InvalidArgument(f"llm.chat: 'tool_choice' names {chosen!r}, which is not in 'tools'")
+    elif tool_choice not in ("auto", "none", "required"):
+        raise InvalidArgument("llm.chat: 'tool_choice' must be 'auto', 'none', 'required' or a function")
+    response_format = _response_format(body.get("response_format"))
+    if tools and tool_choice != "none" and response_format is not None:
+        raise InvalidArgument("llm.chat: give 'tools' or 'response_format', not both")
+    return ChatRequest(
+        messages=_messages(body.get("messages")),
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        stop=stop,
+        seed=seed,
+        stream=bool(body.get("stream", False)),
+        tools=tools,
+        tool_choice=tool_choice,
+        response_format=response_format,
+    )

@@ -1,0 +1,58 @@
+"""Spawning children that die with their parent, and reading their exits."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _pdeathsig(sig: int) -> Callable[[], None]:
+    def setup() -> None:
+        # Runs in the child between fork and exec: if the parent dies, the
+        # kernel sends us ``sig``, so no child outlives the daemon.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        # The parent may have died before prctl took effect.
+        if os.getppid() == 1:
+            os.kill(os.getpid(), sig)
+
+    return setup
+
+
+def spawn(
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    death_signal: int = signal.SIGKILL,
+    **popen: Any,
+) -> subprocess.Popen:
+    """Start ``argv`` in its own session, dying with this process."""
+    preexec = _pdeathsig(death_signal) if sys.platform.startswith("linux") else None
+    return subprocess.Popen(
+        argv, env=env, start_new_session=True, preexec_fn=preexec, close_fds=True, **popen
+    )
+
+
+def exit_code(status: int) -> int:
+    """A waitpid status as an exit code; a signal death is negative."""
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {code}"

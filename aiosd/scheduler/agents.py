@@ -1,0 +1,266 @@
+"""Agents as the kernel knows them: the processes it launched, the
+connections that introduced themselves, and what each has used.
+
+An agent launched by the kernel gets a random credential in its environment;
+the connection that presents it is bound to that agent. Nothing an agent
+writes in a request can make it another agent.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .. import procs
+
+
+class AgentState(enum.Enum):
+    RUNNING = "running"
+    EXITED = "exited"
+    KILLED = "killed"
+    CONNECTED = "connected"        # started by hand, connected
+    DISCONNECTED = "disconnected"  # started by hand, gone
+
+
+@dataclass
+class Usage:
+    """What an agent has used of the kernel."""
+
+    calls: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wait_s: float = 0.0
+    service_s: float = 0.0
+    first_call: float | None = None
+    last_done: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "failed": self.failed,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "wait_s": round(self.wait_s, 4),
+            "service_s": round(self.service_s, 4),
+        }
+
+
+@dataclass(eq=False)
+class Agent:
+    id: str
+    name: str
+    launched: bool
+    started: float
+    state: AgentState
+    pid: int | None = None
+    token: str | None = None
+    path: str | None = None
+    popen: subprocess.Popen | None = None
+    ended: float | None = None
+    exit_code: int | None = None
+    create_time: float | None = None   # psutil's, to tell a reused pid apart
+    usage: Usage = field(default_factory=Usage)
+    #: (client identity, call id) of callers streaming this agent's output.
+    watchers: list[tuple[bytes, str]] = field(default_factory=list)
+    #: open output pipes: fd -> stream name
+    pipes: dict[int, str] = field(default_factory=dict)
+    kill_at: float | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (AgentState.RUNNING, AgentState.CONNECTED)
+
+    def turnaround(self, now: float) -> float:
+        return (self.ended or now) - self.started
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "pid": self.pid,
+            "state": self.state.value,
+            "launched": self.launched,
+            "path": self.path,
+            "exit_code": self.exit_code,
+            "exit": procs.describe_exit(self.exit_code) if self.ended else None,
+            "started": self.started,
+            "turnaround_s": round(self.turnaround(now), 4),
+            **self.usage.to_dict(),
+        }
+
+
+class AgentTable:
+    """Every agent the kernel knows, by id."""
+
+    def __init__(self, endpoint: str, runtime_dir: Path):
+        self.endpoint = endpoint
+        self.runtime_dir = runtime_dir
+        self.agents: dict[str, Agent] = {}
+        self._by_token: dict[str, Agent] = {}
+        self._by_fd: dict[int, Agent] = {}
+        self._counter = 0
+
+    def _new_id(self, name: str) -> str:
+        self._counter += 1
+        return f"{name}-{self._counter}"
+
+    def get(self, agent_id: str) -> Agent | None:
+        return self.agents.get(agent_id)
+
+    def by_token(self, token: str) -> Agent | None:
+        return self._by_token.get(token)
+
+    def by_fd(self, fd: int) -> Agent | None:
+        return self._by_fd.get(fd)
+
+    def launch(
+        self, path: str, args: list[str], name: str, cwd: str | None, env: dict[str, str]
+    ) -> Agent:
+        """Start an agent process with its credential in the environment."""
+        agent = Agent(
+            id=self._new_id(name), name=name, launched=True, started=time.time(),
+            state=AgentState.RUNNING, token=secrets.token_hex(16), path=path,
+        )
+        child_env = dict(os.environ)
+        child_env.update(env)
+        child_env.update(
+            {
+                "AIOS_ENDPOINT": self.endpoint,
+                "AIOS_RUNTIME_DIR": str(self.runtime_dir),
+                "AIOS_AGENT_TOKEN": agent.token or "",
+                "AIOS_AGENT_ID": agent.id,
+                "AIOS_AGENT_NAME": name,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        for var in ("AIOS_SUPERVISOR_TOKEN", "AIOS_CONFIG_JSON"):
+            child_env.pop(var, None)
+        agent.popen = procs.spawn(
+            [sys.executable, path, *args],
+            child_env,
+            death_signal=signal.SIGTERM,
+            cwd=cwd or None,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        agent.pid = agent.popen.pid
+        for stream, pipe in (("stdout", agent.popen.stdout), ("stderr", agent.popen.stderr)):
+            assert pipe is not None
+            fd = pipe.fileno()
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+            agent.pipes[fd] = stream
+            self._by_fd[fd] = agent
+        self.agents[agent.id] = agent
+        self._by_token[agent.token or ""] = agent
+        return agent
+
+    def register(self, name: str, pid: int | None) -> Agent:
+        """An agent started by hand introduced itself."""
+        agent = Agent(
+            id=self._new_id(name), name=name, launched=False, started=time.time(),
+            state=AgentState.CONNECTED, pid=pid,
+        )
+        if pid:
+            try:
+                agent.create_time = psutil.Process(pid).create_time()
+            except psutil.Error:
+                agent.create_time = None
+        self.agents[agent.id] = agent
+        return agent
+
+    def read_output(self, fd: int) -> tuple[Agent, str, bytes] | None:
+        """Read what an agent wrote on ``fd`` (b"" at end of file); None if
+        the fd is not an agent's or had nothing to read after all."""
+        agent = self._by_fd.get(fd)
+        if agent is None:
+            return None
+        stream = agent.pipes[fd]
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return None
+        if not data:
+            self.close_pipe(agent, fd)
+        return agent, stream, data
+
+    def close_pipe(self, agent: Agent, fd: int) -> None:
+        agent.pipes.pop(fd, None)
+        self._by_fd.pop(fd, None)
+        os.close(fd)
+
+    def reap(self, now: float, check_pids: bool = True) -> list[Agent]:
+        """Launched agents whose process has exited and whose output is
+        drained; with ``check_pids``, hand-started agents whose process is gone."""
+        done = []
+        for agent in self.agents.values():
+            if agent.state is AgentState.RUNNING and agent.popen is not None:
+                code = agent.popen.poll()
+                if code is None or agent.pipes:
+                    continue
+                agent.exit_code = code
+                agent.ended = now
+                agent.state = AgentState.KILLED if agent.kill_at is not None else AgentState.EXITED
+                if agent.token:
+                    self._by_token.pop(agent.token, None)
+                done.append(agent)
+            elif (check_pids and agent.state is AgentState.CONNECTED and agent.pid
+                  and not self._pid_alive(agent)):
+                self.disconnect(agent, now)
+                done.append(agent)
+        return done
+
+    def _pid_alive(self, agent: Agent) -> bool:
+        try:
+            proc = psutil.Process(agent.pid)
+            return agent.create_time is None or proc.create_time() == agent.create_time
+        except psutil.Error:
+            return False
+
+    def disconnect(self, agent: Agent, now: float) -> None:
+        agent.state = AgentState.DISCONNECTED
+        agent.ended = now
+
+    def kill(self, agent: Agent, now: float, grace: float = 3.0) -> None:
+        """SIGTERM the agent's process group now, SIGKILL after ``grace``."""
+        if agent.popen is None or agent.popen.poll() is not None:
+            return
+        agent.kill_at = now + grace
+        try:
+            os.killpg(agent.popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def enforce_kills(self, now: float) -> None:
+        for agent in self.agents.values():
+            if agent.kill_at is not None and now >= agent.kill_at and agent.popen is not None:
+                if agent.popen.poll() is None:
+                    try:
+                        os.killpg(agent.popen.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                agent.kill_at = now + 3600  # once is enough
+
+    def prune(self, now: float, keep: float = 3600.0, most: int = 1000) -> None:
+        """Forget finished agents an hour after they ended (or past ``most``)."""
+        ended = sorted(
+            (a for a in self.agents.values() if a.ended is not None and not a.pipes),
+            key=lambda a: a.ended or 0,
+        )
+        excess = max(0, len(ended) - most)
+        for i, agent in enumerate(ended):
+            if i < excess or now - (agent.ended or now) > keep:
+                self.agents.pop(agent.id, None)

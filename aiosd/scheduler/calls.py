@@ -1,0 +1,48 @@
+"""A call as the scheduler tracks it, from arrival to its final reply."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from libaios.protocol import MsgType
+
+_seq = itertools.count(1)
+
+
+class CallState(enum.Enum):
+    QUEUED = "queued"          # waiting in its resource's queue
+    RUNNING = "running"        # held by a worker
+    CANCELLING = "cancelling"  # answered, but its worker has not let go yet
+
+
+@dataclass(eq=False)
+class Call:
+    """One system call. ``kid`` is the kernel's own id for it: workers see
+    only that, never the caller's id, so two callers' ids can never collide."""
+
+    kid: str
+    client: bytes            # the caller's routing identity
+    client_call_id: str      # the id the caller will match replies on
+    agent: str               # the agent id the call is accounted to
+    type: MsgType
+    resource: str
+    body: dict[str, Any]
+    deadline: float | None
+    submitted: float
+    seq: int = field(default_factory=lambda: next(_seq))
+    state: CallState = CallState.QUEUED
+    worker: str | None = None
+    attempts: int = 0         # dispatches so far
+    streamed: bool = False    # a partial reply already reached the caller
+    queued_at: float = 0.0    # when it last entered the queue
+    dispatched: float = 0.0   # when the current attempt started
+    wait_s: float = 0.0       # total time spent queued
+    service_s: float = 0.0    # total time spent on workers
+    cancel_sent: float = 0.0  # when the worker was told to cancel
+    priority: int = 0
+
+    def remaining(self, now: float) -> float | None:
+        return None if self.deadline is None else self.deadline - now

@@ -1,0 +1,198 @@
+"""The worker runtime: the one piece of socket code every worker shares.
+
+A worker (an LLM core, later the memory, storage and tool managers) is a
+dispatch table from :class:`MsgType` to a handler that takes a :class:`Task`
+and returns the reply body. The runtime owns the DEALER socket to the
+scheduler: it registers with READY (kind, name, capacity), heartbeats, runs
+up to ``capacity`` tasks at once on threads, forwards their streamed parts
+and results, delivers cancellations, and registers again if the scheduler
+forgets it (after a scheduler restart). Handlers never touch a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from libaios import errors, protocol
+from libaios.protocol import ErrorCode, Message, MsgType
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Task:
+    """One call handed to a worker."""
+
+    call_id: str
+    type: MsgType
+    body: dict[str, Any]
+    deadline: float | None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    _emit: Callable[[dict[str, Any]], None] | None = None
+
+    def emit(self, part: dict[str, Any]) -> None:
+        """Stream one partial reply to the caller."""
+        if self._emit is not None:
+            self._emit(part)
+
+    def check(self) -> None:
+        """Raise if the call was cancelled or its deadline passed."""
+        if self.cancelled.is_set():
+            raise errors.Cancelled("the call was cancelled")
+        if self.deadline is not None and time.time() > self.deadline:
+            raise errors.Timeout("the call's deadline passed while it ran")
+
+
+Handler = Callable[[Task], dict[str, Any]]
+
+
+class WorkerRuntime:
+    """Runs a dispatch table of handlers as a worker of the scheduler."""
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        capacity: int,
+        endpoint: str,
+        handlers: dict[MsgType, Handler],
+        heartbeat_interval: float = 0.5,
+        info: dict[str, Any] | None = None,
+    ):
+        self.kind = kind
+        self.name = name
+        self.capacity = capacity
+        self.endpoint = endpoint
+        self.handlers = dict(handlers)
+        self.heartbeat_interval = heartbeat_interval
+        self.info = info or {}
+        self._tasks: dict[str, Task] = {}
+        self._stop = threading.Event()
+        self._ctx = zmq.Context.instance()
+        self._outbox = f"inproc://worker-outbox-{id(self)}"
+        self._local = threading.local()
+
+    # -- threads' side -----------------------------------------------------
+
+    def _push(self, frames: list[bytes]) -> None:
+        # Sockets are not thread-safe: each task thread has its own PUSH
+        # into the main loop, which alone owns the DEALER.
+        sock = getattr(self._local, "push", None)
+        if sock is None:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(self._outbox)
+            self._local.push = sock
+        sock.send_multipart(frames)
+
+    def _run_task(self, task: Task) -> None:
+        handler = self.handlers[task.type]
+        try:
+            result = protocol.reply(task.call_id, handler(task))
+        except errors.AIOSError as exc:
+            result = protocol.error(task.call_id, exc.code, exc.message, exc.retriable)
+        except Exception as exc:  # a handler bug must not take the worker down
+            log.exception("%s %s failed", self.name, task.type.value)
+            result = protocol.error(
+                task.call_id, ErrorCode.INTERNAL, f"{self.name}: {type(exc).__name__}: {exc}"
+            )
+        self._push(protocol.encode(result))
+        self._tasks.pop(task.call_id, None)
+
+    # -- main loop ---------------------------------------------------------
+
+    def _ready(self, sock: zmq.Socket) -> None:
+        body = {
+            "kind": self.kind,
+            "name": self.name,
+            "capacity": self.capacity,
+            "pid": os.getpid(),
+            "types": [t.value for t in self.handlers],
+            "info": self.info,
+            "running": list(self._tasks),
+        }
+        sock.send_multipart(protocol.encode(protocol.call(MsgType.WORKER_READY, body)))
+
+    def _on_message(self, sock: zmq.Socket, pool: ThreadPoolExecutor, msg: Message) -> None:
+        if msg.type is MsgType.WORKER_TASK:
+            call_type = MsgType(msg.body["type"])
+            call_id = msg.body["call"]
+            if call_type not in self.handlers:
+                err = protocol.error(
+                    call_id, ErrorCode.UNKNOWN_TYPE, f"{self.name} does not serve {call_type.value}"
+                )
+                sock.send_multipart(protocol.encode(err))
+                return
+            task = Task(
+                call_id, call_type, msg.body.get("body", {}), msg.deadline,
+                _emit=lambda part, cid=call_id: self._push(
+                    protocol.encode(protocol.partial(cid, part))
+                ),
+            )
+            self._tasks[call_id] = task
+            pool.submit(self._run_task, task)
+        elif msg.type is MsgType.WORKER_CANCEL:
+            task = self._tasks.get(msg.body.get("call", ""))
+            if task is not None:
+                task.cancelled.set()
+        elif msg.type is MsgType.WORKER_SHUTDOWN:
+            self._stop.set()
+        elif msg.type is MsgType.ERROR and msg.body.get("code") == ErrorCode.UNAUTHENTICATED:
+            self._ready(sock)  # the scheduler restarted and does not know us
+
+    def stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Serve until told to shut down (message or SIGTERM)."""
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.name.encode())
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(self.endpoint)
+        outbox = self._ctx.socket(zmq.PULL)
+        outbox.bind(self._outbox)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(outbox, zmq.POLLIN)
+        pool = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix=self.name)
+        self._ready(sock)
+        next_beat = time.monotonic() + self.heartbeat_interval
+        try:
+            while not self._stop.is_set():
+                timeout = max(0.0, next_beat - time.monotonic())
+                for s, _ in poller.poll(int(timeout * 1000) + 1):
+                    if s is outbox:
+                        sock.send_multipart(outbox.recv_multipart())
+                        continue
+                    frames = sock.recv_multipart()
+                    try:
+                        _, payload = protocol.split_envelope(frames)
+                        msg = protocol.decode(payload)
+                    except protocol.ProtocolError as exc:
+                        log.warning("%s: undecodable message from the scheduler: %s", self.name, exc)
+                        continue
+                    self._on_message(sock, pool, msg)
+                if time.monotonic() >= next_beat:
+                    beat = protocol.call(MsgType.WORKER_HEARTBEAT, {"running": len(self._tasks)})
+                    sock.send_multipart(protocol.encode(beat))
+                    next_beat = time.monotonic() + self.heartbeat_interval
+        finally:
+            for task in list(self._tasks.values()):
+                task.cancelled.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            while outbox.poll(0):
+                sock.send_multipart(outbox.recv_multipart())
+            outbox.close(0)
+            sock.close()

@@ -1,0 +1,285 @@
+"""The synchronous client: how an agent (and aiosctl) makes system calls.
+
+A :class:`Client` owns one DEALER socket to the kernel. Every call carries a
+fresh id and a deadline; replies are matched on that id, so a late reply to
+a call that already timed out is discarded, never mistaken for another's.
+A client is meant for one thread; open one per thread (they are cheap).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import errors, paths, protocol
+from .protocol import ErrorCode, MsgType
+
+DEFAULT_TIMEOUT = 120.0
+
+
+@dataclass
+class ChatResult:
+    """The answer to :meth:`Client.chat`."""
+
+    text: str
+    finish_reason: str
+    usage: dict[str, int]
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    parsed: Any = None
+    core: str = ""
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ChatResult:
+        return cls(
+            text=body.get("text", ""),
+            finish_reason=body.get("finish_reason", ""),
+            usage=dict(body.get("usage", {})),
+            tool_calls=list(body.get("tool_calls") or []),
+            parsed=body.get("parsed"),
+            core=body.get("core", ""),
+        )
+
+
+class Stream:
+    """Iterates the partial replies of a streamed call; after the loop,
+    :attr:`result` holds the final reply's body."""
+
+    def __init__(self, parts: Iterator[dict[str, Any]]):
+        self._parts = parts
+        self.result: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.result = yield from self._parts
+
+
+class Client:
+    """A connection to ``aiosd``.
+
+    ``endpoint`` defaults to the kernel socket in the runtime directory
+    (see :mod:`libaios.paths`); ``token`` defaults to the credential the kernel
+    put in ``AIOS_AGENT_TOKEN`` when it launched this agent.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        token: str | None = None,
+        name: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        operator: bool = False,
+        context: zmq.Context | None = None,
+    ):
+        self.endpoint = endpoint or paths.kernel_endpoint()
+        self.token = token if token is not None else os.environ.get("AIOS_AGENT_TOKEN")
+        self.name = name or os.environ.get("AIOS_AGENT_NAME") or Path(sys.argv[0]).stem
+        self.timeout = timeout
+        self.operator = operator
+        self.identity: dict[str, Any] = {}
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._inode: int | None = None
+
+    # -- connection ------------------------------------------------------
+
+    def _socket_inode(self) -> int | None:
+        """The inode of the kernel's ipc socket file; None for other transports."""
+        if not self.endpoint.startswith("ipc://"):
+            return None
+        path = Path(self.endpoint[len("ipc://"):])
+        try:
+            return path.stat().st_ino
+        except FileNotFoundError:
+            raise errors.NotRunning(
+                f"aiosd is not running: no kernel socket at {path} "
+                "(start it with `aiosctl start`, or set AIOS_RUNTIME_DIR)"
+            ) from None
+
+    def _check_kernel(self) -> None:
+        """Raise if the kernel this client talked to is gone or was replaced:
+        a call in flight then can never be answered."""
+        if self._inode is not None and self._socket_inode() != self._inode:
+            raise errors.WorkerLost("aiosd restarted while this call was in flight; retry it")
+
+    def connect(self) -> Client:
+        """Open the socket and introduce this process to the kernel."""
+        if self._sock is not None:
+            return self
+        self._inode = self._socket_inode()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        try:
+            self._hello()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _hello(self) -> None:
+        body = {"name": self.name, "pid": os.getpid(), "token": self.token,
+                "operator": self.operator}
+        self.identity = self._roundtrip(MsgType.HELLO, body, min(self.timeout, 10.0))
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    def __enter__(self) -> Client:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- calls -----------------------------------------------------------
+
+    def _send(self, msg: protocol.Message) -> None:
+        assert self._sock is not None
+        self._sock.send_multipart(protocol.encode(msg))
+
+    def _replies(self, msg: protocol.Message, timeout: float) -> Iterator[dict[str, Any]]:
+        """Send ``msg``; yield partial bodies; return the final body."""
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        self._send(msg)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            # Wait in slices, so a kernel that vanished is noticed quickly.
+            if left <= 0 or not self._sock.poll(int(min(left, 1.0) * 1000) + 1, zmq.POLLIN):
+                if time.monotonic() < deadline:
+                    self._check_kernel()
+                    continue
+                raise errors.Timeout(
+                    f"no reply to {msg.type.value} from aiosd at {self.endpoint} within "
+                    f"{timeout:g}s: is aiosd running? `aiosctl status`"
+                )
+            frames = self._sock.recv_multipart()
+            try:
+                _, payload = protocol.split_envelope(frames)
+                rep = protocol.decode(payload)
+            except protocol.ProtocolError as exc:
+                raise errors.BadFrame(f"undecodable reply from aiosd: {exc.message}") from None
+            if rep.re != msg.id:
+                continue  # a late reply to an earlier call that timed out
+            if rep.type is MsgType.PARTIAL:
+                yield rep.body
+            elif rep.type is MsgType.REPLY:
+                return rep.body
+            else:
+                raise errors.from_envelope(rep.body)
+
+    def _roundtrip(self, mtype: MsgType, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        msg = protocol.call(mtype, body, timeout)
+        gen = self._replies(msg, timeout)
+        try:
+            while True:
+                next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+    def call(
+        self, mtype: MsgType, body: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Make one system call and return its final reply's body."""
+        timeout = self.timeout if timeout is None else timeout
+        self.connect()
+        try:
+            return self._roundtrip(mtype, body or {}, timeout)
+        except errors.Unauthenticated:
+            # The kernel restarted and forgot this connection: introduce
+            # ourselves again and retry once.
+            self._hello()
+            return self._roundtrip(mtype, body or {}, timeout)
+
+    def stream(
+        self, mtype: MsgType, body: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Stream:
+        """Make a call whose answer streams; iterate the returned :class:`Stream`."""
+        timeout = self.timeout if timeout is None else timeout
+        self.connect()
+        msg = protocol.call(mtype, body or {}, timeout)
+        return Stream(self._replies(msg, timeout))
+
+    # -- system calls ------------------------------------------------------
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | str,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        response_format: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: list[str] | str | None = None,
+        seed: int | None = None,
+        stream: bool = False,
+        timeout: float | None = None,
+    ) -> ChatResult | Iterator[str]:
+        """Chat with the kernel's model.
+
+        ``messages`` is an OpenAI-style list (a bare string becomes one user
+        message). With ``stream=True`` this returns an iterator of text
+        pieces; its ``result`` attribute (a :class:`ChatResult`) is set once
+        it is exhausted.
+        """
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        body: dict[str, Any] = {"messages": messages, "stream": stream}
+        options = {
+            "tools": tools,
+            "tool_choice": tool_choice,
+            "response_format": response_format,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "stop": stop,
+            "seed": seed,
+        }
+        body.update({k: v for k, v in options.items() if v is not None})
+        if not stream:
+            return ChatResult.from_body(self.call(MsgType.LLM_CHAT, body, timeout))
+        return _TokenStream(self.stream(MsgType.LLM_CHAT, body, timeout))
+
+    def whoami(self) -> dict[str, Any]:
+        """This agent's identity as the kernel knows it."""
+        return self.call(MsgType.AGENT_WHOAMI)
+
+    def null(self, timeout: float | None = None) -> dict[str, Any]:
+        """A system call that does nothing, through the scheduler and a worker."""
+        return self.call(MsgType.SYS_NULL, {}, timeout)
+
+
+class _TokenStream:
+    """Text pieces of a streamed chat; ``result`` is set at the end."""
+
+    def __init__(self, stream: Stream):
+        self._stream = stream
+        self.result: ChatResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for part in self._stream:
+            if part.get("text"):
+                yield part["text"]
+        assert self._stream.result is not None
+        self.result = ChatResult.from_body(self._stream.result)
+
+
+def connect(endpoint: str | None = None, **kwargs: Any) -> Client:
+    """Connect to the kernel and return a ready :class:`Client`."""
+    return Client(endpoint, **kwargs).connect()
+
+
+__all__ = ["ChatResult", "Client", "ErrorCode", "Stream", "connect"]

@@ -1,0 +1,292 @@
+"""The AIOS wire protocol: the one place where messages are defined.
+
+Every message travels as ZeroMQ frames ``[identity..., b"", header, body]``
+(a DEALER peer sends and receives ``[b"", header, body]``; the ROUTER adds and
+strips the identity). ``header`` and ``body`` are msgpack maps.
+
+Header keys:
+
+``v``
+    protocol version (:data:`VERSION`); a mismatch is answered with
+    :attr:`ErrorCode.BAD_VERSION`.
+``id``
+    the message id (hex string); a call's replies carry it in ``re``.
+``type``
+    a :class:`MsgType` value.
+``re``
+    on replies only: the id of the call answered.
+``deadline``
+    on calls only: absolute UNIX time after which the caller has given up,
+    or ``None`` for no deadline.
+
+A call gets zero or more ``partial`` replies (streamed tokens, agent output)
+and then exactly one final ``reply`` or ``error``.
+
+Decoding is defensive: frame size and nesting depth are limited, msgpack
+ext types are refused, and every violation raises :class:`ProtocolError`
+carrying the :class:`ErrorCode` to answer with. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+
+#: Largest header frame accepted, in bytes.
+MAX_HEADER_BYTES = 4 * 1024
+#: Largest body frame accepted, in bytes (a long conversation fits easily).
+MAX_BODY_BYTES = 16 * 1024 * 1024
+#: Deepest nesting of maps and lists accepted in a body.
+MAX_DEPTH = 32
+#: Most identity frames a ROUTER message may carry before the delimiter.
+MAX_ROUTING_FRAMES = 4
+
+
+class MsgType(str, enum.Enum):
+    """Every message type on the wire. Dispatch tables are keyed on these."""
+
+    # -- agent and aiosctl -> scheduler (calls) --
+    HELLO = "hello"                   # bind the connection to an identity
+    LLM_CHAT = "llm.chat"
+    AGENT_WHOAMI = "agent.whoami"
+    AGENT_RUN = "agent.run"           # launch an agent process
+    SYS_NULL = "sys.null"             # a no-op through a worker: measures overhead
+    ADMIN_STATUS = "admin.status"
+    ADMIN_PS = "admin.ps"
+    ADMIN_KILL = "admin.kill"
+    ADMIN_SHUTDOWN = "admin.shutdown"
+    ADMIN_PROCS = "admin.procs"       # supervisor -> scheduler: process table
+
+    # -- replies (scheduler -> caller, worker -> scheduler) --
+    PARTIAL = "partial"
+    REPLY = "reply"
+    ERROR = "error"
+
+    # -- worker <-> scheduler --
+    WORKER_READY = "worker.ready"
+    WORKER_HEARTBEAT = "worker.heartbeat"
+    WORKER_TASK = "worker.task"
+    WORKER_CANCEL = "worker.cancel"
+    WORKER_SHUTDOWN = "worker.shutdown"
+
+
+REPLY_TYPES = frozenset({MsgType.PARTIAL, MsgType.REPLY, MsgType.ERROR})
+
+
+class ErrorCode(enum.IntEnum):
+    """One numeric code for every failure the kernel reports."""
+
+    BAD_FRAME = 100        # not decodable: framing, msgpack, limits
+    BAD_VERSION = 101
+    UNKNOWN_TYPE = 102
+    TOO_LARGE = 103
+    INVALID_ARGUMENT = 104
+    NOT_FOUND = 105
+    PERMISSION_DENIED = 106
+    UNAUTHENTICATED = 107
+    TIMEOUT = 200
+    CANCELLED = 201
+    UNAVAILABLE = 202      # no worker can serve this now
+    WORKER_LOST = 203      # the worker died holding the call
+    OVERLOADED = 204
+    SHUTTING_DOWN = 205
+    NOT_RUNNING = 206      # client side: no daemon answers
+    BACKEND = 300          # the model backend failed
+    INTERNAL = 500
+
+
+#: Codes for which the same call may succeed if simply tried again.
+RETRIABLE = frozenset(
+    {
+        ErrorCode.TIMEOUT,
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.WORKER_LOST,
+        ErrorCode.OVERLOADED,
+        ErrorCode.NOT_RUNNING,
+    }
+)
+
+
+class ProtocolError(Exception):
+    """A message that cannot be accepted; ``code`` says how to answer it."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def new_id() -> str:
+    """A fresh message id."""
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Message:
+    """A decoded message: its header fields and its body."""
+
+    type: MsgType
+    id: str
+    body: dict[str, Any] = field(default_factory=dict)
+    re: str | None = None
+    deadline: float | None = None
+
+    def header(self) -> dict[str, Any]:
+        head: dict[str, Any] = {"v": VERSION, "id": self.id, "type": self.type.value}
+        if self.re is not None:
+            head["re"] = self.re
+        if self.deadline is not None:
+            head["deadline"] = self.deadline
+        return head
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now or time.time()) > self.deadline
+
+
+def call(
+    mtype: MsgType, body: dict[str, Any] | None = None, timeout: float | None = None
+) -> Message:
+    """Build a call with a new id and, if ``timeout`` is given, a deadline."""
+    deadline = None if timeout is None else time.time() + timeout
+    return Message(mtype, new_id(), body or {}, deadline=deadline)
+
+
+def reply(to: str, body: dict[str, Any] | None = None) -> Message:
+    """The final successful reply to call ``to``."""
+    return Message(MsgType.REPLY, new_id(), body or {}, re=to)
+
+
+def partial(to: str, body: dict[str, Any]) -> Message:
+    """One streamed part of the answer to call ``to``."""
+    return Message(MsgType.PARTIAL, new_id(), body, re=to)
+
+
+def error(
+    to: str | None,
+    code: ErrorCode,
+    message: str,
+    retriable: bool | None = None,
+    name: str | None = None,
+) -> Message:
+    """The error envelope: code, a message a person can act on, retriable."""
+    body = {
+        "code": int(code),
+        "name": name or code.name,
+        "message": message,
+        "retriable": code in RETRIABLE if retriable is None else retriable,
+    }
+    return Message(MsgType.ERROR, new_id(), body, re=to)
+
+
+# --------------------------------------------------------------------------
+# Encoding
+
+def _packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def encode(msg: Message) -> list[bytes]:
+    """Frames ``[b"", header, body]`` for a DEALER to send (prefix identities
+    for a ROUTER)."""
+    return [b"", _packb(msg.header()), _packb(msg.body)]
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(ErrorCode.BAD_FRAME, f"msgpack ext type {code} is not allowed")
+
+
+def _unpack(frame: bytes, limit: int, what: str) -> Any:
+    if len(frame) > limit:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"{what} frame is {len(frame)} bytes; the limit is {limit}"
+        )
+    try:
+        return msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated classes
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"{what} frame is not valid msgpack: {exc}")
+
+
+def _check_depth(obj: Any, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"body nests deeper than {MAX_DEPTH} levels")
+    if isinstance(obj, dict):
+        for value in obj.values():
+            _check_depth(value, depth + 1)
+    elif isinstance(obj, list):
+        for value in obj:
+            _check_depth(value, depth + 1)
+
+
+def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """Split ROUTER frames into (identity frames, [header, body])."""
+    try:
+        delim = frames.index(b"")
+    except ValueError:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "no empty delimiter frame") from None
+    if delim > MAX_ROUTING_FRAMES:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "too many routing frames")
+    return frames[:delim], frames[delim + 1:]
+
+
+def peek_id(payload: list[bytes]) -> str | None:
+    """Best effort: the id of a message whose full decoding failed, so the
+    error reply can still be matched by the caller."""
+    if not payload or len(payload[0]) > MAX_HEADER_BYTES:
+        return None
+    try:
+        head = msgpack.unpackb(payload[0], raw=False, ext_hook=_refuse_ext)
+    except Exception:  # anything undecodable simply has no id to answer
+        return None
+    if isinstance(head, dict) and isinstance(head.get("id"), str) and len(head["id"]) <= 64:
+        return head["id"]
+    return None
+
+
+def decode(payload: list[bytes]) -> Message:
+    """Decode ``[header, body]`` (the frames after the delimiter)."""
+    if len(payload) != 2:
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME, f"expected 2 frames after the delimiter, got {len(payload)}"
+        )
+    head = _unpack(payload[0], MAX_HEADER_BYTES, "header")
+    if not isinstance(head, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "header is not a map")
+    if head.get("v") != VERSION:
+        raise ProtocolError(
+            ErrorCode.BAD_VERSION,
+            f"protocol version {head.get('v')!r} is not supported; this kernel speaks {VERSION}",
+        )
+    mid = head.get("id")
+    if not isinstance(mid, str) or not 0 < len(mid) <= 64:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "header 'id' must be a string of 1-64 chars")
+    try:
+        mtype = MsgType(head.get("type"))
+    except ValueError:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_TYPE, f"unknown message type {head.get('type')!r}"
+        ) from None
+    re_ = head.get("re")
+    if re_ is not None and not isinstance(re_, str):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "header 're' must be a string")
+    deadline = head.get("deadline")
+    if deadline is not None and not isinstance(deadline, (int, float)):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "header 'deadline' must be a number")
+    body = _unpack(payload[1], MAX_BODY_BYTES, "body")
+    if not isinstance(body, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "body is not a map")
+    _check_depth(body)
+    return Message(mtype, mid, body, re=re_, deadline=deadline)
