@@ -130,6 +130,9 @@ class Supervisor:
         self._lock_fd = fd
 
     def unlock(self) -> None:
+        from .scheduler.server import remove_sockets
+
+        remove_sockets(self.runtime_dir)
         if self._lock_fd is not None:
             try:
                 (self.runtime_dir / paths.PID_FILE).unlink()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from typing import Any
 
 from libaios.protocol import MsgType
@@ -21,8 +23,9 @@ from .backend import Backend
 
 log = logging.getLogger(__name__)
 
-#: Fault injection for the fault tests: "stall" makes every chat block until
-#: it is cancelled, as a wedged model would.
+#: Fault injection for the fault tests: "stall" makes every chat hang and
+#: ignore cancellation, as a wedged model would; "crash-on-start" makes the
+#: core exit before it registers, as a broken install would.
 FAULT_ENV = "AIOS_FAULT"
 
 
@@ -48,8 +51,7 @@ class LLMCore:
         req = request.parse(task.body)
         if self.fault == "stall":
             while True:
-                task.check()
-                task.cancelled.wait(0.05)
+                time.sleep(3600)
         stream = req.stream
 
         def emit(text: str) -> None:
@@ -69,6 +71,8 @@ class LLMCore:
 def serve(config: Config, name: str, endpoint: str) -> None:
     """Load the model of core ``name`` and serve it until shut down."""
     cfg = next(c for c in config.llm.cores if c.name == name)
+    if os.environ.get(FAULT_ENV) == "crash-on-start":
+        sys.exit(1)
     backend = make_backend(cfg)
     core = LLMCore(cfg, backend)
     runtime = WorkerRuntime(

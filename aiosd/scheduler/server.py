@@ -776,6 +776,17 @@ class Scheduler:
     def close(self) -> None:
         for sock in (self.clients, self.workers_sock, self.events):
             sock.close()
+        remove_sockets(self.runtime_dir)
+
+
+def remove_sockets(runtime_dir: Path) -> None:
+    """Remove the kernel's socket files, so no client mistakes a stale one
+    for a running kernel."""
+    for name in (paths.KERNEL_SOCKET, paths.WORKERS_SOCKET, paths.EVENTS_SOCKET):
+        try:
+            (runtime_dir / name).unlink()
+        except FileNotFoundError:
+            pass
 
 
 def serve(config: Config, runtime_dir: Path) -> None:

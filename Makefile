@@ -1,0 +1,44 @@
+# AIOS: `make run` starts the kernel on the embedded model and runs the demo;
+# `make test` runs the whole suite. Both install everything they need into
+# .venv first (llama-cpp-python compiles from source: a few minutes).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Compile llama.cpp with every core this machine has.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: install run demo test test-unit test-integration bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.cfg
+	@test -x $(BIN)/python || { echo "==> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "==> upgrading pip"
+	$(BIN)/python -m pip install --progress-bar on --upgrade pip setuptools wheel
+	@echo "==> installing AIOS and its dependencies (llama-cpp-python compiles from source, about 4 minutes)"
+	$(BIN)/python -m pip install --progress-bar on -e '.[test]'
+	@touch $(STAMP)
+
+# Start aiosd in the background on the embedded model, run the demo agents,
+# then stop the daemon whatever the demo's outcome.
+run: $(STAMP)
+	$(BIN)/aiosctl start
+	$(BIN)/aiosctl demo; status=$$?; $(BIN)/aiosctl stop; exit $$status
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration
+
+N ?=
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run $(if $(N),--n $(N),)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
