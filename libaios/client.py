@@ -47,6 +47,16 @@ class ChatResult:
         )
 
 
+def chat_body(messages: list[dict[str, Any]] | str, *, stream: bool = False,
+              **options: Any) -> dict[str, Any]:
+    """The body of an ``llm.chat`` call; options left as None are not sent."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    body: dict[str, Any] = {"messages": messages, "stream": stream}
+    body.update({k: v for k, v in options.items() if v is not None})
+    return body
+
+
 class Stream:
     """Iterates the partial replies of a streamed call; after the loop,
     :attr:`result` holds the final reply's body."""
@@ -235,20 +245,11 @@ class Client:
         pieces; its ``result`` attribute (a :class:`ChatResult`) is set once
         it is exhausted.
         """
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        body: dict[str, Any] = {"messages": messages, "stream": stream}
-        options = {
-            "tools": tools,
-            "tool_choice": tool_choice,
-            "response_format": response_format,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "stop": stop,
-            "seed": seed,
-        }
-        body.update({k: v for k, v in options.items() if v is not None})
+        body = chat_body(
+            messages, tools=tools, tool_choice=tool_choice, response_format=response_format,
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed,
+            stream=stream,
+        )
         if not stream:
             return ChatResult.from_body(self.call(MsgType.LLM_CHAT, body, timeout))
         return _TokenStream(self.stream(MsgType.LLM_CHAT, body, timeout))

@@ -189,3 +189,21 @@ def test_whoami_of_a_hand_started_client(daemon: Daemon) -> None:
 def test_forged_credential_is_refused(daemon: Daemon) -> None:
     with pytest.raises(errors.Unauthenticated):
         daemon.client(token="not-a-real-token")
+
+
+def test_async_client_runs_many_calls_on_one_connection(daemon: Daemon) -> None:
+    import asyncio
+
+    from libaios import aio
+
+    async def main() -> tuple[list, list]:
+        async with aio.connect(daemon.endpoint, name="async") as aios:
+            replies = await asyncio.gather(*(aios.chat(f"Say {i}.", max_tokens=6) for i in range(8)))
+            pieces = [p async for p in aios.chat_stream("Tell me a joke.", max_tokens=16)]
+            return replies, pieces
+
+    replies, pieces = asyncio.run(main())
+    assert len(replies) == 8
+    assert all(r.usage["completion_tokens"] > 0 for r in replies)
+    final = pieces[-1]
+    assert "".join(pieces[:-1]) == final.text

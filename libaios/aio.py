@@ -1,0 +1,166 @@
+"""The asyncio client, for agents that make many system calls at once.
+
+One DEALER socket carries every call of the client; a reader task hands each
+reply to the call it answers (matched on the call id), so hundreds of calls
+can be in flight on one connection::
+
+    async with libaios.aio.connect() as aios:
+        replies = await asyncio.gather(*(aios.chat(q, max_tokens=32) for q in questions))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from . import errors, paths, protocol
+from .client import DEFAULT_TIMEOUT, ChatResult, chat_body
+from .protocol import MsgType
+
+
+class AsyncClient:
+    """An asyncio connection to ``aiosd``; see :class:`libaios.Client` for
+    the arguments."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        token: str | None = None,
+        name: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        operator: bool = False,
+    ):
+        self.endpoint = endpoint or paths.kernel_endpoint()
+        self.token = token if token is not None else os.environ.get("AIOS_AGENT_TOKEN")
+        self.name = name or os.environ.get("AIOS_AGENT_NAME") or Path(sys.argv[0]).stem
+        self.timeout = timeout
+        self.operator = operator
+        self.identity: dict[str, Any] = {}
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task | None = None
+        self._waiting: dict[str, asyncio.Queue] = {}
+
+    async def connect(self) -> AsyncClient:
+        if self._sock is not None:
+            return self
+        if self.endpoint.startswith("ipc://") and not Path(self.endpoint[6:]).exists():
+            raise errors.NotRunning(
+                f"aiosd is not running: no kernel socket at {self.endpoint[6:]} "
+                "(start it with `aiosctl start`, or set AIOS_RUNTIME_DIR)"
+            )
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._reader = asyncio.create_task(self._read())
+        try:
+            body = {"name": self.name, "pid": os.getpid(), "token": self.token,
+                    "operator": self.operator}
+            self.identity = await self.call(MsgType.HELLO, body, min(self.timeout, 10.0))
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._reader = None
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _read(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                _, payload = protocol.split_envelope(frames)
+                rep = protocol.decode(payload)
+            except protocol.ProtocolError:
+                continue
+            queue = self._waiting.get(rep.re or "")
+            if queue is not None:
+                queue.put_nowait(rep)
+
+    async def _replies(self, msg: protocol.Message, timeout: float) -> AsyncIterator[protocol.Message]:
+        """Send ``msg``; yield its partial replies, then its final reply."""
+        if self._sock is None:
+            await self.connect()
+        assert self._sock is not None
+        queue: asyncio.Queue = asyncio.Queue()
+        self._waiting[msg.id] = queue
+        try:
+            await self._sock.send_multipart(protocol.encode(msg))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                try:
+                    rep = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise errors.Timeout(
+                        f"no reply to {msg.type.value} from aiosd at {self.endpoint} within "
+                        f"{timeout:g}s: is aiosd running? `aiosctl status`"
+                    ) from None
+                if rep.type is MsgType.ERROR:
+                    raise errors.from_envelope(rep.body)
+                yield rep
+                if rep.type is MsgType.REPLY:
+                    return
+        finally:
+            self._waiting.pop(msg.id, None)
+
+    async def call(self, mtype: MsgType, body: dict[str, Any] | None = None,
+                   timeout: float | None = None) -> dict[str, Any]:
+        """Make one system call and return its final reply's body."""
+        timeout = self.timeout if timeout is None else timeout
+        msg = protocol.call(mtype, body or {}, timeout)
+        async for rep in self._replies(msg, timeout):
+            if rep.type is MsgType.REPLY:
+                return rep.body
+        raise errors.InternalError(f"{mtype.value}: the reply stream ended without a final reply")
+
+    async def chat(self, messages: list[dict[str, Any]] | str, *, timeout: float | None = None,
+                   **options: Any) -> ChatResult:
+        """Chat with the kernel's model (options as for :meth:`libaios.Client.chat`)."""
+        options.pop("stream", None)
+        body = chat_body(messages, **options)
+        return ChatResult.from_body(await self.call(MsgType.LLM_CHAT, body, timeout))
+
+    async def chat_stream(self, messages: list[dict[str, Any]] | str, *,
+                          timeout: float | None = None, **options: Any) -> AsyncIterator[str | ChatResult]:
+        """Stream a chat: yields text pieces, then the final :class:`ChatResult`."""
+        timeout = self.timeout if timeout is None else timeout
+        msg = protocol.call(MsgType.LLM_CHAT, chat_body(messages, stream=True, **options), timeout)
+        async for rep in self._replies(msg, timeout):
+            if rep.type is MsgType.REPLY:
+                yield ChatResult.from_body(rep.body)
+            elif rep.body.get("text"):
+                yield rep.body["text"]
+
+    async def null(self, timeout: float | None = None) -> dict[str, Any]:
+        return await self.call(MsgType.SYS_NULL, {}, timeout)
+
+
+def connect(endpoint: str | None = None, **kwargs: Any) -> AsyncClient:
+    """An :class:`AsyncClient`; use it as ``async with connect() as aios``."""
+    return AsyncClient(endpoint, **kwargs)
