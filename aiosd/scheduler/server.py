@@ -362,7 +362,10 @@ class Scheduler:
             "runtime_dir": str(self.runtime_dir),
             "started": self.started,
             "uptime_s": round(now - self.started, 3),
-            "ready": all(c["state"] == "ready" for c in cores),
+            # ready: every core serves, and (under a supervisor) the process
+            # table has arrived, so what status shows is complete
+            "ready": all(c["state"] == "ready" for c in cores)
+            and (bool(self.procs) or not self.supervisor_token),
             "stopping": self.stopping,
             "policy": self.config.scheduler.policy,
             "cores": cores,

@@ -193,3 +193,17 @@ def test_calls_before_hello_are_refused(daemon: Daemon, raw: zmq.Socket) -> None
     reply = exchange(raw, protocol.encode(msg))
     assert reply.re == msg.id
     assert reply.body["code"] == ErrorCode.UNAUTHENTICATED
+
+
+def test_scheduler_killed_is_restarted_and_clients_carry_on(make_daemon) -> None:
+    d: Daemon = make_daemon()
+    sched = next(p for p in d.status()["procs"] if p["name"] == "scheduler")
+    with d.client() as c:
+        assert c.null()["core"] == "core0"
+        os.kill(sched["pid"], signal.SIGKILL)
+        d.wait_for(lambda s: s["ready"] and s["pid"] != sched["pid"], what="a new scheduler")
+        # the same client introduces itself again transparently
+        assert c.chat("Say hi.", max_tokens=4).usage["completion_tokens"] > 0
+    procs = {p["name"]: p for p in d.status()["procs"]}
+    assert procs["scheduler"]["restarts"] == 1
+    assert procs["core0"]["restarts"] == 0  # the core re-registered; it was not restarted
