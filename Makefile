@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.cfg
 	@echo "==> upgrading pip"
 	$(BIN)/python -m pip install --progress-bar on --upgrade pip setuptools wheel
 	@echo "==> installing AIOS and its dependencies (llama-cpp-python compiles from source, about 4 minutes)"
-	$(BIN)/python -m pip install --progress-bar on -e '.[test]'
+	$(BIN)/python -m pip install --no-cache-dir --progress-bar on -e '.[test]'
 	@touch $(STAMP)
 
 # Start aiosd in the background on the embedded model, run the demo agents,

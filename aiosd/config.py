@@ -93,11 +93,110 @@ class LLMConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    #: Bytes of item text the memory manager keeps in RAM.
+    budget_bytes: int = field(default=8 * 1024 * 1024, metadata=_check("positive"))
+    #: K of the K-LRU replacer.
+    k: int = field(default=2, metadata=_check("positive"))
+    #: Evict once usage passes this fraction of the budget ...
+    high_water: float = field(default=0.8, metadata=_check("fraction"))
+    #: ... down to this fraction.
+    low_water: float = field(default=0.6, metadata=_check("fraction"))
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    #: Bytes of keys and files (all versions) one agent may hold.
+    quota_bytes: int = field(default=64 * 1024 * 1024, metadata=_check("positive"))
+    #: Initial LMDB map size; it doubles whenever it fills.
+    map_size: int = field(default=32 * 1024 * 1024, metadata=_check("positive"))
+    #: Versions kept per key or file (the oldest beyond are dropped).
+    max_versions: int = field(default=16, metadata=_check("positive"))
+
+
+@dataclass(frozen=True)
+class McpServerConfig:
+    """An MCP server started over stdio; its tools are named SERVER.TOOL."""
+
+    name: str = ""
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    concurrency: int = field(default=4, metadata=_check("positive"))
+    timeout: float = field(default=30.0, metadata=_check("positive"))
+    destructive: bool = False
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class ToolLimits:
+    """Overrides for one tool's limits and flags, by name."""
+
+    name: str = ""
+    concurrency: int = field(default=4, metadata=_check("positive"))
+    timeout: float = field(default=30.0, metadata=_check("positive"))
+    destructive: bool = False
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Limits of the python sandbox tool."""
+
+    cpu_seconds: int = field(default=5, metadata=_check("positive"))
+    memory_mb: int = field(default=256, metadata=_check("positive"))
+    wall_seconds: float = field(default=10.0, metadata=_check("positive"))
+    output_bytes: int = field(default=65536, metadata=_check("positive"))
+
+
+@dataclass(frozen=True)
+class ToolsConfig:
+    #: Built-in tools to offer.
+    builtin: list[str] = field(
+        default_factory=lambda: ["calculator", "python", "read_file", "write_file", "list_files"]
+    )
+    #: Load tools from the "aios.tools" Python entry point group.
+    entry_points: bool = True
+    mcp: list[McpServerConfig] = field(default_factory=list)
+    limits: list[ToolLimits] = field(default_factory=list)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """A privilege group: its members may reach each other's memory and
+    storage (read, or read and write)."""
+
+    name: str = ""
+    members: list[str] = field(default_factory=list)
+    access: str = field(default="read", metadata=_check("one of: read, write"))
+    #: Destructive operations done without asking a person, for members'
+    #: own data ("storage.delete", "storage.overwrite", "storage.rollback",
+    #: "memory.delete", "tool:NAME", or "*").
+    preapprove: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    #: uids whose hand-started agents may register; empty: the daemon's own.
+    allow_uids: list[int] = field(default_factory=list)
+    groups: list[GroupConfig] = field(default_factory=list)
+    #: Longest wait for a person's decision, seconds (the call's deadline
+    #: may end it sooner); no decision means denied.
+    approval_timeout: float = field(default=120.0, metadata=_check("positive"))
+    #: Require approval for destructive operations at all.
+    require_approval: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,6 +216,8 @@ def _validate_rule(key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
     if rule == "non-negative" and not value >= 0:
         raise ConfigError(f"{key}: must be 0 or more, got {value!r}")
+    if rule == "fraction" and not 0 < value <= 1:
+        raise ConfigError(f"{key}: must be a fraction in (0, 1], got {value!r}")
     if rule.startswith("one of: "):
         allowed = rule[len("one of: "):].split(", ")
         if value not in allowed:
@@ -132,6 +233,12 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
         return [_convert(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(f"{key}: expected a table of strings")
+        return dict(value)
     if isinstance(tp, types.UnionType):
         raise TypeError(f"unsupported config type at {key}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -179,10 +286,32 @@ def _check_cores(cfg: Config) -> None:
                 raise ConfigError(f"{key}.cpus: CPU numbers are 0 or more, got {cpu}")
 
 
+def _check_names(items: list[Any], key: str, what: str) -> None:
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        if not item.name:
+            raise ConfigError(f"{key}[{i}].name: every {what} needs a name")
+        if item.name in seen:
+            raise ConfigError(f"{key}[{i}].name: {item.name!r} names two {what}s")
+        seen.add(item.name)
+
+
+def _check_services(cfg: Config) -> None:
+    if cfg.memory.low_water >= cfg.memory.high_water:
+        raise ConfigError("memory.low_water: must be below memory.high_water")
+    _check_names(cfg.tools.mcp, "tools.mcp", "MCP server")
+    for i, server in enumerate(cfg.tools.mcp):
+        if not server.command:
+            raise ConfigError(f"tools.mcp[{i}].command: the command that starts the server is missing")
+    _check_names(cfg.tools.limits, "tools.limits", "tool limit")
+    _check_names(cfg.access.groups, "access.groups", "group")
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from plain data."""
     cfg = _build(Config, data, "")
     _check_cores(cfg)
+    _check_services(cfg)
     return cfg
 
 

@@ -38,6 +38,14 @@ class Task:
     body: dict[str, Any]
     deadline: float | None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: Who made the call, as the scheduler established it (never from the
+    #: request): {"agent": id, "name": ..., "namespace": ..., "groups": [...]}.
+    caller: dict[str, Any] = field(default_factory=dict)
+    #: Whose data the call acts on (the caller's own namespace unless the
+    #: access manager allowed another); None where it does not apply.
+    namespace: str | None = None
+    #: Destructive effects a person approved for this call (see access).
+    approved: bool = False
     _emit: Callable[[dict[str, Any]], None] | None = None
 
     def emit(self, part: dict[str, Any]) -> None:
@@ -135,6 +143,9 @@ class WorkerRuntime:
                 return
             task = Task(
                 call_id, call_type, msg.body.get("body", {}), msg.deadline,
+                caller=msg.body.get("caller") or {},
+                namespace=msg.body.get("namespace"),
+                approved=bool(msg.body.get("approved")),
                 _emit=lambda part, cid=call_id: self._push(
                     protocol.encode(protocol.partial(cid, part))
                 ),

@@ -92,6 +92,18 @@ class NotRunning(AIOSError):
     code = ErrorCode.NOT_RUNNING
 
 
+class QuotaExceeded(AIOSError):
+    code = ErrorCode.QUOTA_EXCEEDED
+
+
+class ApprovalRequired(AIOSError):
+    code = ErrorCode.APPROVAL_REQUIRED
+
+
+class Conflict(AIOSError):
+    code = ErrorCode.CONFLICT
+
+
 class BackendError(AIOSError):
     code = ErrorCode.BACKEND
 

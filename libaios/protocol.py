@@ -58,11 +58,41 @@ class MsgType(str, enum.Enum):
     AGENT_WHOAMI = "agent.whoami"
     AGENT_RUN = "agent.run"           # launch an agent process
     SYS_NULL = "sys.null"             # a no-op through a worker: measures overhead
+    MEMORY_ADD = "memory.add"
+    MEMORY_GET = "memory.get"
+    MEMORY_UPDATE = "memory.update"
+    MEMORY_DELETE = "memory.delete"
+    MEMORY_SEARCH = "memory.search"
+    MEMORY_LIST = "memory.list"
+    MEMORY_STATS = "memory.stats"
+    STORAGE_PUT = "storage.put"
+    STORAGE_GET = "storage.get"
+    STORAGE_DELETE = "storage.delete"
+    STORAGE_LIST = "storage.list"
+    STORAGE_WRITE_FILE = "storage.write_file"
+    STORAGE_READ_FILE = "storage.read_file"
+    STORAGE_LIST_DIR = "storage.list_dir"
+    STORAGE_VERSIONS = "storage.versions"
+    STORAGE_ROLLBACK = "storage.rollback"
+    STORAGE_STATS = "storage.stats"
+    TOOL_LIST = "tool.list"
+    TOOL_CALL = "tool.call"
+    # kernel-internal: only the kernel's own sessions may make these
+    BLOCK_PUT = "block.put"           # memory manager -> storage: durable items
+    BLOCK_GET = "block.get"
+    BLOCK_DELETE = "block.delete"
+    BLOCK_SCAN = "block.scan"
+    AUDIT_APPEND = "audit.append"     # scheduler -> storage
+    AUDIT_LIST = "audit.list"
     ADMIN_STATUS = "admin.status"
     ADMIN_PS = "admin.ps"
     ADMIN_KILL = "admin.kill"
     ADMIN_SHUTDOWN = "admin.shutdown"
     ADMIN_PROCS = "admin.procs"       # supervisor -> scheduler: process table
+    ADMIN_APPROVALS = "admin.approvals"
+    ADMIN_APPROVE = "admin.approve"
+    ADMIN_DENY = "admin.deny"
+    ADMIN_AUDIT = "admin.audit"
 
     # -- replies (scheduler -> caller, worker -> scheduler) --
     PARTIAL = "partial"
@@ -98,6 +128,9 @@ class ErrorCode(enum.IntEnum):
     OVERLOADED = 204
     SHUTTING_DOWN = 205
     NOT_RUNNING = 206      # client side: no daemon answers
+    QUOTA_EXCEEDED = 207
+    APPROVAL_REQUIRED = 208  # internal: a worker found the call destructive
+    CONFLICT = 209
     BACKEND = 300          # the model backend failed
     INTERNAL = 500
 
