@@ -108,7 +108,8 @@ class WorkerRuntime:
         try:
             result = protocol.reply(task.call_id, handler(task))
         except errors.AIOSError as exc:
-            result = protocol.error(task.call_id, exc.code, exc.message, exc.retriable)
+            result = protocol.error(task.call_id, exc.code, exc.message, exc.retriable,
+                                    details=exc.details)
         except Exception as exc:  # a handler bug must not take the worker down
             log.exception("%s %s failed", self.name, task.type.value)
             result = protocol.error(

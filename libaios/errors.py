@@ -17,19 +17,24 @@ class AIOSError(Exception):
 
     code: ErrorCode = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, retriable: bool | None = None):
+    def __init__(self, message: str, retriable: bool | None = None,
+                 details: dict[str, Any] | None = None):
         super().__init__(message)
         self.message = message
         self.retriable = self.code in RETRIABLE if retriable is None else retriable
+        self.details = details or {}
 
     def to_body(self) -> dict[str, Any]:
         """The error envelope's body for this exception."""
-        return {
+        body = {
             "code": int(self.code),
             "name": self.code.name,
             "message": self.message,
             "retriable": self.retriable,
         }
+        if self.details:
+            body["details"] = self.details
+        return body
 
 
 class BadFrame(AIOSError):
@@ -130,4 +135,8 @@ def from_envelope(body: dict[str, Any]) -> AIOSError:
         code = ErrorCode.INTERNAL
     message = str(body.get("message", "unknown error"))
     retriable = body.get("retriable")
-    return _BY_CODE[code](message, retriable if isinstance(retriable, bool) else None)
+    details = body.get("details")
+    return _BY_CODE[code](
+        message, retriable if isinstance(retriable, bool) else None,
+        details if isinstance(details, dict) else None,
+    )

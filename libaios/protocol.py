@@ -207,14 +207,18 @@ def error(
     message: str,
     retriable: bool | None = None,
     name: str | None = None,
+    details: dict[str, Any] | None = None,
 ) -> Message:
-    """The error envelope: code, a message a person can act on, retriable."""
+    """The error envelope: code, a message a person can act on, retriable,
+    and optional machine-readable details."""
     body = {
         "code": int(code),
         "name": name or code.name,
         "message": message,
         "retriable": code in RETRIABLE if retriable is None else retriable,
     }
+    if details:
+        body["details"] = details
     return Message(MsgType.ERROR, new_id(), body, re=to)
 
 
