@@ -265,6 +265,92 @@ def kill(agent: str) -> None:
     out.print(f"killed {info['agent']} (pid {info['pid']})")
 
 
+# -- access ------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def approvals(as_json: bool) -> None:
+    """List destructive operations waiting for a decision."""
+    with kernel() as client:
+        rows = client.call(MsgType.ADMIN_APPROVALS)["approvals"]
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("id", "agent", "operation", "call", "arguments", "expires in")
+    for row in rows:
+        args = ", ".join(f"{k}={v}" for k, v in row["arguments"].items())
+        table.add_row(row["id"], row["agent"], row["op"], row["call"], args,
+                      seconds(row["expires_in_s"]))
+    out.print(table if rows else "no pending approvals")
+
+
+def _decide(mtype: MsgType, approval_id: str) -> None:
+    with kernel() as client:
+        info = client.call(mtype, {"id": approval_id})
+    out.print(f"{info['id']}: {'approved' if info['approved'] else 'denied'}")
+
+
+@main.command()
+@click.argument("approval_id")
+def approve(approval_id: str) -> None:
+    """Let the pending operation APPROVAL_ID run."""
+    _decide(MsgType.ADMIN_APPROVE, approval_id)
+
+
+@main.command()
+@click.argument("approval_id")
+def deny(approval_id: str) -> None:
+    """Refuse the pending operation APPROVAL_ID."""
+    _decide(MsgType.ADMIN_DENY, approval_id)
+
+
+@main.command()
+@click.option("--agent", help="Only records about this agent id.")
+@click.option("--limit", default=50, show_default=True, help="How many records.")
+@click.option("--after", default=0, help="Only records after this sequence number.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def audit(agent: str | None, limit: int, after: int, as_json: bool) -> None:
+    """Show the audit log of access decisions."""
+    body: dict[str, Any] = {"limit": limit, "after": after}
+    if agent:
+        body["agent"] = agent
+    with kernel() as client:
+        records = client.call(MsgType.ADMIN_AUDIT, body)["records"]
+    if as_json:
+        emit_json(records)
+        return
+    table = Table("seq", "time", "event", "agent", "detail")
+    for rec in records:
+        detail = {k: v for k, v in rec.items() if k not in ("seq", "time", "event", "agent")}
+        table.add_row(str(rec.get("seq")), time.strftime("%H:%M:%S", time.localtime(rec["time"])),
+                      rec["event"], str(rec.get("agent", "-")),
+                      ", ".join(f"{k}={v}" for k, v in detail.items()))
+    out.print(table)
+
+
+@main.group()
+def mem() -> None:
+    """The memory manager."""
+
+
+@mem.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def mem_stats(as_json: bool) -> None:
+    """Memory usage: raw bytes against stored (prefix-compressed) bytes,
+    the budget, evictions and faults."""
+    with kernel() as client:
+        data = client.call(MsgType.MEMORY_STATS, {"agent": "*"})
+    if as_json:
+        emit_json(data)
+        return
+    table = Table("figure", "value")
+    for key, value in data.items():
+        if not isinstance(value, (dict, list)):
+            table.add_row(key, str(value))
+    out.print(table)
+
+
 # -- the demo ------------------------------------------------------------------------
 
 DEMO_TASKS = [

@@ -98,6 +98,9 @@ class Supervisor:
             self.children.append(
                 Child(core.name, "llm", [*child_main, "llm", core.name], ProcMachine(rules))
             )
+        # The kernel services: child name -> the resource (worker kind) it serves.
+        for name, kind in (("storage", "storage"), ("memory", "memory"), ("tools", "tool")):
+            self.children.append(Child(name, kind, [*child_main, name], ProcMachine(rules)))
         self.stopping = False
         self.ready = False
         self._lock_fd: int | None = None

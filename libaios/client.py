@@ -20,6 +20,7 @@ import zmq
 
 from . import errors, paths, protocol
 from .protocol import ErrorCode, MsgType
+from .services import Memory, Storage, Tools
 
 DEFAULT_TIMEOUT = 120.0
 
@@ -96,6 +97,10 @@ class Client:
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._inode: int | None = None
+        #: memory, storage and tool system calls: ``client.memory.add(...)``
+        self.memory = Memory(self.call)
+        self.storage = Storage(self.call)
+        self.tools = Tools(self.call)
 
     # -- connection ------------------------------------------------------
 

@@ -223,6 +223,17 @@ class AgentTable:
                 done.append(agent)
         return done
 
+    def is_process_of(self, agent: Agent, pid: int) -> bool:
+        """Whether ``pid`` is the agent's process or one it started."""
+        if agent.pid is None:
+            return False
+        if pid == agent.pid:
+            return True
+        try:
+            return any(p.pid == agent.pid for p in psutil.Process(pid).parents())
+        except psutil.Error:
+            return False
+
     def _pid_alive(self, agent: Agent) -> bool:
         try:
             proc = psutil.Process(agent.pid)

@@ -13,6 +13,7 @@ _seq = itertools.count(1)
 
 
 class CallState(enum.Enum):
+    PENDING = "pending"        # waiting for a person's approval
     QUEUED = "queued"          # waiting in its resource's queue
     RUNNING = "running"        # held by a worker
     CANCELLING = "cancelling"  # answered, but its worker has not let go yet
@@ -24,7 +25,7 @@ class Call:
     only that, never the caller's id, so two callers' ids can never collide."""
 
     kid: str
-    client: bytes            # the caller's routing identity
+    client: bytes | None     # the caller's routing identity; None: the kernel's own
     client_call_id: str      # the id the caller will match replies on
     agent: str               # the agent id the call is accounted to
     type: MsgType
@@ -43,6 +44,15 @@ class Call:
     service_s: float = 0.0    # total time spent on workers
     cancel_sent: float = 0.0  # when the worker was told to cancel
     priority: int = 0
+    namespace: str | None = None  # whose data the call acts on
+    caller: dict[str, Any] = field(default_factory=dict)
+    approved: bool = False    # destructive effects approved (or pre-approved)
+    tool: str | None = None   # for tool.call: the tool's name
+
+    def task_body(self) -> dict[str, Any]:
+        """What the worker is told about this call."""
+        return {"call": self.kid, "type": self.type.value, "body": self.body,
+                "caller": self.caller, "namespace": self.namespace, "approved": self.approved}
 
     def remaining(self, now: float) -> float | None:
         return None if self.deadline is None else self.deadline - now

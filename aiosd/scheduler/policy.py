@@ -11,7 +11,7 @@ through :meth:`Policy.preempt`; the scheduler already asks.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from .calls import Call
 
@@ -29,8 +29,10 @@ class Policy:
         """A call that had started must run again (its worker was lost)."""
         raise NotImplementedError
 
-    def pop(self) -> Call | None:
-        """The next call to dispatch, removed from the queue; None if empty."""
+    def pop(self, runnable: Callable[[Call], bool] | None = None) -> Call | None:
+        """The next call to dispatch, removed from the queue; None if none.
+        With ``runnable``, only a call it accepts (others keep their place):
+        a call for a saturated tool must not block the calls behind it."""
         raise NotImplementedError
 
     def remove(self, call: Call) -> bool:
@@ -63,8 +65,14 @@ class FifoPolicy(Policy):
     def requeue(self, call: Call) -> None:
         self.waiting.appendleft(call)
 
-    def pop(self) -> Call | None:
-        return self.waiting.popleft() if self.waiting else None
+    def pop(self, runnable: Callable[[Call], bool] | None = None) -> Call | None:
+        if runnable is None:
+            return self.waiting.popleft() if self.waiting else None
+        for call in self.waiting:
+            if runnable(call):
+                self.waiting.remove(call)
+                return call
+        return None
 
     def remove(self, call: Call) -> bool:
         try:

@@ -29,14 +29,30 @@ from libaios.protocol import ErrorCode, Message, MsgType
 
 from ..config import Config
 from ..llm import request as chat_request
+from . import access
 from . import policy as policies
 from .agents import Agent, AgentState, AgentTable
+from .approvals import Approval, ApprovalTable
 from .calls import Call, CallState
 
 log = logging.getLogger(__name__)
 
+def _resources() -> dict[MsgType, str]:
+    table = {MsgType.LLM_CHAT: "llm", MsgType.SYS_NULL: "llm",
+             MsgType.TOOL_LIST: "tool", MsgType.TOOL_CALL: "tool"}
+    for mtype in MsgType:
+        family = mtype.value.split(".")[0]
+        if family == "memory":
+            table[mtype] = "memory"
+        elif family in ("storage", "block", "audit"):
+            table[mtype] = "storage"
+    return table
+
+
 #: The resource (queue, worker kind) each schedulable call type runs on.
-RESOURCES: dict[MsgType, str] = {MsgType.LLM_CHAT: "llm", MsgType.SYS_NULL: "llm"}
+RESOURCES: dict[MsgType, str] = _resources()
+#: The kernel services besides the LLM cores: worker name -> kind.
+SERVICES = {"memory": "memory", "storage": "storage", "tools": "tool"}
 
 #: How long a worker may take to let go of a cancelled call before it is
 #: considered wedged and killed (the supervisor restarts it).
@@ -84,10 +100,15 @@ class Session:
     name: str
     operator: bool
     agent: Agent | None = None
+    internal: bool = False    # one of the kernel's own processes
 
     @property
     def account(self) -> str:
         return self.agent.id if self.agent else f"operator:{self.name}"
+
+    @property
+    def principal(self) -> access.Principal:
+        return access.Principal(self.account, self.name, self.operator, self.internal)
 
 
 class Scheduler:
@@ -100,18 +121,24 @@ class Scheduler:
         self.endpoint = paths.ipc(runtime_dir, paths.KERNEL_SOCKET)
         self.agents = AgentTable(self.endpoint, runtime_dir)
         self.queues: dict[str, policies.Policy] = {
-            "llm": policies.make(config.scheduler.policy)
+            resource: policies.make(config.scheduler.policy)
+            for resource in ("llm", "memory", "storage", "tool")
         }
+        self.rules = access.AccessRules(config.access)
+        self.approvals = ApprovalTable()
+        #: tool name -> {"concurrency", "timeout", "read_only", "destructive"}
+        self.tool_info: dict[str, dict[str, Any]] = {}
+        self.tool_running: dict[str, int] = {}
         self.calls: dict[str, Call] = {}
         self.workers: dict[str, Worker] = {}
         self.sessions: dict[bytes, Session] = {}
         self.procs: list[dict[str, Any]] = []
         self.stopping = False
         self._next_pid_check = 0.0
+        self._peer: tuple[int | None, int | None] = (None, None)
         self.client_handlers: dict[MsgType, Callable[[Session | None, bytes, Message], None]] = {
             MsgType.HELLO: self.on_hello,
-            MsgType.LLM_CHAT: self.on_schedulable,
-            MsgType.SYS_NULL: self.on_schedulable,
+            **{mtype: self.on_schedulable for mtype in RESOURCES},
             MsgType.AGENT_WHOAMI: self.on_whoami,
             MsgType.AGENT_RUN: self.on_agent_run,
             MsgType.ADMIN_STATUS: self.on_status,
@@ -119,6 +146,10 @@ class Scheduler:
             MsgType.ADMIN_KILL: self.on_kill,
             MsgType.ADMIN_SHUTDOWN: self.on_shutdown,
             MsgType.ADMIN_PROCS: self.on_procs,
+            MsgType.ADMIN_APPROVALS: self.on_approvals,
+            MsgType.ADMIN_APPROVE: self.on_decide,
+            MsgType.ADMIN_DENY: self.on_decide,
+            MsgType.ADMIN_AUDIT: self.on_audit,
         }
         self.worker_handlers: dict[MsgType, Callable[[bytes, Message], None]] = {
             MsgType.WORKER_READY: self.on_worker_ready,
@@ -164,7 +195,11 @@ class Scheduler:
         self.poller.register(self.clients, zmq.POLLIN)
         self.poller.register(self.workers_sock, zmq.POLLIN)
 
-    def send_client(self, identity: bytes, msg: Message) -> None:
+    def send_client(self, identity: bytes | None, msg: Message) -> None:
+        if identity is None:
+            if msg.type is MsgType.ERROR:
+                log.warning("kernel-internal call failed: %s", msg.body.get("message"))
+            return
         try:
             self.clients.send_multipart([identity, *protocol.encode(msg)], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
@@ -193,8 +228,10 @@ class Scheduler:
 
     # -- client messages -----------------------------------------------------
 
-    def on_client_frames(self, frames: list[bytes]) -> None:
+    def on_client_frames(self, raw: list[zmq.Frame]) -> None:
+        frames = [f.bytes for f in raw]
         identity = frames[0]
+        self._peer = peer_credentials(raw[-1])
         try:
             _, payload = protocol.split_envelope(frames)
         except protocol.ProtocolError as exc:
@@ -240,20 +277,39 @@ class Scheduler:
         if session is not None:  # a second hello on one connection changes nothing
             self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
             return
-        if token:
-            if token == self.supervisor_token:
-                session = Session(identity, "supervisor", operator=True)
-            else:
-                agent = self.agents.by_token(token) if isinstance(token, str) else None
-                if agent is None or not agent.alive:
-                    raise errors.Unauthenticated("hello: the agent credential is not valid")
-                session = Session(identity, agent.name, operator=False, agent=agent)
-        elif body.get("operator"):
-            session = Session(identity, name, operator=True)
+        peer_uid, peer_pid = self._peer
+        if peer_pid is not None:
+            pid = peer_pid  # what the OS says, not what the client wrote
+        if token and token == self.supervisor_token:
+            # The supervisor and the kernel's own workers.
+            session = Session(identity, name, operator=True, internal=True)
+            if name == "supervisor":
+                session.name = "supervisor"
+        elif token:
+            agent = self.agents.by_token(token) if isinstance(token, str) else None
+            if agent is None or not agent.alive:
+                self._audit("hello.denied", {"name": name, "pid": pid, "why": "bad credential"})
+                raise errors.Unauthenticated("hello: the agent credential is not valid")
+            if peer_pid is not None and not self.agents.is_process_of(agent, peer_pid):
+                self._audit("hello.denied", {"name": agent.name, "pid": pid,
+                                             "why": "credential used by another process"})
+                raise errors.Unauthenticated(
+                    f"hello: the credential of {agent.id} was presented by pid {peer_pid}, "
+                    "which is not that agent's process"
+                )
+            session = Session(identity, agent.name, operator=False, agent=agent)
         else:
-            agent = self.agents.register(name, pid)
-            session = Session(identity, name, operator=False, agent=agent)
-            self.publish(f"agent.{agent.id}.connected", {"agent": agent.id, "pid": pid})
+            if not self.rules.may_connect(peer_uid):
+                self._audit("hello.denied", {"name": name, "uid": peer_uid, "why": "uid"})
+                raise errors.PermissionDenied(
+                    f"hello: processes of uid {peer_uid} may not connect (access.allow_uids)"
+                )
+            if body.get("operator"):
+                session = Session(identity, name, operator=True)
+            else:
+                agent = self.agents.register(name, pid)
+                session = Session(identity, name, operator=False, agent=agent)
+                self.publish(f"agent.{agent.id}.connected", {"agent": agent.id, "pid": pid})
         self.sessions[identity] = session
         self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
 
@@ -265,6 +321,7 @@ class Scheduler:
             "operator": session.operator,
             "launched": bool(agent and agent.launched),
             "pid": agent.pid if agent else None,
+            "groups": self.rules.groups_of(session.name),
             "kernel_version": libaios.__version__,
         }
 
@@ -274,8 +331,31 @@ class Scheduler:
 
     def on_schedulable(self, session: Session | None, identity: bytes, msg: Message) -> None:
         assert session is not None
+        body = msg.body
+        who = session.principal
+        namespace = None
+        if msg.type in access.NAMESPACED:
+            namespace = self._namespace_of(session, msg.type, body)
+        tool = None
+        destructive_tool = None
         if msg.type is MsgType.LLM_CHAT:
-            chat_request.parse(msg.body)  # reject bad input before it queues
+            chat_request.parse(body)  # reject bad input before it queues
+        elif msg.type is MsgType.TOOL_CALL:
+            tool = body.get("name")
+            if not isinstance(tool, str) or not tool:
+                raise errors.InvalidArgument("tool.call: 'name' must be the name of a tool")
+            if not isinstance(body.get("arguments", {}), dict):
+                raise errors.InvalidArgument("tool.call: 'arguments' must be a map")
+            namespace = who.name  # file tools work in the caller's own storage
+            if self.tool_info.get(tool, {}).get("destructive"):
+                destructive_tool = tool
+        decision = self.rules.check(who, msg.type, namespace, destructive_tool)
+        if namespace is not None and namespace != who.name or not decision.allowed:
+            self._audit("access." + ("allowed" if decision.allowed else "denied"),
+                        {"agent": who.agent, "name": who.name, "call": msg.type.value,
+                         "namespace": namespace, "why": decision.reason})
+        if not decision.allowed:
+            raise errors.PermissionDenied(f"{msg.type.value}: {decision.reason}")
         resource = RESOURCES[msg.type]
         queue = self.queues[resource]
         if len(queue) >= self.config.kernel.max_queue:
@@ -289,13 +369,127 @@ class Scheduler:
         deadline = min(deadline, now + MAX_DEADLINE)
         call = Call(
             kid=protocol.new_id(), client=identity, client_call_id=msg.id,
-            agent=session.account, type=msg.type, resource=resource, body=msg.body,
-            deadline=deadline, submitted=now, queued_at=now,
+            agent=session.account, type=msg.type, resource=resource, body=body,
+            deadline=deadline, submitted=now, queued_at=now, namespace=namespace,
+            caller={"agent": who.agent, "name": who.name,
+                    "groups": self.rules.groups_of(who.name)},
+            tool=tool,
+            # the kernel's own calls and operators need no approval; callers
+            # whose group pre-approves overwrites are spared that question
+            approved=who.internal or who.operator
+            or self.rules.preapproved(who, "storage.overwrite"),
         )
         self.calls[call.kid] = call
         if session.agent is not None and session.agent.usage.first_call is None:
             session.agent.usage.first_call = now
+        if decision.approval:
+            self._hold(call, decision.approval, f"{msg.type.value} in {namespace or who.name}", now)
+            return
+        if destructive_tool is not None:
+            call.approved = True
         queue.push(call)
+        self.dispatch()
+
+    def _namespace_of(self, session: Session, mtype: MsgType, body: dict[str, Any]) -> str | None:
+        """Whose data a memory or storage call acts on: the caller's own,
+        unless it names another agent ('agent'); the kernel's own processes
+        act for an agent with 'as_namespace'. An operator's statistics over
+        every agent ('agent': '*') have no namespace."""
+        if session.internal and isinstance(body.get("as_namespace"), str):
+            return body["as_namespace"]
+        target = body.get("agent")
+        if target == "*" and session.operator and mtype in (MsgType.MEMORY_STATS,
+                                                             MsgType.STORAGE_STATS):
+            return None
+        if target is None:
+            if session.operator and not session.internal:
+                raise errors.InvalidArgument("an operator must name the agent whose data to use ('agent')")
+            return session.name
+        if not isinstance(target, str) or not target or len(target) > 64:
+            raise errors.InvalidArgument("'agent' must be the name of an agent")
+        return target
+
+    # -- approvals -------------------------------------------------------------
+
+    def _hold(self, call: Call, op: str, detail: str, now: float) -> None:
+        """Keep ``call`` until a person approves or denies it, or time runs out."""
+        call.state = CallState.PENDING
+        approval = self.approvals.request(call, op, detail, now, self.config.access.approval_timeout)
+        info = approval.to_dict(now)
+        self.publish(f"approval.{approval.id}.requested", info)
+        self._audit("approval.requested", info)
+
+    def on_approvals(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        now = time.time()
+        rows = [a.to_dict(now) for a in self.approvals.pending.values()]
+        self.send_client(identity, protocol.reply(msg.id, {"approvals": rows}))
+
+    def on_decide(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        assert session is not None
+        if not session.operator or session.internal:
+            raise errors.PermissionDenied("only an operator (aiosctl) may decide approvals")
+        approval_id = msg.body.get("id")
+        approval = self.approvals.take(approval_id) if isinstance(approval_id, str) else None
+        if approval is None:
+            raise errors.NotFound(f"no pending approval {approval_id!r}: see `aiosctl approvals`")
+        now = time.time()
+        granted = msg.type is MsgType.ADMIN_APPROVE
+        self._settle(approval, granted, f"by {session.name}", now)
+        self.send_client(identity, protocol.reply(msg.id, {"id": approval.id, "approved": granted}))
+
+    def _settle(self, approval: Approval, granted: bool, why: str, now: float) -> None:
+        call = approval.call
+        verdict = "approved" if granted else "denied"
+        info = {**approval.to_dict(now), "why": why}
+        self.publish(f"approval.{approval.id}.{verdict}", info)
+        self._audit(f"approval.{verdict}", info)
+        if call.kid not in self.calls:
+            return  # its caller is gone
+        call.wait_s += now - call.queued_at
+        if granted:
+            call.approved = True
+            call.state = CallState.QUEUED
+            call.queued_at = now
+            self.queues[call.resource].push(call)
+            self.dispatch()
+        else:
+            call.state = CallState.QUEUED  # so finish() accounts the wait, not service
+            call.queued_at = now
+            self.fail(call, errors.PermissionDenied(
+                f"{call.type.value} needs approval ({approval.op}) and was {verdict} {why}"
+            ), now)
+
+    # -- audit ------------------------------------------------------------------
+
+    def _audit(self, event: str, record: dict[str, Any]) -> None:
+        """Publish an access decision and append it to the audit log in storage."""
+        record = {"event": event, "time": time.time(), **record}
+        self.publish(f"audit.{event}", record)
+        if not self._can_ever_serve("storage"):
+            return
+        now = time.time()
+        call = Call(
+            kid=protocol.new_id(), client=None, client_call_id="", agent="kernel",
+            type=MsgType.AUDIT_APPEND, resource="storage", body={"record": record},
+            deadline=now + self.config.kernel.call_timeout, submitted=now, queued_at=now,
+            approved=True,
+        )
+        self.calls[call.kid] = call
+        self.queues["storage"].push(call)
+
+    def on_audit(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        assert session is not None
+        if not session.operator:
+            raise errors.PermissionDenied("the audit log is for operators (aiosctl audit)")
+        now = time.time()
+        call = Call(
+            kid=protocol.new_id(), client=identity, client_call_id=msg.id,
+            agent=session.account, type=MsgType.AUDIT_LIST, resource="storage",
+            body={k: v for k, v in msg.body.items() if k in ("after", "limit", "agent")},
+            deadline=msg.deadline or now + 30, submitted=now, queued_at=now, approved=True,
+        )
+        self.calls[call.kid] = call
+        self.queues["storage"].push(call)
         self.dispatch()
 
     def _can_ever_serve(self, resource: str) -> bool:
@@ -303,7 +497,9 @@ class Scheduler:
             return True
         # No worker yet: fine while one is starting; not when all have failed.
         kinds = [p for p in self.procs if p.get("kind") == resource]
-        return not kinds or any(p.get("state") != "fatal" for p in kinds)
+        if not self.procs:
+            return True  # the process table has not arrived yet
+        return any(p.get("state") != "fatal" for p in kinds)
 
     def on_agent_run(self, session: Session | None, identity: bytes, msg: Message) -> None:
         body = msg.body
@@ -355,6 +551,15 @@ class Scheduler:
             if worker:
                 entry.update(worker.to_dict())
             cores.append(entry)
+        services = []
+        for name, kind in SERVICES.items():
+            worker = self.workers.get(name)
+            proc = next((p for p in self.procs if p.get("name") == name), {})
+            state = "ready" if worker else ("failed" if proc.get("state") == "fatal" else "starting")
+            entry = {"name": name, "kind": kind, "state": state}
+            if worker:
+                entry.update(worker.to_dict())
+            services.append(entry)
         return {
             "version": libaios.__version__,
             "pid": os.getpid(),
@@ -364,13 +569,16 @@ class Scheduler:
             "uptime_s": round(now - self.started, 3),
             # ready: every core serves, and (under a supervisor) the process
             # table has arrived, so what status shows is complete
-            "ready": all(c["state"] == "ready" for c in cores)
+            "ready": all(c["state"] == "ready" for c in cores + services)
             and (bool(self.procs) or not self.supervisor_token),
             "stopping": self.stopping,
             "policy": self.config.scheduler.policy,
             "cores": cores,
+            "services": services,
+            "approvals": len(self.approvals.pending),
             "procs": self.procs,
             "queues": {name: len(q) for name, q in self.queues.items()},
+            "tools_running": {k: v for k, v in self.tool_running.items() if v},
             "running": sum(len(w.inflight) for w in self.workers.values()),
             "agents": sum(1 for a in self.agents.agents.values() if a.alive),
         }
@@ -455,15 +663,24 @@ class Scheduler:
                 best = worker
         return best
 
+    def _tool_free(self, call: Call) -> bool:
+        if call.tool is None:
+            return True
+        limit = self.tool_info.get(call.tool, {}).get("concurrency")
+        return limit is None or self.tool_running.get(call.tool, 0) < limit
+
     def dispatch(self) -> None:
         for resource, queue in self.queues.items():
             while len(queue):
-                head = next(iter(queue))
-                worker = self._free_worker(resource, head.type)
+                # One worker serves each resource but the LLM; any call type
+                # it serves will do. A call for a saturated tool waits while
+                # the calls behind it run.
+                worker = self._free_worker(resource, next(iter(queue)).type)
                 if worker is None:
                     break
-                call = queue.pop()
-                assert call is not None
+                call = queue.pop(self._tool_free if resource == "tool" else None)
+                if call is None:
+                    break
                 self._start(call, worker)
 
     def _start(self, call: Call, worker: Worker) -> None:
@@ -475,17 +692,17 @@ class Scheduler:
         call.dispatched = now
         worker.inflight[call.kid] = call
         worker.last_dispatch = now
-        task = Message(
-            MsgType.WORKER_TASK, protocol.new_id(),
-            {"call": call.kid, "type": call.type.value, "body": call.body},
-            deadline=call.deadline,
-        )
+        if call.tool is not None:
+            self.tool_running[call.tool] = self.tool_running.get(call.tool, 0) + 1
+        task = Message(MsgType.WORKER_TASK, protocol.new_id(), call.task_body(),
+                       deadline=call.deadline)
         self.send_worker(worker, task)
 
     def finish(self, call: Call, result: Message | None, now: float) -> None:
         """Account a call that left the kernel and answer its caller
         (``result`` None: the caller already has its answer, or is gone)."""
         self.calls.pop(call.kid, None)
+        self.approvals.drop_call(call)
         if call.state is CallState.RUNNING:
             call.service_s += now - call.dispatched
         elif call.state is CallState.QUEUED:
@@ -528,6 +745,8 @@ class Scheduler:
             if call.state is CallState.QUEUED:
                 self.queues[call.resource].remove(call)
                 self.finish(call, None, now)
+            elif call.state is CallState.PENDING:
+                self.finish(call, None, now)
             elif call.state is CallState.RUNNING:
                 self.cancel(call, now)
 
@@ -566,6 +785,8 @@ class Scheduler:
             log.warning("worker %s sent a bad READY: %s", name, exc)
             return
         self.workers[name] = worker
+        if worker.kind == "tool":
+            self.tool_info = dict(worker.info.get("tools") or {})
         log.info("worker %s ready (pid %d, capacity %d)", name, worker.pid, worker.capacity)
         self.publish(f"worker.{name}.ready", worker.to_dict())
         self.dispatch()
@@ -594,18 +815,37 @@ class Scheduler:
                 call.streamed = True
                 self.send_client(call.client, protocol.partial(call.client_call_id, msg.body))
             return
-        del worker.inflight[call.kid]
+        self._release(worker, call)
         worker.served += 1
         now = time.time()
-        if call.state is CallState.RUNNING:
-            if msg.type is MsgType.REPLY:
-                self.finish(call, protocol.reply(call.client_call_id, msg.body), now)
-            else:
-                envelope = Message(MsgType.ERROR, protocol.new_id(), msg.body, re=call.client_call_id)
-                self.finish(call, envelope, now)
-        else:
+        if call.state is not CallState.RUNNING:
             self.calls.pop(call.kid, None)
+        elif msg.type is MsgType.REPLY:
+            self.finish(call, protocol.reply(call.client_call_id, msg.body), now)
+        elif msg.body.get("code") == ErrorCode.APPROVAL_REQUIRED and not call.approved:
+            # The worker found the call destructive (an overwrite): ask.
+            call.service_s += now - call.dispatched
+            details = msg.body.get("details") or {}
+            op = str(details.get("op", call.type.value))
+            who = access.Principal(call.agent, call.caller.get("name", ""))
+            if self.rules.preapproved(who, op):
+                call.approved = True
+                call.state = CallState.QUEUED
+                call.queued_at = now
+                self.queues[call.resource].requeue(call)
+            else:
+                call.queued_at = now
+                self._hold(call, op, str(msg.body.get("message", "")), now)
+        else:
+            envelope = Message(MsgType.ERROR, protocol.new_id(), msg.body, re=call.client_call_id)
+            self.finish(call, envelope, now)
         self.dispatch()
+
+    def _release(self, worker: Worker, call: Call) -> None:
+        """``call`` no longer holds a slot of ``worker`` (nor of its tool)."""
+        worker.inflight.pop(call.kid, None)
+        if call.tool is not None and self.tool_running.get(call.tool):
+            self.tool_running[call.tool] -= 1
 
     def worker_lost(self, worker: Worker, why: str) -> None:
         """Forget ``worker``; run its calls again elsewhere, or fail them."""
@@ -615,6 +855,7 @@ class Scheduler:
         self.publish(f"worker.{worker.name}.lost", {"name": worker.name, "why": why})
         now = time.time()
         for call in list(worker.inflight.values()):
+            self._release(worker, call)
             if call.state is not CallState.RUNNING:
                 self.calls.pop(call.kid, None)
                 continue
@@ -630,7 +871,6 @@ class Scheduler:
             call.worker = None
             call.queued_at = now
             self.queues[call.resource].requeue(call)
-        worker.inflight.clear()
         self.dispatch()
 
     # -- agents ---------------------------------------------------------------
@@ -676,7 +916,11 @@ class Scheduler:
         for worker in list(self.workers.values()):
             if now - worker.last_seen > liveness:
                 self.worker_lost(worker, f"no heartbeat for {now - worker.last_seen:.1f}s")
+        for approval in self.approvals.expired(now):
+            self._settle(approval, False, "by timeout: no decision before the deadline", now)
         for call in list(self.calls.values()):
+            if call.state is CallState.PENDING:
+                continue  # its approval's expiry (at most the deadline) settles it
             if call.state is CallState.CANCELLING:
                 if now - call.cancel_sent > CANCEL_GRACE:
                     self._kill_wedged(call)
@@ -765,7 +1009,7 @@ class Scheduler:
             if self.clients in ready:
                 for _ in range(1000):
                     try:
-                        self.on_client_frames(self.clients.recv_multipart(zmq.NOBLOCK))
+                        self.on_client_frames(self.clients.recv_multipart(zmq.NOBLOCK, copy=False))
                     except zmq.Again:
                         break
             for fd in ready:
@@ -780,6 +1024,20 @@ class Scheduler:
         for sock in (self.clients, self.workers_sock, self.events):
             sock.close()
         remove_sockets(self.runtime_dir)
+
+
+def peer_credentials(frame: zmq.Frame) -> tuple[int | None, int | None]:
+    """(uid, pid) of the process at the other end of an ipc connection, as
+    the operating system reports it (libzmq appends uid:gid:pid to the
+    Peer-Address of ipc peers); (None, None) for other transports."""
+    try:
+        address = frame.get("Peer-Address")
+    except (zmq.ZMQError, KeyError, TypeError):
+        return None, None
+    parts = str(address).rsplit(":", 3)
+    if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
+        return None, None
+    return int(parts[1]), int(parts[3])
 
 
 def remove_sockets(runtime_dir: Path) -> None:
