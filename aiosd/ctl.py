@@ -361,7 +361,7 @@ DEMO_TASKS = [
     ("planner.py", "Organise a small birthday party."),
     ("chat.py", "Start running three times a week."),
     ("summarize.py", "What makes a good night's sleep?"),
-    ("planner.py", "Tidy up a cluttered garage."),
+    ("researcher.py", "How many legs do 12 spiders have?"),
 ]
 
 
