@@ -71,14 +71,16 @@ class CoreConfig:
     backend: str = field(default="llamacpp", metadata=_check("one of: llamacpp, openai"))
     #: llamacpp: a GGUF path or "embedded"; openai: the served model's name.
     model: str = "embedded"
-    #: Context length in tokens (llamacpp).
-    n_ctx: int = field(default=4096, metadata=_check("positive"))
+    #: KV cache cells shared by all of the core's sequences (llamacpp).
+    n_ctx: int = field(default=16384, metadata=_check("positive"))
     #: Decode threads; 0 means one per CPU the core may use (llamacpp).
     threads: int = field(default=0, metadata=_check("non-negative"))
     #: CPUs to pin the core to; empty means every CPU the process may use.
     cpus: list[int] = field(default_factory=list)
-    #: Calls the core runs at once.
-    slots: int = field(default=1, metadata=_check("positive"))
+    #: Calls the core runs at once (decoded together in one batch).
+    slots: int = field(default=8, metadata=_check("positive"))
+    #: RAM for snapshots of suspended calls; past it they spill to disk.
+    snapshot_ram_bytes: int = field(default=256 * 1024 * 1024, metadata=_check("positive"))
     #: openai: the server's base URL, such as http://127.0.0.1:8000/v1.
     base_url: str = ""
     #: openai: the environment variable holding the API key.

@@ -114,11 +114,13 @@ def start(config_path: str | None, timeout: float) -> None:
             fail(f"aiosd exited with code {code} while starting; {log_path} says:\n" + "\n".join(tail))
         status = _status_or_none(1.0)
         if status is not None and status.get("ready"):
+            failed = [c["name"] for c in status["cores"] + status["services"]
+                      if c["state"] == "failed"]
+            if failed:
+                fail(f"aiosd started (pid {proc.pid}) but {', '.join(failed)} failed; "
+                     f"see {log_path}")
             out.print(f"aiosd started (pid {proc.pid}) on {runtime}; log: {log_path}")
             return
-        if status is not None and any(c["state"] == "failed" for c in status["cores"]):
-            failed = [c["name"] for c in status["cores"] if c["state"] == "failed"]
-            fail(f"aiosd started but LLM core(s) {', '.join(failed)} failed; see {log_path}")
         time.sleep(0.2)
     fail(f"aiosd did not become ready within {timeout:g}s; see {log_path}")
 
@@ -154,7 +156,7 @@ def status(as_json: bool) -> None:
     if as_json:
         emit_json(data)
         return
-    state = "ready" if data["ready"] else "starting"
+    state = ("ready" if data["healthy"] else "degraded") if data["ready"] else "starting"
     if data.get("stopping"):
         state = "stopping"
     out.print(
@@ -176,9 +178,14 @@ def status(as_json: bool) -> None:
     out.print(cores)
     queues = ", ".join(f"{k}: {v}" for k, v in data["queues"].items())
     out.print(f"queued: {queues}; running: {data['running']}; live agents: {data['agents']}")
-    failed = [c["name"] for c in data["cores"] if c["state"] == "failed"]
+    services = Table("service", "kind", "state", "pid", "running", "served")
+    for svc in data["services"]:
+        services.add_row(svc["name"], svc["kind"], svc["state"], str(svc.get("pid", "-")),
+                         str(svc.get("running", "-")), str(svc.get("served", "-")))
+    out.print(services)
+    failed = [c["name"] for c in data["cores"] + data["services"] if c["state"] == "failed"]
     if failed:
-        fail(f"LLM core(s) failed: {', '.join(failed)} (restart budget spent; see the log)")
+        fail(f"failed: {', '.join(failed)} (restart budget spent; see the log)")
 
 
 def agents_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:

@@ -46,6 +46,8 @@ class Task:
     namespace: str | None = None
     #: Destructive effects a person approved for this call (see access).
     approved: bool = False
+    #: Set when the scheduler asks for the call to be suspended (preemption).
+    suspend: threading.Event = field(default_factory=threading.Event)
     _emit: Callable[[dict[str, Any]], None] | None = None
 
     def emit(self, part: dict[str, Any]) -> None:
@@ -157,6 +159,10 @@ class WorkerRuntime:
             task = self._tasks.get(msg.body.get("call", ""))
             if task is not None:
                 task.cancelled.set()
+        elif msg.type is MsgType.WORKER_SUSPEND:
+            task = self._tasks.get(msg.body.get("call", ""))
+            if task is not None:
+                task.suspend.set()
         elif msg.type is MsgType.WORKER_SHUTDOWN:
             self._stop.set()
         elif msg.type is MsgType.ERROR and msg.body.get("code") == ErrorCode.UNAUTHENTICATED:

@@ -104,6 +104,7 @@ class MsgType(str, enum.Enum):
     WORKER_HEARTBEAT = "worker.heartbeat"
     WORKER_TASK = "worker.task"
     WORKER_CANCEL = "worker.cancel"
+    WORKER_SUSPEND = "worker.suspend"
     WORKER_SHUTDOWN = "worker.shutdown"
 
 

@@ -27,6 +27,8 @@ class ChatOutput:
     parsed: Any = None
     #: Prompt tokens served from the retained KV cache rather than prefilled.
     cached_tokens: int = 0
+    #: When suspended: the id of the snapshot to resume from.
+    snapshot: str | None = None
 
     def to_body(self, core: str) -> dict[str, Any]:
         return {
@@ -35,6 +37,7 @@ class ChatOutput:
             "tool_calls": self.tool_calls,
             "parsed": self.parsed,
             "core": core,
+            "snapshot": self.snapshot,
             "usage": {
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,

@@ -20,6 +20,7 @@ from ..config import Config, CoreConfig
 from ..worker import Task, WorkerRuntime
 from . import request
 from .backend import Backend
+from .llamacpp import LlamaCppBackend
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,19 @@ class LLMCore:
             if stream:
                 task.emit({"text": text})
 
-        out = self.backend.chat(req, emit, task.check)
+        if isinstance(self.backend, LlamaCppBackend):
+            out = self.backend.chat(req, emit, task.check, key=task.caller.get("agent", ""),
+                                    resume=task.body.get("resume"), suspend=task.suspend)
+        else:
+            out = self.backend.chat(req, emit, task.check)
         return out.to_body(self.cfg.name)
 
     def null(self, task: Task) -> dict[str, Any]:
         return {"core": self.cfg.name}
+
+    def stats(self, task: Task) -> dict[str, Any]:
+        stats = getattr(self.backend, "stats", None)
+        return {"core": self.cfg.name, **(stats() if stats else {})}
 
     def handlers(self) -> dict[MsgType, Any]:
         return {MsgType.LLM_CHAT: self.chat, MsgType.SYS_NULL: self.null}
@@ -78,10 +87,7 @@ def serve(config: Config, name: str, endpoint: str) -> None:
     runtime = WorkerRuntime(
         kind="llm",
         name=cfg.name,
-        # A llama.cpp model object runs one generation at a time (batching
-        # several sequences in one context is the context manager's job);
-        # a remote server takes as many concurrent calls as configured.
-        capacity=cfg.slots if cfg.backend == "openai" else 1,
+        capacity=cfg.slots,
         endpoint=endpoint,
         handlers=core.handlers(),
         heartbeat_interval=config.kernel.heartbeat_interval,

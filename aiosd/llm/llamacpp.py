@@ -9,6 +9,7 @@ only by that turn.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import logging
@@ -17,12 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from libaios.errors import BackendError, InvalidArgument
+from libaios.errors import AIOSError, BackendError, InvalidArgument
 
 from ..config import ConfigError, CoreConfig
 from . import structured
 from .backend import ChatOutput, Emit, StopScanner
 from .request import ChatRequest
+from .snapshots import SnapshotStore, snapshot_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,33 +71,31 @@ def usable_cpus(cpus: list[int]) -> list[int]:
 
 
 class LlamaCppBackend:
-    """One llama.cpp model instance."""
+    """One llama.cpp model instance, serving up to ``slots`` calls at once
+    through the batching engine."""
 
     def __init__(self, cfg: CoreConfig):
-        from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        from .engine import Engine
 
         self.cfg = cfg
         self.path = resolve_model(cfg.model)
         self.cpus = usable_cpus(cfg.cpus)
         self.threads = cfg.threads or len(self.cpus)
-        self.llm = Llama(
-            str(self.path),
-            n_ctx=cfg.n_ctx,
-            n_threads=self.threads,
-            n_threads_batch=self.threads,
-            verbose=False,
-        )
-        template = self.llm.metadata.get("tokenizer.chat_template")
+        self.engine = Engine(str(self.path), n_ctx=cfg.n_ctx, slots=cfg.slots,
+                             threads=self.threads)
+        self.model = self.engine.model
+        template = self.model.metadata().get("tokenizer.chat_template")
         if not template:
             raise ConfigError(f"model {self.path.name} has no chat template")
-        vocab = self.llm._model
-        self._bos_text = vocab.token_get_text(self.llm.token_bos())
+        self._bos_text = self.model.token_get_text(self.model.token_bos())
         self.formatter = Jinja2ChatFormatter(
             template=template,
-            eos_token=vocab.token_get_text(self.llm.token_eos()),
+            eos_token=self.model.token_get_text(self.model.token_eos()),
             bos_token=self._bos_text,
         )
+        self.snapshots = SnapshotStore(cfg.snapshot_ram_bytes, snapshot_dir(cfg.name))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -104,17 +104,32 @@ class LlamaCppBackend:
             "n_ctx": self.cfg.n_ctx,
             "threads": self.threads,
             "cpus": self.cpus,
+            "slots": self.cfg.slots,
         }
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.engine.describe(), "snapshots": self.snapshots.describe()}
 
     def _prompt_tokens(self, req: ChatRequest) -> tuple[list[int], list[str]]:
         rendered = self.formatter(messages=structured.prompt_messages(req))
         prompt = rendered.prompt
-        add_bos = self.llm._model.add_bos_token() and not prompt.startswith(self._bos_text)
-        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+        add_bos = self.model.add_bos_token() and not prompt.startswith(self._bos_text)
+        tokens = self.model.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
         stops = list(req.stop)
         if rendered.stop:
             stops += [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop)
         return tokens, stops
+
+    def _piece(self, token: int) -> bytes:
+        """The bytes of one token (a piece may be part of a UTF-8 character)."""
+        import llama_cpp
+
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
+        if n < 0:  # longer than the buffer: -n is the length needed
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
 
     def _grammar(self, req: ChatRequest) -> Any:
         schema = structured.output_schema(req)
@@ -127,58 +142,59 @@ class LlamaCppBackend:
         except Exception as exc:  # the converter raises plain exceptions
             raise InvalidArgument(f"llm.chat: the schema cannot be turned into a grammar: {exc}") from None
 
-    def chat(self, req: ChatRequest, emit: Emit, check: Callable[[], None]) -> ChatOutput:
-        import llama_cpp
+    def chat(self, req: ChatRequest, emit: Emit, check: Callable[[], None], key: str = "",
+             resume: str | None = None, suspend: Any = None) -> ChatOutput:
+        """Generate the answer to ``req`` for agent ``key``. ``resume`` names
+        a snapshot of this core to continue from; ``suspend`` (an Event) asks
+        for the generation to stop at the next token and be snapshotted."""
+        from .engine import Finish, Request
 
         tokens, stops = self._prompt_tokens(req)
-        room = self.cfg.n_ctx - len(tokens)
-        if room <= 0:
+        limit = min(self.cfg.n_ctx, self.model.n_ctx_train())
+        if len(tokens) >= limit:
             raise InvalidArgument(
                 f"llm.chat: the prompt is {len(tokens)} tokens; this core's context holds "
-                f"{self.cfg.n_ctx} (llm.cores[].n_ctx)"
+                f"{limit} (llm.cores[].n_ctx)"
             )
-        max_tokens = min(req.max_tokens, room)
-        cached = 0
-        for a, b in zip(self.llm.input_ids[: self.llm.n_tokens], tokens):
-            if a != b:
-                break
-            cached += 1
-        grammar = self._grammar(req)
-        if req.seed is not None:
-            self.llm.set_seed(req.seed)
         scanner = StopScanner(stops)
-        vocab = self.llm._model.vocab
-        produced: list[int] = []
-        finish = "length"
-        try:
-            for token in self.llm.generate(
-                tokens,
-                temp=req.temperature,
-                top_p=req.top_p,
-                top_k=0 if req.temperature > 0 else 1,
-                min_p=0.0,
-                repeat_penalty=1.0,
-                grammar=grammar,
-            ):
-                check()
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                produced.append(token)
-                piece = self.llm.detokenize([token], prev_tokens=tokens + produced[:-1])
-                out = scanner.feed(piece)
-                if out:
-                    emit(out)
-                if scanner.stopped:
-                    finish = "stop"
-                    break
-                if len(produced) >= max_tokens:
-                    break
-        except (RuntimeError, ValueError) as exc:
-            raise BackendError(f"llama.cpp failed: {exc}") from None
+        snap = self.snapshots.take(resume) if resume else None
+        if resume and snap is None:
+            raise BackendError(f"snapshot {resume} is not on core {self.cfg.name}", retriable=False)
+        if snap is not None:
+            # replay what was streamed before the suspension into the scanner
+            scanner.feed(b"".join(self._piece(t) for t in snap.completion))
+
+        def on_token(token: int) -> bool:
+            out = scanner.feed(self._piece(token))
+            if out:
+                emit(out)
+            if suspend is not None and suspend.is_set():
+                request.suspend()
+            return not scanner.stopped
+
+        request = Request(
+            key=key, prompt=tokens, max_tokens=min(req.max_tokens, limit - len(tokens)),
+            temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+            grammar=self._grammar(req), on_token=on_token, check=check, resume=snap,
+        )
+        self.engine.run(request)
+        if request.finish is Finish.ERROR:
+            err = request.error
+            if isinstance(err, AIOSError):
+                raise err
+            raise BackendError(f"llama.cpp failed: {err}") from None
+        if request.finish is Finish.SUSPENDED:
+            assert request.snapshot is not None
+            sid = self.snapshots.put(request.snapshot)
+            return ChatOutput(
+                text=scanner.text, finish_reason="suspended", prompt_tokens=len(tokens),
+                completion_tokens=len(request.completion), cached_tokens=request.cached,
+                snapshot=sid,
+            )
         tail = scanner.finish()
         if tail:
             emit(tail)
+        finish = {"stop": "stop", "caller": "stop", "length": "length"}[request.finish.value]
         fields = structured.parse_answer(req, scanner.text)
         if fields["tool_calls"]:
             finish = "tool_calls"
@@ -186,11 +202,12 @@ class LlamaCppBackend:
             text=fields["text"],
             finish_reason=finish,
             prompt_tokens=len(tokens),
-            completion_tokens=len(produced),
+            completion_tokens=len(request.completion),
             tool_calls=fields["tool_calls"],
             parsed=fields["parsed"],
-            cached_tokens=min(cached, len(tokens)),
+            cached_tokens=request.cached,
         )
 
     def close(self) -> None:
-        self.llm.close()
+        self.engine.close()
+        self.snapshots.clear()

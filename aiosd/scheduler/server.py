@@ -567,10 +567,13 @@ class Scheduler:
             "runtime_dir": str(self.runtime_dir),
             "started": self.started,
             "uptime_s": round(now - self.started, 3),
-            # ready: every core serves, and (under a supervisor) the process
-            # table has arrived, so what status shows is complete
-            "ready": all(c["state"] == "ready" for c in cores + services)
+            # ready: nothing is still starting (every core and service serves
+            # or has failed for good), and (under a supervisor) the process
+            # table has arrived, so what status shows is complete;
+            # healthy: and nothing failed
+            "ready": all(c["state"] != "starting" for c in cores + services)
             and (bool(self.procs) or not self.supervisor_token),
+            "healthy": all(c["state"] == "ready" for c in cores + services),
             "stopping": self.stopping,
             "policy": self.config.scheduler.policy,
             "cores": cores,
