@@ -41,6 +41,15 @@ def main(argv: list[str]) -> int:
             print(f"llm core {argv[1]}: {exc}", file=sys.stderr)
             return 78  # EX_CONFIG: restarting cannot help
         return 0
+    services = {"storage": "aiosd.storage.service", "memory": "aiosd.memory.service",
+                "tools": "aiosd.tools.service"}
+    if role in services and len(argv) == 1:
+        import importlib
+
+        logs.setup(cfg.kernel.log_level, role)
+        module = importlib.import_module(services[role])
+        module.serve(cfg, paths.ipc(runtime_dir, paths.WORKERS_SOCKET))
+        return 0
     print(f"unknown child role {argv!r}", file=sys.stderr)
     return 2
 

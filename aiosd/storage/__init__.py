@@ -1,0 +1,1 @@
+"""The storage manager: durable per-agent storage in LMDB, in its own process."""
