@@ -336,6 +336,8 @@ class Scheduler:
         namespace = None
         if msg.type in access.NAMESPACED:
             namespace = self._namespace_of(session, msg.type, body)
+        elif msg.type in access.INTERNAL and session.internal:
+            namespace = body.get("as_namespace") if isinstance(body.get("as_namespace"), str) else None
         tool = None
         destructive_tool = None
         if msg.type is MsgType.LLM_CHAT:
