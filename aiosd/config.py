@@ -298,7 +298,14 @@ def _check_names(items: list[Any], key: str, what: str) -> None:
         seen.add(item.name)
 
 
+BUILTIN_TOOLS = ("calculator", "python", "read_file", "write_file", "list_files")
+
+
 def _check_services(cfg: Config) -> None:
+    for i, name in enumerate(cfg.tools.builtin):
+        if name not in BUILTIN_TOOLS:
+            raise ConfigError(f"tools.builtin[{i}]: no built-in tool {name!r} "
+                              f"(there are: {', '.join(BUILTIN_TOOLS)})")
     if cfg.memory.low_water >= cfg.memory.high_water:
         raise ConfigError("memory.low_water: must be below memory.high_water")
     _check_names(cfg.tools.mcp, "tools.mcp", "MCP server")

@@ -39,7 +39,8 @@ def test_status_and_ps_json(daemon: Daemon) -> None:
     status = json.loads(result.stdout)
     assert status["ready"] is True
     assert [c["name"] for c in status["cores"]] == ["core0"]
-    assert {p["name"] for p in status["procs"]} == {"scheduler", "core0"}
+    assert {p["name"] for p in status["procs"]} == {"scheduler", "core0", "storage", "memory", "tools"}
+    assert status["healthy"] is True
     assert status["cores"][0]["info"]["model"].endswith(".gguf")
     human = daemon.ctl("status")
     assert human.returncode == 0 and "core0" in human.stdout
