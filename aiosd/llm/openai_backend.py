@@ -60,40 +60,45 @@ class OpenAIBackend:
         return params
 
     def chat(self, req: ChatRequest, emit: Emit, check: Callable[[], None]) -> ChatOutput:
-        oa = self._openai
-        scanner = StopScanner([])
-        finish = "length"
-        usage: Any = None
-        calls: dict[int, dict[str, Any]] = {}
-        pieces = 0
+        # A caller that does not stream gets one request and the server's
+        # exact usage (not every server reports usage in a stream).
+        if not req.stream:
+            return self._errors(lambda: self._whole(req))
+        return self._errors(lambda: self._streamed(req, emit, check))
+
+    def _whole(self, req: ChatRequest) -> ChatOutput:
+        params = self._params(req)
+        params["stream"] = False
+        params.pop("stream_options")
+        resp = self.client.chat.completions.create(**params)
+        choice = resp.choices[0]
+        text = choice.message.content or ""
+        calls = [{"id": tc.id, "type": "function",
+                  "function": {"name": tc.function.name, "arguments": tc.function.arguments}}
+                 for tc in (choice.message.tool_calls or [])]
+        return ChatOutput(
+            text=text,
+            finish_reason="tool_calls" if calls else (choice.finish_reason or "stop"),
+            prompt_tokens=resp.usage.prompt_tokens if resp.usage else 0,
+            completion_tokens=resp.usage.completion_tokens if resp.usage else 0,
+            tool_calls=calls,
+            parsed=self._parsed(req, text),
+        )
+
+    @staticmethod
+    def _parsed(req: ChatRequest, text: str) -> Any:
+        if req.json_schema is None:
+            return None
         try:
-            stream = self.client.chat.completions.create(**self._params(req))
-            with stream:
-                for chunk in stream:
-                    check()
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-                    for choice in chunk.choices:
-                        delta = choice.delta
-                        if delta.content:
-                            pieces += 1
-                            out = scanner.feed(delta.content.encode())
-                            if out:
-                                emit(out)
-                        for tc in delta.tool_calls or []:
-                            slot = calls.setdefault(
-                                tc.index,
-                                {"id": tc.id or "", "type": "function",
-                                 "function": {"name": "", "arguments": ""}},
-                            )
-                            if tc.id:
-                                slot["id"] = tc.id
-                            if tc.function and tc.function.name:
-                                slot["function"]["name"] += tc.function.name
-                            if tc.function and tc.function.arguments:
-                                slot["function"]["arguments"] += tc.function.arguments
-                        if choice.finish_reason:
-                            finish = choice.finish_reason
+            return json.loads(text)
+        except ValueError:
+            return None
+
+    def _errors(self, fn: Callable[[], ChatOutput]) -> ChatOutput:
+        """Run ``fn``, turning the SDK's exceptions into the kernel's."""
+        oa = self._openai
+        try:
+            return fn()
         except oa.APIConnectionError as exc:
             raise Unavailable(f"cannot reach the model server at {self.cfg.base_url}: {exc}") from None
         except oa.BadRequestError as exc:
@@ -105,13 +110,42 @@ class OpenAIBackend:
             ) from None
         except oa.APITimeoutError:
             raise Unavailable(f"the model server at {self.cfg.base_url} did not answer in time") from None
+
+    def _streamed(self, req: ChatRequest, emit: Emit, check: Callable[[], None]) -> ChatOutput:
+        scanner = StopScanner([])
+        finish = "length"
+        usage: Any = None
+        calls: dict[int, dict[str, Any]] = {}
+        pieces = 0
+        stream = self.client.chat.completions.create(**self._params(req))
+        with stream:
+            for chunk in stream:
+                check()
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    delta = choice.delta
+                    if delta.content:
+                        pieces += 1
+                        out = scanner.feed(delta.content.encode())
+                        if out:
+                            emit(out)
+                    for tc in delta.tool_calls or []:
+                        slot = calls.setdefault(
+                            tc.index,
+                            {"id": tc.id or "", "type": "function",
+                             "function": {"name": "", "arguments": ""}},
+                        )
+                        if tc.id:
+                            slot["id"] = tc.id
+                        if tc.function and tc.function.name:
+                            slot["function"]["name"] += tc.function.name
+                        if tc.function and tc.function.arguments:
+                            slot["function"]["arguments"] += tc.function.arguments
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
         scanner.finish()
-        parsed = None
-        if req.json_schema is not None:
-            try:
-                parsed = json.loads(scanner.text)
-            except ValueError:
-                parsed = None
+        parsed = self._parsed(req, scanner.text)
         tool_calls = [calls[i] for i in sorted(calls)]
         return ChatOutput(
             text=scanner.text,

@@ -1,0 +1,113 @@
+"""The openai backend against a real OpenAI-compatible server on loopback:
+llama-cpp-python's own server on the embedded model."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from aiosd.llm.llamacpp import embedded_model_path
+from libaios import errors
+
+from ..conftest import Daemon
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        # its log goes to a file: a pipe nobody reads would fill and stall it
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()),
+                 "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048",
+                 "--model_alias", "smollm2"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/models", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise AssertionError("the OpenAI-compatible server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = Server(tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def remote_config(url: str) -> dict[str, Any]:
+    return {"llm": {"cores": [{"name": "remote", "backend": "openai", "model": "smollm2",
+                               "base_url": url, "slots": 2}]}}
+
+
+def test_chat_stream_and_schema_through_a_remote_core(server: Server, make_daemon) -> None:
+    d: Daemon = make_daemon(config=remote_config(server.url))
+    with d.client() as c:
+        reply = c.chat("Say hello.", max_tokens=16)
+        assert reply.core == "remote"
+        assert reply.text
+        assert reply.usage["prompt_tokens"] > 0 and reply.usage["completion_tokens"] > 0
+        stream = c.chat("Tell me about rivers.", max_tokens=24, stream=True)
+        pieces = list(stream)
+        assert len(pieces) > 1
+        assert "".join(pieces) == stream.result.text
+        schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 20}},
+                  "required": ["colour"]}
+        reply = c.chat("Name a colour as JSON.", max_tokens=40,
+                       response_format={"type": "json_object", "schema": schema})
+        jsonschema.validate(reply.parsed, schema)
+        assert json.loads(reply.text) == reply.parsed
+
+
+def test_a_dead_server_gives_a_retriable_error(make_daemon) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    d: Daemon = make_daemon(config=remote_config(dead))
+    with d.client() as c:
+        begun = time.monotonic()
+        with pytest.raises(errors.AIOSError) as info:
+            c.chat("hi", max_tokens=4, timeout=60)
+        assert info.value.retriable
+        assert time.monotonic() - begun < 60
