@@ -1,0 +1,99 @@
+"""Chat request checks, structured output, and the stop-string scanner."""
+
+import json
+
+import jsonschema
+import pytest
+
+from aiosd.llm import request, structured
+from aiosd.llm.backend import StopScanner
+from libaios.errors import InvalidArgument
+
+MSG = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {
+    "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}
+TOOL2 = {"type": "function", "function": {"name": "g", "parameters": {"type": "object"}}}
+
+
+def test_defaults() -> None:
+    req = request.parse({"messages": MSG})
+    assert (req.max_tokens, req.temperature, req.top_p, req.stop) == (256, 0.0, 1.0, [])
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "messages"),
+    ({"messages": ["x"]}, r"messages\[0\]"),
+    ({"messages": [{"role": "god", "content": "x"}]}, r"messages\[0\].role"),
+    ({"messages": [{"role": "user", "content": 3}]}, r"messages\[0\].content"),
+    ({"messages": MSG, "max_tokens": 0}, "max_tokens"),
+    ({"messages": MSG, "max_tokens": True}, "max_tokens"),
+    ({"messages": MSG, "max_tokens": 1e9}, "max_tokens"),
+    ({"messages": MSG, "temperature": 3}, "temperature"),
+    ({"messages": MSG, "stop": [1]}, "stop"),
+    ({"messages": MSG, "seed": -1}, "seed"),
+    ({"messages": MSG, "tools": {}}, "tools"),
+    ({"messages": MSG, "tools": [{"type": "function", "function": {}}]}, r"tools\[0\].function.name"),
+    ({"messages": MSG, "tools": [TOOL, TOOL]}, "used twice"),
+    ({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]},
+     "parameters"),
+    ({"messages": MSG, "tools": [TOOL], "tool_choice": {"function": {"name": "zz"}}}, "tool_choice"),
+    ({"messages": MSG, "tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"messages": MSG, "response_format": {"type": "xml"}}, "response_format"),
+    ({"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {}}}, "schema"),
+    ({"messages": MSG, "tools": [TOOL], "response_format": {"type": "json_object"}}, "not both"),
+])
+def test_bad_requests_name_the_field(body: dict, field: str) -> None:
+    with pytest.raises(InvalidArgument, match=field):
+        request.parse(body)
+
+
+def test_output_schemas_for_each_tool_choice() -> None:
+    one = request.parse({"messages": MSG, "tools": [TOOL], "tool_choice": "required"})
+    assert structured.output_schema(one)["properties"]["name"] == {"const": "f"}
+    two = request.parse({"messages": MSG, "tools": [TOOL, TOOL2], "tool_choice": "required"})
+    assert len(structured.output_schema(two)["anyOf"]) == 2
+    auto = request.parse({"messages": MSG, "tools": [TOOL, TOOL2]})
+    assert structured.REPLY_SCHEMA in structured.output_schema(auto)["anyOf"]
+    named = request.parse({"messages": MSG, "tools": [TOOL, TOOL2],
+                           "tool_choice": {"type": "function", "function": {"name": "g"}}})
+    assert structured.output_schema(named)["properties"]["name"] == {"const": "g"}
+    assert structured.output_schema(request.parse({"messages": MSG, "tools": [TOOL],
+                                                   "tool_choice": "none"})) is None
+
+
+def test_prompt_messages_carry_the_instruction() -> None:
+    req = request.parse({"messages": [{"role": "system", "content": "S"}] + MSG, "tools": [TOOL]})
+    msgs = structured.prompt_messages(req)
+    assert msgs[0]["content"].startswith("S\n\n") and "f:" in msgs[0]["content"]
+    req = request.parse({"messages": MSG, "response_format": {"type": "json_object"}})
+    assert structured.prompt_messages(req)[0]["role"] == "system"
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "f", "arguments": '{"x": 1}'}}]}
+    shown = structured.prompt_messages(request.parse({"messages": MSG + [call]}))
+    assert json.loads(shown[-1]["content"]) == {"name": "f", "arguments": {"x": 1}}
+
+
+def test_parse_answers() -> None:
+    req = request.parse({"messages": MSG, "tools": [TOOL]})
+    out = structured.parse_answer(req, '{"name": "f", "arguments": {"x": 2}}')
+    args = json.loads(out["tool_calls"][0]["function"]["arguments"])
+    jsonschema.validate(args, TOOL["function"]["parameters"])
+    assert structured.parse_answer(req, '{"reply": "hello"}') == {"text": "hello", "tool_calls": [],
+                                                                  "parsed": None}
+    assert structured.parse_answer(req, '{"name": "f", "argu')["tool_calls"] == []
+    js = request.parse({"messages": MSG, "response_format": {"type": "json_object"}})
+    assert structured.parse_answer(js, '{"a": 1}')["parsed"] == {"a": 1}
+
+
+def test_stop_scanner() -> None:
+    s = StopScanner(["STOP"])
+    assert s.feed(b"hello S") == "hello "
+    assert s.feed(b"T") == ""
+    assert s.feed(b"ay") == "STay"
+    assert s.feed(b" then ST") == " then "
+    assert s.feed(b"OP and more") == "" and s.stopped
+    assert s.text == "hello STay then "
+    u = StopScanner([])
+    euro = "€".encode()
+    assert u.feed(euro[:1]) == "" and u.feed(euro[1:]) == "€"
+    assert u.feed(b"x") == "x" and u.finish() == ""

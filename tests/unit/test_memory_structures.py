@@ -1,0 +1,138 @@
+"""The memory manager's pure parts: trie, K-LRU, BM25, and the manager on a
+fake store."""
+
+from collections.abc import Iterator
+
+import pytest
+
+from aiosd.memory.bm25 import BM25Index
+from aiosd.memory.klru import KLRUReplacer
+from aiosd.memory.manager import ITEM_OVERHEAD, MemoryManager
+from aiosd.memory.trie import Trie
+from libaios.errors import InvalidArgument, NotFound
+
+
+def test_trie_shares_prefixes_and_handles_survive_splits_and_merges() -> None:
+    t = Trie()
+    a = t.insert("hello world")
+    b = t.insert("hello there")
+    c = t.insert("hello")
+    assert [t.get(h) for h in (a, b, c)] == ["hello world", "hello there", "hello"]
+    assert t.raw_bytes == 27 and t.stored_bytes == len("hello ") + len("world") + len("there")
+    t.remove(c)
+    t.remove(b)
+    assert t.get(a) == "hello world" and t.stored_bytes == 11 and t.raw_bytes == 11
+    d = t.insert("hello world")  # a duplicate shares the node
+    assert d is a and t.stored_bytes == 11
+    t.remove(a)
+    t.remove(d)
+    assert t.stored_bytes == 0 and t.raw_bytes == 0
+    with pytest.raises(KeyError):
+        t.remove(d)
+
+
+def test_klru_prefers_blocks_seen_fewer_than_k_times() -> None:
+    r = KLRUReplacer(k=2)
+    r.access("hot", 1)
+    r.access("hot", 2)
+    r.access("scan1", 3)
+    r.access("scan2", 4)
+    assert r.evict() == "scan1" and r.evict() == "scan2" and r.evict() == "hot"
+    lru = KLRUReplacer(k=1)
+    for t, b in enumerate("abca"):
+        lru.access(b, t)
+    assert lru.victim() == "b"
+    lru.pin("b")
+    assert lru.victim() == "c"
+
+
+def test_bm25_ranks_and_filters() -> None:
+    idx = BM25Index()
+    idx.add(1, "the cat sat on the mat")
+    idx.add(2, "dogs chase cats")
+    idx.add(3, "revenue grew")
+    assert [d for d, _ in idx.search("cat mat")][0] == 1
+    assert idx.search("revenue", candidates=[1, 2]) == []
+    idx.remove(3)
+    assert idx.search("revenue") == []
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.blocks: dict[tuple[str, str], bytes] = {}
+        self.reads = 0
+
+    def put(self, ns: str, block_id: str, data: bytes) -> None:
+        self.blocks[(ns, block_id)] = data
+
+    def get(self, ns: str, block_id: str) -> bytes:
+        self.reads += 1
+        return self.blocks[(ns, block_id)]
+
+    def delete(self, ns: str, block_id: str) -> None:
+        self.blocks.pop((ns, block_id), None)
+
+    def scan(self) -> Iterator[tuple[str, str, bytes]]:
+        for (ns, bid), data in list(self.blocks.items()):
+            yield ns, bid, data
+
+
+def clock() -> Iterator[float]:
+    t = 0.0
+    while True:
+        t += 1.0
+        yield t
+
+
+def manager(store: FakeStore, budget: int = 4096) -> MemoryManager:
+    ticks = clock()
+    return MemoryManager(store, budget, k=2, clock=lambda: next(ticks))
+
+
+def test_usage_stays_under_the_budget_and_everything_reads_back() -> None:
+    store = FakeStore()
+    m = manager(store)
+    written = []
+    for i in range(200):
+        text = f"agent note {i}: " + "lorem ipsum dolor sit amet " * 3
+        written.append((f"ns{i % 7}", m.add(f"ns{i % 7}", text, {"i": i})["id"], text))
+        assert m.usage <= m.budget
+    assert m.evictions > 0
+    for ns, item_id, text in written:
+        assert m.get(ns, item_id)["text"] == text
+        assert m.usage <= m.budget
+    assert m.faults > 0
+    stats = m.stats()
+    assert stats["items"] == 200 and stats["usage_bytes"] <= 4096
+
+
+def test_search_list_update_delete_and_errors() -> None:
+    m = manager(FakeStore(), budget=1 << 20)
+    a = m.add("x", "the cat sat on the mat", {"kind": "note"})
+    m.add("x", "quarterly revenue grew", {"kind": "report"})
+    assert m.search("x", "cat")[0]["id"] == a["id"]
+    assert [i["text"] for i in m.search("x", "revenue", {"kind": "note"})] == []
+    assert [i["metadata"]["kind"] for i in m.list("x")] == ["report", "note"]
+    assert m.update("x", a["id"], text="the dog sat")["text"] == "the dog sat"
+    assert m.search("x", "dog")[0]["id"] == a["id"]
+    m.delete("x", a["id"])
+    with pytest.raises(NotFound, match=a["id"]):
+        m.get("x", a["id"])
+    with pytest.raises(InvalidArgument, match="text"):
+        m.add("x", "")
+    with pytest.raises(InvalidArgument, match="metadata.bad"):
+        m.add("x", "t", {"bad": [1]})
+    assert m.list("nobody") == [] and m.search("nobody", "x") == []
+
+
+def test_prefix_compression_and_a_restart_from_the_store() -> None:
+    store = FakeStore()
+    m = manager(store, budget=1 << 20)
+    system = "You are a helpful assistant. " * 10
+    ids = [m.add("a", system + f"Question {i}?")["id"] for i in range(5)]
+    stats = m.stats("a")
+    assert stats["stored_bytes"] < stats["raw_bytes"] / 3
+    assert stats["usage_bytes"] == stats["stored_bytes"] + 5 * ITEM_OVERHEAD
+    again = manager(store, budget=1 << 20)
+    assert again.load() == 5
+    assert [again.get("a", i)["text"] for i in ids] == [system + f"Question {i}?" for i in range(5)]

@@ -1,0 +1,82 @@
+"""The wire protocol: encoding, limits, and defensive decoding."""
+
+import msgpack
+import pytest
+
+from libaios import errors, protocol
+from libaios.protocol import ErrorCode, MsgType, ProtocolError
+
+
+def frames(head: dict, body: object = None) -> list[bytes]:
+    return [msgpack.packb(head), msgpack.packb({} if body is None else body)]
+
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+DEEP = nested(protocol.MAX_DEPTH + 5)
+
+
+def head(**over: object) -> dict:
+    return {"v": protocol.VERSION, "id": "x1", "type": "sys.null", **over}
+
+
+def test_round_trip_keeps_every_header_field() -> None:
+    msg = protocol.call(MsgType.LLM_CHAT, {"messages": [{"role": "user", "content": "hi"}]}, 5.0)
+    back = protocol.decode(protocol.encode(msg)[1:])
+    assert (back.type, back.id, back.body, back.deadline) == (msg.type, msg.id, msg.body, msg.deadline)
+    rep = protocol.decode(protocol.encode(protocol.reply(msg.id, {"ok": 1}))[1:])
+    assert rep.re == msg.id and rep.type is MsgType.REPLY
+
+
+def test_split_envelope() -> None:
+    ids, payload = protocol.split_envelope([b"a", b"b", b"", b"h", b"b"])
+    assert ids == [b"a", b"b"] and payload == [b"h", b"b"]
+    with pytest.raises(ProtocolError):
+        protocol.split_envelope([b"no", b"delimiter"])
+    with pytest.raises(ProtocolError):
+        protocol.split_envelope([b"x"] * (protocol.MAX_ROUTING_FRAMES + 1) + [b""])
+
+
+@pytest.mark.parametrize("payload, code", [
+    (frames(head(v=2)), ErrorCode.BAD_VERSION),
+    (frames(head(type="nope")), ErrorCode.UNKNOWN_TYPE),
+    ([msgpack.packb([1]), msgpack.packb({})], ErrorCode.BAD_FRAME),
+    ([b"\xc1", msgpack.packb({})], ErrorCode.BAD_FRAME),
+    (frames(head(), {"x": msgpack.ExtType(5, b"x")}), ErrorCode.BAD_FRAME),
+    ([msgpack.packb(head()), b"\xda" + b"\xff\xff" + b"x" * 10], ErrorCode.BAD_FRAME),
+    (frames(head(), {"x": "y" * (protocol.MAX_BODY_BYTES + 1)}), ErrorCode.TOO_LARGE),
+    ([msgpack.packb(head(pad="x" * protocol.MAX_HEADER_BYTES)), msgpack.packb({})], ErrorCode.TOO_LARGE),
+    (frames(head(), {"a": DEEP}), ErrorCode.TOO_LARGE),
+    (frames(head(), [1, 2]), ErrorCode.BAD_FRAME),
+    (frames(head(id="")), ErrorCode.BAD_FRAME),
+    (frames(head(deadline="soon")), ErrorCode.BAD_FRAME),
+    ([msgpack.packb(head())], ErrorCode.BAD_FRAME),
+])
+def test_bad_messages_raise_the_right_code(payload: list[bytes], code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode(payload)
+    assert info.value.code == code
+    assert info.value.message
+
+
+def test_peek_id_recovers_the_id_of_an_undecodable_message() -> None:
+    assert protocol.peek_id([msgpack.packb(head(id="abc", v=9)), b"\xc1"]) == "abc"
+    assert protocol.peek_id([b"\xc1", b""]) is None
+    assert protocol.peek_id([]) is None
+
+
+def test_error_envelope_and_exception_classes_match() -> None:
+    env = protocol.error("c1", ErrorCode.WORKER_LOST, "gone", details={"k": 1})
+    assert env.body == {"code": 203, "name": "WORKER_LOST", "message": "gone",
+                        "retriable": True, "details": {"k": 1}}
+    exc = errors.from_envelope(env.body)
+    assert isinstance(exc, errors.WorkerLost) and exc.retriable and exc.details == {"k": 1}
+    assert not protocol.error(None, ErrorCode.INVALID_ARGUMENT, "x").body["retriable"]
+    for code in ErrorCode:
+        assert errors.error_class(code).code is code
+    assert isinstance(errors.from_envelope({"code": 12345, "message": "?"}), errors.InternalError)

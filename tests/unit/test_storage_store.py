@@ -1,0 +1,107 @@
+"""The LMDB store: versions, approvals, quotas, growth, durability."""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aiosd.storage.store import Store
+from libaios.errors import ApprovalRequired, InvalidArgument, NotFound, QuotaExceeded
+
+
+def store(tmp_path: Path, **kw: int) -> Store:
+    return Store(tmp_path / "db", kw.get("map_size", 1 << 20), kw.get("quota", 1 << 20),
+                 kw.get("versions", 3))
+
+
+def test_versions_overwrite_approval_and_rollback(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    assert s.put("a", "k", {"v": 1}) == {"key": "k", "version": 1}
+    with pytest.raises(ApprovalRequired) as info:
+        s.put("a", "k", 2)
+    assert info.value.details["op"] == "storage.overwrite"
+    for v in range(2, 6):
+        s.put("a", "k", v, approved=True)
+    assert [v["version"] for v in s.versions("a", "key", "k")["versions"]] == [5, 4, 3]
+    assert s.get("a", "k", version=3)["value"] == 3
+    with pytest.raises(NotFound):
+        s.get("a", "k", version=1)  # pruned: at most 3 versions
+    with pytest.raises(ApprovalRequired):
+        s.rollback("a", "key", "k", 3)
+    assert s.rollback("a", "key", "k", 3, approved=True)["version"] == 6
+    assert s.get("a", "k")["value"] == 3
+    with pytest.raises(ApprovalRequired):
+        s.delete("a", "key", "k")
+    s.delete("a", "key", "k", approved=True)
+    with pytest.raises(NotFound):
+        s.get("a", "k")
+    assert s.stats("a")["bytes"] == 0
+
+
+def test_namespaces_files_and_paths(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.write_file("a", "docs/x.txt", b"x")
+    s.write_file("a", "docs/sub/y.txt", b"y")
+    assert s.read_file("a", "./docs//x.txt")["data"] == b"x"
+    assert [e["name"] for e in s.list_dir("a", "docs")["entries"]] == ["sub", "x.txt"]
+    with pytest.raises(NotFound):
+        s.read_file("b", "docs/x.txt")
+    for bad in ("/etc/passwd", "../x", "a/../../x", "", "a\x00b"):
+        with pytest.raises(InvalidArgument):
+            s.write_file("a", bad, b"")
+    with pytest.raises(InvalidArgument, match="bytes"):
+        s.write_file("a", "f", "text")
+
+
+def test_quota_is_exact_and_a_refused_write_changes_nothing(tmp_path: Path) -> None:
+    s = store(tmp_path, quota=2000)
+    s.put("a", "k", "x" * 1000)
+    used = s.stats("a")["bytes"]
+    with pytest.raises(QuotaExceeded, match="quota"):
+        s.put("a", "big", "x" * 5000)
+    assert s.stats("a")["bytes"] == used and [k["key"] for k in s.list("a")["keys"]] == ["k"]
+
+
+def test_the_map_grows_when_full_and_files_are_private(tmp_path: Path) -> None:
+    s = store(tmp_path, map_size=64 * 1024, quota=1 << 30)
+    for i in range(300):
+        s.put("a", f"k{i}", "y" * 1000)
+    assert s.stats(None)["map_size"] > 64 * 1024
+    assert stat.S_IMODE((tmp_path / "db").stat().st_mode) == 0o700
+    for f in (tmp_path / "db").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0
+
+
+def test_blocks_and_audit(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    for i in range(5):
+        s.block_put(f"n{i % 2}", f"b{i}", bytes([i]))
+    page = s.block_scan(limit=3)
+    rest = s.block_scan(after=page["next"], limit=10)
+    assert len(page["blocks"]) == 3 and len(rest["blocks"]) == 2 and rest["next"] is None
+    assert s.block_get("n1", "b1")["data"] == b"\x01"
+    s.block_delete("n1", "b1")
+    with pytest.raises(NotFound):
+        s.block_get("n1", "b1")
+    assert s.audit_append({"event": "e", "agent": "x"})["seq"] == 1
+    s.audit_append({"event": "f", "agent": "y"})
+    assert [r["event"] for r in s.audit_list(agent="y")["records"]] == ["f"]
+    assert [r["seq"] for r in s.audit_list(after=1)["records"]] == [2]
+
+
+def test_an_acknowledged_write_survives_kill_9(tmp_path: Path) -> None:
+    code = ("import sys; from pathlib import Path; from aiosd.storage.store import Store; "
+            "s = Store(Path(sys.argv[1]), 1 << 20, 1 << 20, 3); s.put('a', 'k', 'kept'); "
+            "print('done', flush=True); import time; time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "db")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "done"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert store(tmp_path).get("a", "k")["value"] == "kept"

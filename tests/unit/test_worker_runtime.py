@@ -1,0 +1,96 @@
+"""The worker runtime over inproc sockets in one process: READY, tasks,
+streaming, cancellation, errors, heartbeats, shutdown."""
+
+import signal
+import threading
+import uuid
+from typing import Any
+
+import pytest
+import zmq
+
+from aiosd.worker import Task, WorkerRuntime
+from libaios import errors, protocol
+from libaios.protocol import ErrorCode, MsgType
+
+
+def null(task: Task) -> dict[str, Any]:
+    return {"echo": task.body.get("x")}
+
+
+def chat(task: Task) -> dict[str, Any]:
+    mode = task.body.get("mode")
+    if mode == "stream":
+        for i in range(3):
+            task.emit({"part": i})
+        return {"done": True}
+    if mode == "loop":
+        while True:
+            task.check()
+            task.cancelled.wait(0.01)
+    if mode == "invalid":
+        raise errors.InvalidArgument("bad x")
+    raise RuntimeError("boom")
+
+
+@pytest.fixture
+def runtime(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # run() is not on the main thread
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    endpoint = f"inproc://sched-{uuid.uuid4().hex}"
+    router.bind(endpoint)
+    rt = WorkerRuntime("test", "w1", 2, endpoint, {MsgType.SYS_NULL: null, MsgType.LLM_CHAT: chat},
+                       heartbeat_interval=0.05)
+    thread = threading.Thread(target=rt.run, daemon=True)
+    thread.start()
+    yield router, thread
+    rt.stop()
+    thread.join(5)
+    router.close(0)
+
+
+def recv(router: zmq.Socket, skip_beats: bool = True) -> protocol.Message:
+    while True:
+        assert router.poll(5000), "nothing arrived"
+        frames = router.recv_multipart()
+        msg = protocol.decode(frames[2:])
+        if not (skip_beats and msg.type is MsgType.WORKER_HEARTBEAT):
+            return msg
+
+
+def task(router: zmq.Socket, kind: MsgType, body: dict[str, Any]) -> str:
+    kid = uuid.uuid4().hex
+    msg = protocol.call(MsgType.WORKER_TASK, {"call": kid, "type": kind.value, "body": body})
+    router.send_multipart([b"w1", *protocol.encode(msg)])
+    return kid
+
+
+def test_ready_tasks_streams_errors_cancel_and_shutdown(runtime) -> None:
+    router, thread = runtime
+    ready = recv(router)
+    assert ready.type is MsgType.WORKER_READY
+    assert (ready.body["kind"], ready.body["name"], ready.body["capacity"]) == ("test", "w1", 2)
+    kid = task(router, MsgType.SYS_NULL, {"x": 7})
+    rep = recv(router)
+    assert rep.type is MsgType.REPLY and rep.re == kid and rep.body == {"echo": 7}
+    kid = task(router, MsgType.LLM_CHAT, {"mode": "stream"})
+    got = [recv(router) for _ in range(4)]
+    assert [m.type for m in got] == [MsgType.PARTIAL] * 3 + [MsgType.REPLY]
+    assert [m.body.get("part") for m in got[:3]] == [0, 1, 2]
+    kid = task(router, MsgType.LLM_CHAT, {"mode": "loop"})
+    cancel = protocol.call(MsgType.WORKER_CANCEL, {"call": kid})
+    router.send_multipart([b"w1", *protocol.encode(cancel)])
+    rep = recv(router)
+    assert rep.re == kid and rep.body["code"] == ErrorCode.CANCELLED
+    task(router, MsgType.LLM_CHAT, {"mode": "invalid"})
+    assert recv(router).body["code"] == ErrorCode.INVALID_ARGUMENT
+    task(router, MsgType.LLM_CHAT, {"mode": "crash"})
+    assert recv(router).body["code"] == ErrorCode.INTERNAL
+    task(router, MsgType.SYS_NULL, {"x": 1})  # still serving after a handler crash
+    assert recv(router).body == {"echo": 1}
+    assert recv(router, skip_beats=False).type is MsgType.WORKER_HEARTBEAT
+    shutdown = protocol.call(MsgType.WORKER_SHUTDOWN)
+    router.send_multipart([b"w1", *protocol.encode(shutdown)])
+    thread.join(5)
+    assert not thread.is_alive()
