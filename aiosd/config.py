@@ -45,8 +45,27 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class AgentRule:
+    """Scheduling rules for the agents of one name."""
+
+    agent: str = ""
+    #: Higher runs sooner under the fair policy.
+    priority: int = 0
+    #: Most tokens (prompt + generated) a second, on average; 0: no quota.
+    tokens_per_s: float = field(default=0.0, metadata=_check("non-negative"))
+    #: Tokens the agent may use at once before the rate applies.
+    burst: int = field(default=4096, metadata=_check("positive"))
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
-    policy: str = field(default="fifo", metadata=_check("one of: fifo"))
+    policy: str = field(default="fifo", metadata=_check("one of: fifo, rr, fair"))
+    #: rr and fair: tokens a call may generate while others wait, before it
+    #: is suspended and queued again.
+    quantum_tokens: int = field(default=64, metadata=_check("positive"))
+    #: fair: a call waiting this long runs next, whatever its agent's service.
+    starvation_s: float = field(default=10.0, metadata=_check("positive"))
+    agents: list[AgentRule] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -314,6 +333,11 @@ def _check_services(cfg: Config) -> None:
             raise ConfigError(f"tools.mcp[{i}].command: the command that starts the server is missing")
     _check_names(cfg.tools.limits, "tools.limits", "tool limit")
     _check_names(cfg.access.groups, "access.groups", "group")
+    seen: set[str] = set()
+    for i, rule in enumerate(cfg.scheduler.agents):
+        if not rule.agent or rule.agent in seen:
+            raise ConfigError(f"scheduler.agents[{i}].agent: each rule names one agent, once")
+        seen.add(rule.agent)
 
 
 def from_dict(data: dict[str, Any]) -> Config:

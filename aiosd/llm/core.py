@@ -61,7 +61,8 @@ class LLMCore:
 
         if isinstance(self.backend, LlamaCppBackend):
             out = self.backend.chat(req, emit, task.check, key=task.caller.get("agent", ""),
-                                    resume=task.body.get("resume"), suspend=task.suspend)
+                                    resume=task.body.get("resume"), suspend=task.suspend,
+                                    progress=lambda n: task.emit({"_progress": n}))
         else:
             out = self.backend.chat(req, emit, task.check)
         return out.to_body(self.cfg.name)

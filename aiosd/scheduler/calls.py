@@ -48,6 +48,11 @@ class Call:
     caller: dict[str, Any] = field(default_factory=dict)
     approved: bool = False    # destructive effects approved (or pre-approved)
     tool: str | None = None   # for tool.call: the tool's name
+    tokens: int = 0           # generated so far, over every turn on a core
+    turn_tokens: int = 0      # generated since its latest dispatch
+    suspending: bool = False  # asked to suspend, not yet answered
+    affinity: str | None = None  # the core holding its snapshot
+    preemptions: int = 0
 
     def task_body(self) -> dict[str, Any]:
         """What the worker is told about this call."""

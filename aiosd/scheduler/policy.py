@@ -46,8 +46,13 @@ class Policy:
         raise NotImplementedError
 
     def preempt(self, running: Sequence[Call], now: float) -> list[Call]:
-        """Running calls that should be suspended now to let others run."""
+        """Running calls that should be suspended now to let others run
+        (the scheduler asks only while calls wait)."""
         return []
+
+    def requeue_suspended(self, call: Call) -> None:
+        """A call suspended by preemption goes back to the queue."""
+        self.push(call)
 
 
 class FifoPolicy(Policy):
@@ -88,9 +93,92 @@ class FifoPolicy(Policy):
         return iter(list(self.waiting))
 
 
-POLICIES: dict[str, type[Policy]] = {FifoPolicy.name: FifoPolicy}
+class RoundRobinPolicy(FifoPolicy):
+    """FIFO order, but a call that has generated ``quantum`` tokens while
+    others wait is suspended and goes to the back of the queue."""
+
+    name = "rr"
+
+    def __init__(self, quantum: int = 64) -> None:
+        super().__init__()
+        self.quantum = quantum
+
+    def preempt(self, running: Sequence[Call], now: float) -> list[Call]:
+        if not self.waiting:
+            return []
+        return [c for c in running if c.turn_tokens >= self.quantum]
 
 
-def make(name: str) -> Policy:
+class FairPolicy(Policy):
+    """Program-level least attained service: the next call is the one whose
+    agent has received the least service so far (tokens), less its
+    priority; a call that has waited ``starvation_s`` goes first whatever
+    its agent's service, so no agent starves. A running call past its
+    quantum is suspended when a call of a less-served agent waits."""
+
+    name = "fair"
+
+    def __init__(self, service: Callable[[str], float], quantum: int = 64,
+                 starvation_s: float = 10.0, priority: Callable[[str], int] = lambda a: 0,
+                 clock: Callable[[], float] = lambda: 0.0) -> None:
+        self.waiting: list[Call] = []
+        self.service = service
+        self.quantum = quantum
+        self.starvation_s = starvation_s
+        self.priority = priority
+        self.clock = clock
+
+    def _key(self, call: Call) -> tuple[float, int]:
+        # each priority step is worth 1,000 tokens of service
+        return (self.service(call.agent) - 1000.0 * self.priority(call.agent), call.seq)
+
+    def push(self, call: Call) -> None:
+        self.waiting.append(call)
+
+    def requeue(self, call: Call) -> None:
+        self.waiting.insert(0, call)
+
+    def pop(self, runnable: Callable[[Call], bool] | None = None) -> Call | None:
+        candidates = [c for c in self.waiting if runnable is None or runnable(c)]
+        if not candidates:
+            return None
+        now = self.clock()
+        starved = [c for c in candidates if now - c.queued_at >= self.starvation_s]
+        chosen = min(starved, key=lambda c: c.queued_at) if starved else min(candidates, key=self._key)
+        self.waiting.remove(chosen)
+        return chosen
+
+    def remove(self, call: Call) -> bool:
+        try:
+            self.waiting.remove(call)
+        except ValueError:
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def __iter__(self) -> Iterator[Call]:
+        return iter(list(self.waiting))
+
+    def preempt(self, running: Sequence[Call], now: float) -> list[Call]:
+        if not self.waiting:
+            return []
+        best_waiting = min(self._key(c)[0] for c in self.waiting)
+        return [c for c in running
+                if c.turn_tokens >= self.quantum and self._key(c)[0] > best_waiting]
+
+
+POLICIES = ("fifo", "rr", "fair")
+
+
+def make(name: str, quantum: int = 64, starvation_s: float = 10.0,
+         service: Callable[[str], float] = lambda a: 0.0,
+         priority: Callable[[str], int] = lambda a: 0,
+         clock: Callable[[], float] = lambda: 0.0) -> Policy:
     """The policy called ``name`` (validated by the config already)."""
-    return POLICIES[name]()
+    if name == "rr":
+        return RoundRobinPolicy(quantum)
+    if name == "fair":
+        return FairPolicy(service, quantum, starvation_s, priority, clock)
+    return FifoPolicy()

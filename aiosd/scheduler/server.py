@@ -34,6 +34,7 @@ from . import policy as policies
 from .agents import Agent, AgentState, AgentTable
 from .approvals import Approval, ApprovalTable
 from .calls import Call, CallState
+from .quota import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,18 @@ class Scheduler:
         self.supervisor_token = os.environ.get("AIOS_SUPERVISOR_TOKEN") or None
         self.endpoint = paths.ipc(runtime_dir, paths.KERNEL_SOCKET)
         self.agents = AgentTable(self.endpoint, runtime_dir)
+        sched = config.scheduler
+        self.rules_by_agent = {rule.agent: rule for rule in sched.agents}
+        #: per agent name: its token-rate quota, if it has one
+        self.buckets = {rule.agent: TokenBucket(rule.tokens_per_s, rule.burst)
+                        for rule in sched.agents if rule.tokens_per_s > 0}
         self.queues: dict[str, policies.Policy] = {
-            resource: policies.make(config.scheduler.policy)
-            for resource in ("llm", "memory", "storage", "tool")
+            resource: policies.make("fifo") for resource in ("memory", "storage", "tool")
         }
+        self.queues["llm"] = policies.make(
+            sched.policy, sched.quantum_tokens, sched.starvation_s, service=self._service,
+            priority=self._priority, clock=time.time,
+        )
         self.rules = access.AccessRules(config.access)
         self.approvals = ApprovalTable()
         #: tool name -> {"concurrency", "timeout", "read_only", "destructive"}
@@ -136,6 +145,7 @@ class Scheduler:
         self.stopping = False
         self._next_pid_check = 0.0
         self._peer: tuple[int | None, int | None] = (None, None)
+        self.preemptions = 0
         self.client_handlers: dict[MsgType, Callable[[Session | None, bytes, Message], None]] = {
             MsgType.HELLO: self.on_hello,
             **{mtype: self.on_schedulable for mtype in RESOURCES},
@@ -584,6 +594,7 @@ class Scheduler:
             "procs": self.procs,
             "queues": {name: len(q) for name, q in self.queues.items()},
             "tools_running": {k: v for k, v in self.tool_running.items() if v},
+            "preemptions": self.preemptions,
             "running": sum(len(w.inflight) for w in self.workers.values()),
             "agents": sum(1 for a in self.agents.agents.values() if a.alive),
         }
@@ -656,6 +667,44 @@ class Scheduler:
                     self.publish(f"proc.{proc.get('name')}.{proc.get('state')}", proc)
         self.send_client(identity, protocol.reply(msg.id, {}))
 
+    # -- policy inputs ---------------------------------------------------------
+
+    def _service(self, agent_id: str) -> float:
+        """The service an agent has received: tokens processed for it."""
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            return 0.0
+        running = sum(c.turn_tokens for c in self.calls.values()
+                      if c.agent == agent_id and c.state is CallState.RUNNING)
+        return agent.usage.prompt_tokens + agent.usage.completion_tokens + running
+
+    def _name_of(self, agent_id: str) -> str:
+        agent = self.agents.get(agent_id)
+        return agent.name if agent is not None else agent_id
+
+    def _priority(self, agent_id: str) -> int:
+        rule = self.rules_by_agent.get(self._name_of(agent_id))
+        return rule.priority if rule else 0
+
+    def _quota_ok(self, call: Call) -> bool:
+        bucket = self.buckets.get(call.caller.get("name", ""))
+        return bucket is None or call.type is not MsgType.LLM_CHAT or bucket.allows(time.time())
+
+    def _preempt(self) -> None:
+        """Ask the policy which running LLM calls should give way."""
+        queue = self.queues["llm"]
+        if not len(queue):
+            return
+        running = [c for w in self.workers.values() if w.kind == "llm"
+                   for c in w.inflight.values()
+                   if c.state is CallState.RUNNING and not c.suspending and c.type is MsgType.LLM_CHAT]
+        for call in queue.preempt(running, time.time()):
+            worker = self.workers.get(call.worker or "")
+            if worker is None:
+                continue
+            call.suspending = True
+            self.send_worker(worker, protocol.call(MsgType.WORKER_SUSPEND, {"call": call.kid}))
+
     # -- dispatch ------------------------------------------------------------
 
     def _free_worker(self, resource: str, call_type: MsgType) -> Worker | None:
@@ -674,18 +723,28 @@ class Scheduler:
         limit = self.tool_info.get(call.tool, {}).get("concurrency")
         return limit is None or self.tool_running.get(call.tool, 0) < limit
 
+    def _runnable(self, call: Call) -> bool:
+        if not self._tool_free(call) or not self._quota_ok(call):
+            return False
+        if call.affinity is not None:
+            worker = self.workers.get(call.affinity)
+            return worker is not None and worker.free > 0
+        return True
+
     def dispatch(self) -> None:
         for resource, queue in self.queues.items():
             while len(queue):
-                # One worker serves each resource but the LLM; any call type
-                # it serves will do. A call for a saturated tool waits while
-                # the calls behind it run.
+                # A call for a saturated tool, an agent over its quota, or a
+                # core busy with a suspended call's snapshot waits while the
+                # calls behind it run.
                 worker = self._free_worker(resource, next(iter(queue)).type)
                 if worker is None:
                     break
-                call = queue.pop(self._tool_free if resource == "tool" else None)
+                call = queue.pop(self._runnable)
                 if call is None:
                     break
+                if call.affinity is not None:
+                    worker = self.workers[call.affinity]
                 self._start(call, worker)
 
     def _start(self, call: Call, worker: Worker) -> None:
@@ -699,6 +758,8 @@ class Scheduler:
         worker.last_dispatch = now
         if call.tool is not None:
             self.tool_running[call.tool] = self.tool_running.get(call.tool, 0) + 1
+        call.turn_tokens = 0
+        call.suspending = False
         task = Message(MsgType.WORKER_TASK, protocol.new_id(), call.task_body(),
                        deadline=call.deadline)
         self.send_worker(worker, task)
@@ -726,8 +787,12 @@ class Scheduler:
             usage.failed += 1
         elif call.type is MsgType.LLM_CHAT:
             tokens = result.body.get("usage", {})
+            used = int(tokens.get("prompt_tokens", 0)) + int(tokens.get("completion_tokens", 0))
             usage.prompt_tokens += int(tokens.get("prompt_tokens", 0))
             usage.completion_tokens += int(tokens.get("completion_tokens", 0))
+            bucket = self.buckets.get(agent.name)
+            if bucket is not None:
+                bucket.charge(used, now)
 
     def fail(self, call: Call, exc: errors.AIOSError, now: float) -> None:
         err = protocol.error(call.client_call_id, exc.code, exc.message, exc.retriable)
@@ -816,7 +881,10 @@ class Scheduler:
         if call is None:
             return  # the answer to a call already settled
         if msg.type is MsgType.PARTIAL:
-            if call.state is CallState.RUNNING:
+            if "_progress" in msg.body:  # how far the call got: for the policy, not the caller
+                call.turn_tokens = int(msg.body["_progress"])
+                self._preempt()
+            elif call.state is CallState.RUNNING:
                 call.streamed = True
                 self.send_client(call.client, protocol.partial(call.client_call_id, msg.body))
             return
@@ -825,6 +893,19 @@ class Scheduler:
         now = time.time()
         if call.state is not CallState.RUNNING:
             self.calls.pop(call.kid, None)
+        elif msg.type is MsgType.REPLY and msg.body.get("finish_reason") == "suspended":
+            # Preempted at a token boundary: back in the queue, to resume
+            # from its snapshot on this core.
+            call.service_s += now - call.dispatched
+            call.tokens += call.turn_tokens
+            call.preemptions += 1
+            self.preemptions += 1
+            call.body = {**call.body, "resume": msg.body["snapshot"]}
+            call.affinity = worker.name
+            call.state = CallState.QUEUED
+            call.worker = None
+            call.queued_at = now
+            self.queues[call.resource].requeue_suspended(call)
         elif msg.type is MsgType.REPLY:
             self.finish(call, protocol.reply(call.client_call_id, msg.body), now)
         elif msg.body.get("code") == ErrorCode.APPROVAL_REQUIRED and not call.approved:
@@ -876,6 +957,17 @@ class Scheduler:
             call.worker = None
             call.queued_at = now
             self.queues[call.resource].requeue(call)
+        # Snapshots of suspended calls died with the core: those calls start
+        # over (nothing of theirs reached the caller unless they streamed).
+        for call in list(self.calls.values()):
+            if call.affinity == worker.name and call.state is CallState.QUEUED:
+                if call.streamed:
+                    self.queues[call.resource].remove(call)
+                    self.fail(call, errors.WorkerLost(
+                        f"{worker.name} stopped while this call was suspended ({why}); retry"), now)
+                else:
+                    call.affinity = None
+                    call.body = {k: v for k, v in call.body.items() if k != "resume"}
         self.dispatch()
 
     # -- agents ---------------------------------------------------------------
@@ -952,6 +1044,9 @@ class Scheduler:
         for agent in self.agents.reap(now, check_pids):
             self.agent_ended(agent)
         self.agents.enforce_kills(now)
+        self._preempt()
+        if self.buckets:
+            self.dispatch()  # quotas refill with time
 
     def _kill_wedged(self, call: Call) -> None:
         worker = self.workers.get(call.worker or "")

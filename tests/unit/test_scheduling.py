@@ -83,3 +83,48 @@ def test_approvals_expire_at_the_deadline_or_timeout() -> None:
 def test_summaries_hide_bytes_and_shorten() -> None:
     out = summarize({"data": b"x" * 10, "text": "y" * 500, "as_namespace": "z"}, limit=20)
     assert out == {"data": "<10 bytes>", "text": "y" * 20 + "…"}
+
+
+def test_round_robin_preempts_only_while_others_wait() -> None:
+    rr = policy.make("rr", quantum=8)
+    running = call(1)
+    running.turn_tokens = 8
+    assert rr.preempt([running], 0.0) == []
+    rr.push(call(2))
+    assert rr.preempt([running], 0.0) == [running]
+    running.turn_tokens = 7
+    assert rr.preempt([running], 0.0) == []
+
+
+def test_fair_serves_the_least_served_agent_and_guards_against_starvation() -> None:
+    service = {"heavy": 5000.0, "light": 10.0}
+    now = [0.0]
+    fair = policy.make("fair", quantum=8, starvation_s=30.0, service=lambda a: service[a],
+                       clock=lambda: now[0])
+    heavy, light = call(1), call(2)
+    heavy.agent, light.agent = "heavy", "light"
+    fair.push(heavy)
+    fair.push(light)
+    assert fair.pop() is light
+    fair.push(light)
+    now[0] = 31.0  # heavy's call has waited past the starvation guard
+    assert fair.pop() is heavy
+    running = call(3)
+    running.agent, running.turn_tokens = "heavy", 8
+    assert fair.preempt([running], now[0]) == [running]  # light waits
+    prio = policy.make("fair", service=lambda a: service[a],
+                       priority=lambda a: 10 if a == "heavy" else 0)
+    prio.push(light)
+    prio.push(heavy)
+    assert prio.pop() is heavy
+
+
+def test_token_bucket_throttles_and_refills() -> None:
+    from aiosd.scheduler.quota import TokenBucket
+
+    b = TokenBucket(rate=10.0, burst=100.0)
+    assert b.allows(0.0)
+    b.charge(150, 0.0)
+    assert not b.allows(1.0) and b.ready_in(1.0) > 0
+    assert b.allows(5.1)
+    assert b.level <= 100.0
