@@ -1,0 +1,1 @@
+"""Benchmarks: AIOS against agents calling the model themselves."""

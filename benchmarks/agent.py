@@ -1,0 +1,79 @@
+"""One benchmark agent process: runs the workload against one system and
+prints its timings as JSON on its last line.
+
+    python -m benchmarks.agent aiosd|direct|shared INDEX [URL]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from . import workload
+
+
+def chat_aiosd(i: int) -> Any:
+    import libaios
+
+    client = libaios.connect(name=f"bench{i}", timeout=3600)
+
+    def chat(messages: list[dict[str, str]]) -> tuple[str, int]:
+        r = client.chat(messages, max_tokens=workload.MAX_TOKENS, temperature=0.0)
+        return r.text, r.usage["completion_tokens"]
+
+    return chat
+
+
+def chat_direct(i: int) -> Any:
+    from llama_cpp import Llama
+
+    from aiosd.llm.llamacpp import embedded_model_path
+
+    llm = Llama(str(embedded_model_path()), n_ctx=2048, verbose=False)
+
+    def chat(messages: list[dict[str, str]]) -> tuple[str, int]:
+        r = llm.create_chat_completion(messages, max_tokens=workload.MAX_TOKENS, temperature=0.0)
+        return r["choices"][0]["message"]["content"] or "", r["usage"]["completion_tokens"]
+
+    return chat
+
+
+def chat_shared(i: int, url: str) -> Any:
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="unused", timeout=3600, max_retries=0)
+
+    def chat(messages: list[dict[str, str]]) -> tuple[str, int]:
+        r = client.chat.completions.create(model="smollm2", messages=messages,
+                                           max_tokens=workload.MAX_TOKENS, temperature=0.0)
+        return r.choices[0].message.content or "", r.usage.completion_tokens
+
+    return chat
+
+
+def main() -> None:
+    system, i = sys.argv[1], int(sys.argv[2])
+    start = time.time()
+    chat = {"aiosd": lambda: chat_aiosd(i), "direct": lambda: chat_direct(i),
+            "shared": lambda: chat_shared(i, sys.argv[3])}[system]()
+    messages = workload.first_messages(i)
+    calls, generated, failures = [], 0, 0
+    for turn in range(workload.TURNS):
+        t0 = time.time()
+        try:
+            text, n = chat(messages)
+        except Exception as exc:  # a failed call is counted, and the agent goes on
+            print(f"call failed: {exc}", file=sys.stderr)
+            failures += 1
+            text, n = "", 0
+        calls.append(time.time() - t0)
+        generated += n
+        messages += [{"role": "assistant", "content": text}, workload.tool_result(i, turn)]
+    print(json.dumps({"start": start, "end": time.time(), "calls": calls, "generated": generated,
+                      "failures": failures}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,388 @@
+"""``make bench``: the workload of N agents on aiosd, on agents calling the
+model directly, and on one shared OpenAI-compatible server; the lower
+bound for the workload on this machine; and the kernel's overhead for a null
+system call beside a bare pyzmq round trip. Prints figures and ratios and
+writes ``benchmarks/results/latest.json``.
+
+    python -m benchmarks.run            # N = 1, 8 and 32
+    python -m benchmarks.run --n 8      # one size
+    python -m benchmarks.run --n 250    # the large run (direct is refused)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from . import workload
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process's descendants."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for child in me.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_agents(system: str, n: int, env: dict[str, str], extra: list[str]) -> dict[str, Any]:
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.agent", system, str(i), *extra],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=ROOT, text=True) for i in range(n)]
+    start = time.time()
+    reports, failures = [], 0
+    for proc in procs:
+        out, err = proc.communicate()
+        try:
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            failures += workload.TURNS
+            sys.stderr.write(f"{system} agent failed: {err[-500:]}\n")
+    makespan = time.time() - start
+    calls = [c for r in reports for c in r["calls"]]
+    generated = sum(r["generated"] for r in reports)
+    return {
+        "system": system, "n": n, "makespan_s": round(makespan, 3),
+        "gen_tok_per_s": round(generated / makespan, 2) if makespan else 0.0,
+        "p50_call_s": round(pct(calls, 50), 4), "p95_call_s": round(pct(calls, 95), 4),
+        "p95_turnaround_s": round(pct([r["end"] - r["start"] for r in reports], 95), 4),
+        "failures": failures + sum(r["failures"] for r in reports), "generated": generated,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_aiosd(n: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    import tomli_w
+
+    tmp = Path(tempfile.mkdtemp(prefix="aios-bench-"))
+    env = dict(os.environ, AIOS_RUNTIME_DIR=str(tmp / "run"), AIOS_DATA_DIR=str(tmp / "data"))
+    argv = [sys.executable, "-m", "aiosd"]
+    if config:
+        (tmp / "aiosd.toml").write_text(tomli_w.dumps(config))
+        argv += ["--config", str(tmp / "aiosd.toml")]
+    with PeakRSS() as peak:
+        daemon = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=open(tmp / "aiosd.log", "wb"), cwd=ROOT)
+        try:
+            wait_ready(env)
+            result = run_agents("aiosd", n, env, [])
+        finally:
+            daemon.terminate()
+            daemon.wait(60)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {**result, "peak_rss_mb": round(peak.peak / 2**20, 1)}
+
+
+def wait_ready(env: dict[str, str]) -> None:
+    end = time.time() + 180
+    while time.time() < end:
+        out = subprocess.run([sys.executable, "-m", "aiosd.ctl", "status", "--json"], env=env,
+                             capture_output=True, text=True, cwd=ROOT)
+        if out.returncode in (0, 1) and out.stdout and json.loads(out.stdout).get("ready"):
+            return
+        time.sleep(0.3)
+    raise RuntimeError("aiosd did not become ready")
+
+
+def bench_direct(n: int, per_agent_mb: float | None) -> dict[str, Any]:
+    if per_agent_mb is not None:
+        need = per_agent_mb * n
+        avail = psutil.virtual_memory().available / 2**20
+        if need > 0.8 * avail:
+            return {"system": "direct", "n": n, "skipped": (
+                f"cannot run: {n} agents each loading the model need about {need:.0f} MB; "
+                f"{avail:.0f} MB are available"), "failures": n * workload.TURNS}
+    with PeakRSS() as peak:
+        result = run_agents("direct", n, dict(os.environ), [])
+    return {**result, "peak_rss_mb": round(peak.peak / 2**20, 1)}
+
+
+def bench_shared(n: int) -> dict[str, Any]:
+    from aiosd.llm.llamacpp import embedded_model_path
+
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="aios-bench-server-", delete=False)
+    with PeakRSS() as peak:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()),
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
+             "--model_alias", "smollm2"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}/v1"
+            end = time.time() + 120
+            while time.time() < end:
+                try:
+                    urllib.request.urlopen(f"{url}/models", timeout=2)
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            result = run_agents("shared", n, dict(os.environ), [url])
+        finally:
+            server.terminate()
+            server.wait(30)
+    os.unlink(log.name)
+    return {**result, "peak_rss_mb": round(peak.peak / 2**20, 1)}
+
+
+# -- the lower bound ----------------------------------------------------------------
+
+
+def rates() -> dict[str, float]:
+    """Prefill and best batched decode rates with the low-level API."""
+    from aiosd.llm.engine import Engine, Request
+    from aiosd.llm.llamacpp import embedded_model_path
+
+    eng = Engine(str(embedded_model_path()), n_ctx=16384, slots=64, threads=len(os.sched_getaffinity(0)))
+    try:
+        tok = eng.model.tokenize
+        long = tok(("The quick brown fox jumps over the lazy dog. " * 60).encode(), add_bos=False,
+                   special=False)[:512]
+        eng.run(Request("warm", long[:64], 1))  # the first decode builds the graphs
+        t = time.time()
+        eng.run(Request("p", long, 1))
+        prefill = len(long) / (time.time() - t)
+        best = 0.0
+        for batch in (1, 8, 16, 32, 64):
+            reqs = [Request(f"d{batch}-{i}", tok(f"Story {i} of {batch}:".encode(), add_bos=False,
+                                                 special=False), 48) for i in range(batch)]
+            t = time.time()
+            for r in reqs:
+                eng.submit(r)
+            for r in reqs:
+                r.done.wait()
+            gen = sum(len(r.completion) for r in reqs)
+            best = max(best, gen / (time.time() - t))
+        return {"prefill_tok_per_s": round(prefill, 1), "decode_tok_per_s": round(best, 1)}
+    finally:
+        eng.close()
+
+
+def distinct_prompt_tokens(n: int, generated_per_agent: float) -> int:
+    """Tokens that must be prefilled at least once: the shared system prompt
+    once, and each agent's own tokens (task, tool results, its answers)."""
+    from llama_cpp import Llama
+
+    from aiosd.llm.llamacpp import embedded_model_path
+
+    llm = Llama(str(embedded_model_path()), n_ctx=0, verbose=False, vocab_only=True)
+    count = lambda text: len(llm.tokenize(text.encode(), add_bos=False, special=False))  # noqa: E731
+    shared = count(workload.SYSTEM) + 8
+    own = 0
+    for i in range(n):
+        own += count(workload.task(i)) + 8
+        own += sum(count(workload.tool_result(i, t)["content"]) + 8 for t in range(workload.TURNS))
+        own += int(generated_per_agent) + 8 * workload.TURNS
+    return shared + own
+
+
+# -- kernel overhead ----------------------------------------------------------------------
+
+
+async def _hammer(call: Any, callers: int, per_caller: int) -> tuple[list[float], float]:
+    lat: list[float] = []
+
+    async def one() -> None:
+        for _ in range(per_caller):
+            t = time.perf_counter()
+            await call()
+            lat.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(callers)))
+    return lat, time.perf_counter() - t0
+
+
+def bare_zmq(callers: int, per_caller: int) -> dict[str, float]:
+    """A DEALER/ROUTER echo in another process: the floor for any IPC call."""
+    import zmq
+    import zmq.asyncio
+
+    tmp = tempfile.mkdtemp(prefix="aios-zmq-")
+    endpoint = f"ipc://{tmp}/echo.sock"
+    code = ("import zmq,sys; s=zmq.Context().socket(zmq.ROUTER); s.bind(sys.argv[1]); print('up', flush=True)\n"
+            "while True: s.send_multipart(s.recv_multipart())")
+    echo = subprocess.Popen([sys.executable, "-c", code, endpoint], stdout=subprocess.PIPE, text=True)
+    echo.stdout.readline()
+
+    async def main() -> tuple[list[float], float]:
+        ctx = zmq.asyncio.Context.instance()
+        socks = []
+        for _ in range(callers):
+            s = ctx.socket(zmq.DEALER)
+            s.connect(endpoint)
+            socks.append(s)
+        it = iter(socks)
+        lat: list[float] = []
+
+        async def one(s: Any) -> None:
+            for _ in range(per_caller):
+                t = time.perf_counter()
+                await s.send_multipart([b"", b"x"])
+                await s.recv_multipart()
+                lat.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(next(it)) for _ in range(callers)))
+        elapsed = time.perf_counter() - t0
+        for s in socks:
+            s.close(0)
+        return lat, elapsed
+
+    try:
+        lat, elapsed = asyncio.run(main())
+    finally:
+        echo.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"p50_ms": round(pct(lat, 50) * 1e3, 3), "p99_ms": round(pct(lat, 99) * 1e3, 3),
+            "calls_per_s": round(len(lat) / elapsed, 1)}
+
+
+def null_syscall(callers: int = 64, per_caller: int = 50) -> dict[str, Any]:
+    from libaios import aio
+
+    tmp = Path(tempfile.mkdtemp(prefix="aios-null-"))
+    env = dict(os.environ, AIOS_RUNTIME_DIR=str(tmp / "run"), AIOS_DATA_DIR=str(tmp / "data"))
+    daemon = subprocess.Popen([sys.executable, "-m", "aiosd"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        wait_ready(env)
+
+        async def main() -> tuple[list[float], float]:
+            async with aio.connect(f"ipc://{tmp}/run/kernel.sock", name="null") as c:
+                await c.null()
+                return await _hammer(c.null, callers, per_caller)
+
+        lat, elapsed = asyncio.run(main())
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+        shutil.rmtree(tmp, ignore_errors=True)
+    aios = {"p50_ms": round(pct(lat, 50) * 1e3, 3), "p99_ms": round(pct(lat, 99) * 1e3, 3),
+            "calls_per_s": round(len(lat) / elapsed, 1)}
+    bare = bare_zmq(callers, per_caller)
+    return {"callers": callers, "aiosd": aios, "bare_pyzmq": bare,
+            "p50_ratio": round(aios["p50_ms"] / bare["p50_ms"], 2)}
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
+    if "makespan_s" not in a or "makespan_s" not in b:
+        return "n/a"
+    return f"{b['makespan_s'] / a['makespan_s']:.2f}x"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, action="append", help="agents (repeatable); default 1, 8, 32")
+    parser.add_argument("--systems", default="aiosd,direct,shared")
+    parser.add_argument("--skip-overhead", action="store_true")
+    args = parser.parse_args()
+    sizes = args.n or [1, 8, 32]
+    systems = args.systems.split(",")
+    measured = rates()
+    print(f"rates on this machine: prefill {measured['prefill_tok_per_s']} tok/s, "
+          f"best batched decode {measured['decode_tok_per_s']} tok/s")
+    runs: list[dict[str, Any]] = []
+    bounds: dict[str, float] = {}
+    per_agent_mb = None
+    for n in sizes:
+        by: dict[str, dict[str, Any]] = {}
+        for system in systems:
+            if system == "aiosd":
+                by[system] = bench_aiosd(n)
+            elif system == "direct":
+                by[system] = bench_direct(n, per_agent_mb)
+                if "peak_rss_mb" in by[system] and n:
+                    per_agent_mb = by[system]["peak_rss_mb"] / n
+            else:
+                by[system] = bench_shared(n)
+            runs.append(by[system])
+            r = by[system]
+            if "skipped" in r:
+                print(f"N={n:<4} {system:<7} {r['skipped']}")
+            else:
+                print(f"N={n:<4} {system:<7} makespan {r['makespan_s']:8.2f}s  {r['gen_tok_per_s']:7.1f} tok/s  "
+                      f"call p50 {r['p50_call_s']:.3f}s p95 {r['p95_call_s']:.3f}s  "
+                      f"turnaround p95 {r['p95_turnaround_s']:.2f}s  peak {r['peak_rss_mb']:.0f} MB  "
+                      f"failures {r['failures']}")
+        gen = by.get("aiosd", next(iter(by.values()))).get("generated", n * workload.TURNS * workload.MAX_TOKENS)
+        distinct = distinct_prompt_tokens(n, gen / max(n, 1))
+        bound = distinct / measured["prefill_tok_per_s"] + gen / measured["decode_tok_per_s"]
+        bounds[str(n)] = round(bound, 3)
+        line = f"N={n:<4} lower bound {bound:.2f}s ({distinct} distinct prompt tokens, {gen} generated)"
+        if "aiosd" in by and "makespan_s" in by["aiosd"]:
+            line += f"; aiosd/bound {by['aiosd']['makespan_s'] / bound:.2f}"
+            line += f"; direct/aiosd {ratio(by['aiosd'], by.get('direct', {}))}"
+            line += f"; shared/aiosd {ratio(by['aiosd'], by.get('shared', {}))}"
+        print(line)
+    result: dict[str, Any] = {"runs": runs, "lower_bound_s": bounds, "rates": measured,
+                              "machine": {"cpus": os.cpu_count(),
+                                          "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}}
+    if not args.skip_overhead:
+        overhead = null_syscall()
+        result["null_syscall"] = overhead
+        a, b = overhead["aiosd"], overhead["bare_pyzmq"]
+        print(f"null system call, {overhead['callers']} callers: aiosd p50 {a['p50_ms']} ms p99 {a['p99_ms']} ms "
+              f"{a['calls_per_s']} calls/s; bare pyzmq p50 {b['p50_ms']} ms p99 {b['p99_ms']} ms "
+              f"{b['calls_per_s']} calls/s; ratio p50 {overhead['p50_ratio']}x")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    print(f"results: {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
