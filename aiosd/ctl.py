@@ -272,6 +272,58 @@ def kill(agent: str) -> None:
     out.print(f"killed {info['agent']} (pid {info['pid']})")
 
 
+# -- top ---------------------------------------------------------------------------------
+
+
+def top_view(status: dict[str, Any], agents: list[dict[str, Any]]) -> Any:
+    from rich.console import Group
+
+    cores = Table("core", "state", "slots", "running", "served", title="LLM cores")
+    for core in status["cores"]:
+        cores.add_row(core["name"], core["state"], str(core.get("capacity", "-")),
+                      str(core.get("running", "-")), str(core.get("served", "-")))
+    queues = ", ".join(f"{k} {v}" for k, v in status["queues"].items())
+    summary = (f"queued: {queues} | running {status['running']} | approvals {status['approvals']} "
+               f"| preemptions {status['preemptions']} | policy {status['policy']}")
+    calls = Table("call", "agent", "type", "state", "worker", "tokens", "preempted", "wait",
+                  "service", title="calls")
+    for c in status.get("calls", []):
+        calls.add_row(c["call"], c["agent"], c["type"], c["state"], str(c["worker"] or "-"),
+                      str(c["tokens"]), str(c["preemptions"]), seconds(c["wait_s"]),
+                      seconds(c["service_s"]))
+    live = [a for a in agents if a["state"] in ("running", "connected")]
+    return Group(cores, summary, calls, agents_table(live, title="agents"))
+
+
+@main.command()
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one view and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print one view as JSON and exit.")
+def top(interval: float, once: bool, as_json: bool) -> None:
+    """A live view of cores, queues, running and suspended calls, and agents."""
+    from rich.live import Live
+
+    with kernel() as client:
+        def snapshot() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            return (client.call(MsgType.ADMIN_STATUS, {"calls": True}),
+                    client.call(MsgType.ADMIN_PS)["agents"])
+
+        if as_json:
+            status, agents = snapshot()
+            emit_json({"status": status, "agents": agents})
+            return
+        if once:
+            out.print(top_view(*snapshot()))
+            return
+        try:
+            with Live(top_view(*snapshot()), console=out, refresh_per_second=4) as live:
+                while True:
+                    time.sleep(interval)
+                    live.update(top_view(*snapshot()))
+        except KeyboardInterrupt:
+            pass
+
+
 # -- access ------------------------------------------------------------------------
 
 

@@ -216,7 +216,7 @@ def distinct_prompt_tokens(n: int, generated_per_agent: float) -> int:
 
     from aiosd.llm.llamacpp import embedded_model_path
 
-    llm = Llama(str(embedded_model_path()), n_ctx=0, verbose=False, vocab_only=True)
+    llm = Llama(str(embedded_model_path()), n_ctx=512, verbose=False, vocab_only=True)
     count = lambda text: len(llm.tokenize(text.encode(), add_bos=False, special=False))  # noqa: E731
     shared = count(workload.SYSTEM) + 8
     own = 0

@@ -549,7 +549,31 @@ class Scheduler:
             self.send_client(identity, protocol.reply(msg.id, info))
 
     def on_status(self, session: Session | None, identity: bytes, msg: Message) -> None:
-        self.send_client(identity, protocol.reply(msg.id, self.status()))
+        status = self.status()
+        if msg.body.get("calls"):
+            status["calls"] = self.call_table()
+        self.send_client(identity, protocol.reply(msg.id, status))
+
+    def call_table(self) -> list[dict[str, Any]]:
+        """Every call in the kernel now, for `aiosctl top`."""
+        now = time.time()
+        rows = []
+        for call in self.calls.values():
+            if call.client is None:
+                continue  # the kernel's own bookkeeping
+            state = call.state.value
+            if call.state is CallState.QUEUED and call.affinity:
+                state = "suspended"
+            running_for = now - call.dispatched if call.state is CallState.RUNNING else 0.0
+            rows.append({
+                "call": call.kid[:8], "agent": call.agent, "type": call.type.value, "state": state,
+                "worker": call.worker or call.affinity, "tokens": call.tokens + call.turn_tokens,
+                "preemptions": call.preemptions,
+                "wait_s": round(call.wait_s + (now - call.queued_at if call.state in (
+                    CallState.QUEUED, CallState.PENDING) else 0.0), 3),
+                "service_s": round(call.service_s + running_for, 3),
+            })
+        return rows
 
     def status(self) -> dict[str, Any]:
         now = time.time()

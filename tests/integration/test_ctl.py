@@ -145,3 +145,24 @@ def test_sigterm_stops_every_process(make_daemon) -> None:
     assert d.stop() == 0
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
+
+
+def test_top_shows_calls_while_they_run(daemon: Daemon) -> None:
+    import threading
+
+    done = threading.Event()
+
+    def long_call() -> None:
+        with daemon.client(name="topper") as c:
+            c.chat("Write a long story.", max_tokens=200, temperature=2.0, seed=3)
+        done.set()
+
+    t = threading.Thread(target=long_call)
+    t.start()
+    daemon.wait_for(lambda s: s["running"] >= 1, what="a running call")
+    view = json.loads(daemon.ctl("top", "--json").stdout)
+    rows = [c for c in view["status"]["calls"] if c["type"] == "llm.chat"]
+    assert rows and rows[0]["state"] in ("running", "queued")
+    human = daemon.ctl("top", "--once")
+    assert human.returncode == 0 and "LLM cores" in human.stdout
+    t.join(120)
