@@ -91,7 +91,7 @@ class CoreConfig:
     #: llamacpp: a GGUF path or "embedded"; openai: the served model's name.
     model: str = "embedded"
     #: KV cache cells shared by all of the core's sequences (llamacpp).
-    n_ctx: int = field(default=16384, metadata=_check("positive"))
+    n_ctx: int = field(default=32768, metadata=_check("positive"))
     #: Decode threads; 0 means one per CPU the core may use (llamacpp).
     threads: int = field(default=0, metadata=_check("non-negative"))
     #: CPUs to pin the core to; empty means every CPU the process may use.

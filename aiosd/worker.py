@@ -78,6 +78,7 @@ class WorkerRuntime:
         handlers: dict[MsgType, Handler],
         heartbeat_interval: float = 0.5,
         info: dict[str, Any] | None = None,
+        inline: frozenset[MsgType] = frozenset({MsgType.SYS_NULL}),
     ):
         self.kind = kind
         self.name = name
@@ -86,6 +87,8 @@ class WorkerRuntime:
         self.handlers = dict(handlers)
         self.heartbeat_interval = heartbeat_interval
         self.info = info or {}
+        #: call types cheap enough to run on the main loop, without a slot
+        self.inline = inline
         self._tasks: dict[str, Task] = {}
         self._stop = threading.Event()
         self._ctx = zmq.Context.instance()
@@ -105,19 +108,21 @@ class WorkerRuntime:
             self._local.push = sock
         sock.send_multipart(frames)
 
-    def _run_task(self, task: Task) -> None:
+    def _execute(self, task: Task) -> Message:
         handler = self.handlers[task.type]
         try:
-            result = protocol.reply(task.call_id, handler(task))
+            return protocol.reply(task.call_id, handler(task))
         except errors.AIOSError as exc:
-            result = protocol.error(task.call_id, exc.code, exc.message, exc.retriable,
-                                    details=exc.details)
+            return protocol.error(task.call_id, exc.code, exc.message, exc.retriable,
+                                  details=exc.details)
         except Exception as exc:  # a handler bug must not take the worker down
             log.exception("%s %s failed", self.name, task.type.value)
-            result = protocol.error(
+            return protocol.error(
                 task.call_id, ErrorCode.INTERNAL, f"{self.name}: {type(exc).__name__}: {exc}"
             )
-        self._push(protocol.encode(result))
+
+    def _run_task(self, task: Task) -> None:
+        self._push(protocol.encode(self._execute(task)))
         self._tasks.pop(task.call_id, None)
 
     # -- main loop ---------------------------------------------------------
@@ -153,6 +158,9 @@ class WorkerRuntime:
                     protocol.encode(protocol.partial(cid, part))
                 ),
             )
+            if call_type in self.inline:
+                sock.send_multipart(protocol.encode(self._execute(task)))
+                return
             self._tasks[call_id] = task
             pool.submit(self._run_task, task)
         elif msg.type is MsgType.WORKER_CANCEL:

@@ -14,10 +14,10 @@ from typing import Any
 from . import workload
 
 
-def chat_aiosd(i: int) -> Any:
+def chat_aiosd(i: int, name: str | None = None) -> Any:
     import libaios
 
-    client = libaios.connect(name=f"bench{i}", timeout=3600)
+    client = libaios.connect(name=name or f"bench{i}", timeout=3600)
 
     def chat(messages: list[dict[str, str]]) -> tuple[str, int]:
         r = client.chat(messages, max_tokens=workload.MAX_TOKENS, temperature=0.0)
@@ -53,8 +53,27 @@ def chat_shared(i: int, url: str) -> Any:
     return chat
 
 
+def flood(i: int, threads: int = 6, calls: int = 10) -> None:
+    """An agent that floods the kernel: several connections, calls back to back."""
+    import threading
+
+    def loop() -> None:
+        chat = chat_aiosd(i, name="flood")
+        for _ in range(calls):
+            chat(workload.first_messages(i))
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+
+
 def main() -> None:
     system, i = sys.argv[1], int(sys.argv[2])
+    if system == "flood":
+        flood(i)
+        return
     start = time.time()
     chat = {"aiosd": lambda: chat_aiosd(i), "direct": lambda: chat_direct(i),
             "shared": lambda: chat_shared(i, sys.argv[3])}[system]()

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,7 +71,13 @@ class PeakRSS:
         self._thread.join()
 
 
-def run_agents(system: str, n: int, env: dict[str, str], extra: list[str]) -> dict[str, Any]:
+def run_agents(system: str, n: int, env: dict[str, str], extra: list[str],
+               flooder: bool = False) -> dict[str, Any]:
+    flood = None
+    if flooder:
+        flood = subprocess.Popen([sys.executable, "-m", "benchmarks.agent", "flood", "99"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        time.sleep(1.0)  # let the flood begin before the others start
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.agent", system, str(i), *extra],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               cwd=ROOT, text=True) for i in range(n)]
@@ -86,6 +91,9 @@ def run_agents(system: str, n: int, env: dict[str, str], extra: list[str]) -> di
             failures += workload.TURNS
             sys.stderr.write(f"{system} agent failed: {err[-500:]}\n")
     makespan = time.time() - start
+    if flood is not None:
+        flood.kill()
+        flood.wait()
     calls = [c for r in reports for c in r["calls"]]
     generated = sum(r["generated"] for r in reports)
     return {
@@ -103,7 +111,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_aiosd(n: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
+def bench_aiosd(n: int, config: dict[str, Any] | None = None, flooder: bool = False) -> dict[str, Any]:
     import tomli_w
 
     tmp = Path(tempfile.mkdtemp(prefix="aios-bench-"))
@@ -117,7 +125,7 @@ def bench_aiosd(n: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
                                   stderr=open(tmp / "aiosd.log", "wb"), cwd=ROOT)
         try:
             wait_ready(env)
-            result = run_agents("aiosd", n, env, [])
+            result = run_agents("aiosd", n, env, [], flooder)
         finally:
             daemon.terminate()
             daemon.wait(60)
@@ -325,12 +333,35 @@ def ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
     return f"{b['makespan_s'] / a['makespan_s']:.2f}x"
 
 
+FLOOD_CONFIG = {"scheduler": {"policy": "fair", "agents": [
+    {"agent": "flood", "tokens_per_s": 150.0, "burst": 1000}]}}
+
+
+def flood_run() -> None:
+    """16 agents alone, then beside one agent that floods the kernel (its
+    calls back to back on six connections), both with the quota config."""
+    alone = bench_aiosd(16, FLOOD_CONFIG)
+    beside = bench_aiosd(16, FLOOD_CONFIG, flooder=True)
+    ratio_p95 = beside["p95_call_s"] / alone["p95_call_s"]
+    print(f"16 agents alone: call p95 {alone['p95_call_s']:.3f}s; beside a flooding agent: "
+          f"{beside['p95_call_s']:.3f}s; ratio {ratio_p95:.2f}x")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    path = RESULTS.with_name("flood.json")
+    path.write_text(json.dumps({"alone": alone, "beside_flood": beside,
+                                "p95_ratio": round(ratio_p95, 3)}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, action="append", help="agents (repeatable); default 1, 8, 32")
     parser.add_argument("--systems", default="aiosd,direct,shared")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--flood", action="store_true",
+                        help="only the flooding-agent run: 16 agents with and without a flooder")
     args = parser.parse_args()
+    if args.flood:
+        flood_run()
+        return
     sizes = args.n or [1, 8, 32]
     systems = args.systems.split(",")
     measured = rates()

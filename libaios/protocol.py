@@ -255,7 +255,7 @@ def _unpack(frame: bytes, limit: int, what: str) -> Any:
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several unrelated classes
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"{what} frame is not valid msgpack: {exc}")
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"{what} frame is not valid msgpack: {exc}") from None
 
 
 def _check_depth(obj: Any, depth: int = 0) -> None:

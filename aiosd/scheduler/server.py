@@ -734,7 +734,9 @@ class Scheduler:
     def _free_worker(self, resource: str, call_type: MsgType) -> Worker | None:
         best = None
         for worker in self.workers.values():
-            if worker.kind != resource or worker.free <= 0 or call_type.value not in worker.types:
+            # a null call runs inline on the worker's loop: it takes no slot
+            busy = worker.free <= 0 and call_type is not MsgType.SYS_NULL
+            if worker.kind != resource or busy or call_type.value not in worker.types:
                 continue
             # the most free slots first; among equals the one idle longest
             if best is None or (worker.free, -worker.last_dispatch) > (best.free, -best.last_dispatch):
@@ -764,7 +766,10 @@ class Scheduler:
                 worker = self._free_worker(resource, next(iter(queue)).type)
                 if worker is None:
                     break
-                call = queue.pop(self._runnable)
+                if worker.free > 0:
+                    call = queue.pop(self._runnable)
+                else:  # only null calls may go to a worker with no free slot
+                    call = queue.pop(lambda c: c.type is MsgType.SYS_NULL)
                 if call is None:
                     break
                 if call.affinity is not None:
