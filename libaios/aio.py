@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from . import errors, paths, protocol
-from .client import DEFAULT_TIMEOUT, ChatResult, chat_body
+from . import errors, protocol
+from .client import DEFAULT_TIMEOUT, ChatResult, chat_body, resolve
 from .protocol import MsgType
 
 
@@ -38,9 +37,7 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         operator: bool = False,
     ):
-        self.endpoint = endpoint or paths.kernel_endpoint()
-        self.token = token if token is not None else os.environ.get("AIOS_AGENT_TOKEN")
-        self.name = name or os.environ.get("AIOS_AGENT_NAME") or Path(sys.argv[0]).stem
+        self.endpoint, self.token, self.name = resolve(endpoint, token, name)
         self.timeout = timeout
         self.operator = operator
         self.identity: dict[str, Any] = {}

@@ -48,6 +48,16 @@ class ChatResult:
         )
 
 
+def resolve(endpoint: str | None, token: str | None, name: str | None) -> tuple[str, str | None, str]:
+    """Endpoint, credential and name of a client: given, else what the kernel
+    put in the environment when it launched this agent, else the defaults."""
+    return (
+        endpoint or paths.kernel_endpoint(),
+        token if token is not None else os.environ.get("AIOS_AGENT_TOKEN"),
+        name or os.environ.get("AIOS_AGENT_NAME") or Path(sys.argv[0]).stem,
+    )
+
+
 def chat_body(messages: list[dict[str, Any]] | str, *, stream: bool = False,
               **options: Any) -> dict[str, Any]:
     """The body of an ``llm.chat`` call; options left as None are not sent."""
@@ -88,9 +98,7 @@ class Client:
         operator: bool = False,
         context: zmq.Context | None = None,
     ):
-        self.endpoint = endpoint or paths.kernel_endpoint()
-        self.token = token if token is not None else os.environ.get("AIOS_AGENT_TOKEN")
-        self.name = name or os.environ.get("AIOS_AGENT_NAME") or Path(sys.argv[0]).stem
+        self.endpoint, self.token, self.name = resolve(endpoint, token, name)
         self.timeout = timeout
         self.operator = operator
         self.identity: dict[str, Any] = {}

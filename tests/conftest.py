@@ -3,6 +3,7 @@ always clean it up, even when the test fails."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -184,8 +185,15 @@ def short_tmp() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def daemon() -> Iterator[Daemon]:
     """One aiosd on the embedded model, shared by the tests that only use it."""
+    with daemon_with(None) as d:
+        yield d
+
+
+@contextlib.contextmanager
+def daemon_with(config: dict[str, Any] | None) -> Iterator[Daemon]:
+    """A daemon with ``config`` on a short temporary directory, for a module's tests."""
     root = Path(tempfile.mkdtemp(prefix="aios-"))
-    d = start_daemon(root)
+    d = start_daemon(root, config)
     try:
         yield d
     finally:

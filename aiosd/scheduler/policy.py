@@ -109,7 +109,7 @@ class RoundRobinPolicy(FifoPolicy):
         return [c for c in running if c.turn_tokens >= self.quantum]
 
 
-class FairPolicy(Policy):
+class FairPolicy(FifoPolicy):
     """Program-level least attained service: the next call is the one whose
     agent has received the least service so far (tokens), less its
     priority; a call that has waited ``starvation_s`` goes first whatever
@@ -121,7 +121,7 @@ class FairPolicy(Policy):
     def __init__(self, service: Callable[[str], float], quantum: int = 64,
                  starvation_s: float = 10.0, priority: Callable[[str], int] = lambda a: 0,
                  clock: Callable[[], float] = lambda: 0.0) -> None:
-        self.waiting: list[Call] = []
+        super().__init__()
         self.service = service
         self.quantum = quantum
         self.starvation_s = starvation_s
@@ -132,12 +132,6 @@ class FairPolicy(Policy):
         # each priority step is worth 1,000 tokens of service
         return (self.service(call.agent) - 1000.0 * self.priority(call.agent), call.seq)
 
-    def push(self, call: Call) -> None:
-        self.waiting.append(call)
-
-    def requeue(self, call: Call) -> None:
-        self.waiting.insert(0, call)
-
     def pop(self, runnable: Callable[[Call], bool] | None = None) -> Call | None:
         candidates = [c for c in self.waiting if runnable is None or runnable(c)]
         if not candidates:
@@ -147,19 +141,6 @@ class FairPolicy(Policy):
         chosen = min(starved, key=lambda c: c.queued_at) if starved else min(candidates, key=self._key)
         self.waiting.remove(chosen)
         return chosen
-
-    def remove(self, call: Call) -> bool:
-        try:
-            self.waiting.remove(call)
-        except ValueError:
-            return False
-        return True
-
-    def __len__(self) -> int:
-        return len(self.waiting)
-
-    def __iter__(self) -> Iterator[Call]:
-        return iter(list(self.waiting))
 
     def preempt(self, running: Sequence[Call], now: float) -> list[Call]:
         if not self.waiting:

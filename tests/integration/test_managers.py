@@ -16,7 +16,7 @@ import pytest
 from libaios import errors
 from libaios.protocol import MsgType
 
-from ..conftest import Daemon
+from ..conftest import Daemon, daemon_with
 
 pytestmark = pytest.mark.integration
 
@@ -144,19 +144,9 @@ GROUPS = {"access": {"groups": [
 
 
 @pytest.fixture(scope="module")
-def grouped(tmp_path_factory) -> Any:
-    import shutil
-    import tempfile
-
-    from ..conftest import start_daemon
-
-    root = Path(tempfile.mkdtemp(prefix="aios-"))
-    d = start_daemon(root, GROUPS)
-    try:
+def grouped() -> Any:
+    with daemon_with(GROUPS) as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_cross_agent_access_follows_the_groups(grouped: Daemon) -> None:
@@ -258,23 +248,13 @@ def test_preapproved_group_needs_no_decision(grouped: Daemon) -> None:
 
 @pytest.fixture(scope="module")
 def tooled() -> Any:
-    import shutil
-    import tempfile
-
-    from ..conftest import start_daemon
-
     config = {"tools": {
         "limits": [{"name": "python", "concurrency": 1, "timeout": 20.0}],
         "mcp": [{"name": "demo", "command": [sys.executable, str(MCP_SERVER)]}],
         "sandbox": {"wall_seconds": 15.0},
     }}
-    root = Path(tempfile.mkdtemp(prefix="aios-"))
-    d = start_daemon(root, config)
-    try:
+    with daemon_with(config) as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_tool_list_is_openai_style_and_usable_in_chat(tooled: Daemon) -> None:
