@@ -28,8 +28,10 @@ from libaios.protocol import MsgType
 EXIT_FAIL = 1
 EXIT_NOT_RUNNING = 3
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Tables keep their columns when the output is a file or a pipe (make run, CI).
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, highlight=False, soft_wrap=True,
+              width=None if sys.stderr.isatty() else 140)
 
 
 def fail(message: str, code: int = EXIT_FAIL) -> None:
