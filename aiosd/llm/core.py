@@ -43,8 +43,9 @@ def make_backend(cfg: CoreConfig) -> Backend:
 class LLMCore:
     """The handlers of one core; they hold the backend, never a socket."""
 
-    def __init__(self, cfg: CoreConfig, backend: Backend):
+    def __init__(self, cfg: CoreConfig, backend: Backend, preempting: bool = False):
         self.cfg = cfg
+        self.preempting = preempting
         self.backend = backend
         self.fault = os.environ.get(FAULT_ENV, "")
 
@@ -59,12 +60,17 @@ class LLMCore:
             if stream:
                 task.emit({"text": text})
 
+        progress = lambda n: task.emit({"_progress": n})  # noqa: E731
         if isinstance(self.backend, LlamaCppBackend):
             out = self.backend.chat(req, emit, task.check, key=task.caller.get("agent", ""),
                                     resume=task.body.get("resume"), suspend=task.suspend,
-                                    progress=lambda n: task.emit({"_progress": n}))
+                                    progress=progress)
         else:
-            out = self.backend.chat(req, emit, task.check)
+            # only a preempting kernel asks for suspensions: stream then
+            preempting = self.preempting
+            out = self.backend.chat(req, emit, task.check, resume=task.body.get("resume"),
+                                    suspend=task.suspend if preempting else None,
+                                    progress=progress if preempting else None)
         return out.to_body(self.cfg.name)
 
     def null(self, task: Task) -> dict[str, Any]:
@@ -84,7 +90,7 @@ def serve(config: Config, name: str, endpoint: str) -> None:
     if os.environ.get(FAULT_ENV) == "crash-on-start":
         sys.exit(1)
     backend = make_backend(cfg)
-    core = LLMCore(cfg, backend)
+    core = LLMCore(cfg, backend, preempting=config.scheduler.policy != "fifo")
     runtime = WorkerRuntime(
         kind="llm",
         name=cfg.name,

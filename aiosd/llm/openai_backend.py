@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,8 @@ class OpenAIBackend:
             timeout=cfg.request_timeout,
             max_retries=0,
         )
+        #: text-based snapshots of suspended calls: id -> (text so far, tokens)
+        self.snapshots: dict[str, tuple[str, int]] = {}
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "openai", "model": self.cfg.model, "base_url": self.cfg.base_url}
@@ -59,12 +62,25 @@ class OpenAIBackend:
             params["response_format"] = req.response_format
         return params
 
-    def chat(self, req: ChatRequest, emit: Emit, check: Callable[[], None]) -> ChatOutput:
-        # A caller that does not stream gets one request and the server's
-        # exact usage (not every server reports usage in a stream).
-        if not req.stream:
+    def chat(self, req: ChatRequest, emit: Emit, check: Callable[[], None],
+             resume: str | None = None, suspend: Any = None,
+             progress: Callable[[int], None] | None = None) -> ChatOutput:
+        """Generate the answer to ``req``. Suspension is text-based: the text
+        generated so far is kept, and a resumed call asks the server to go on
+        from it (``continue_final_message`` where the server supports it)."""
+        prior, prior_tokens = "", 0
+        if resume is not None:
+            if resume not in self.snapshots:
+                raise BackendError(f"snapshot {resume} is not on core {self.cfg.name}",
+                                   retriable=False)
+            prior, prior_tokens = self.snapshots.pop(resume)
+        # A caller that does not stream, on a kernel that does not preempt,
+        # gets one request and the server's exact usage (not every server
+        # reports usage in a stream).
+        if not req.stream and suspend is None and not prior:
             return self._errors(lambda: self._whole(req))
-        return self._errors(lambda: self._streamed(req, emit, check))
+        return self._errors(lambda: self._streamed(req, emit, check, prior, prior_tokens,
+                                                   suspend, progress))
 
     def _whole(self, req: ChatRequest) -> ChatOutput:
         params = self._params(req)
@@ -111,16 +127,28 @@ class OpenAIBackend:
         except oa.APITimeoutError:
             raise Unavailable(f"the model server at {self.cfg.base_url} did not answer in time") from None
 
-    def _streamed(self, req: ChatRequest, emit: Emit, check: Callable[[], None]) -> ChatOutput:
+    def _streamed(self, req: ChatRequest, emit: Emit, check: Callable[[], None],
+                  prior: str = "", prior_tokens: int = 0, suspend: Any = None,
+                  progress: Callable[[int], None] | None = None) -> ChatOutput:
         scanner = StopScanner([])
+        scanner.text = prior
+        params = self._params(req)
+        if prior:
+            params["messages"] = [*req.messages, {"role": "assistant", "content": prior}]
+            params["max_tokens"] = max(1, req.max_tokens - prior_tokens)
+            params["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
         finish = "length"
         usage: Any = None
         calls: dict[int, dict[str, Any]] = {}
         pieces = 0
-        stream = self.client.chat.completions.create(**self._params(req))
+        stream = self.client.chat.completions.create(**params)
+        suspended = False
         with stream:
             for chunk in stream:
                 check()
+                if suspend is not None and suspend.is_set():
+                    suspended = True  # leaving the loop closes the connection
+                    break
                 if chunk.usage is not None:
                     usage = chunk.usage
                 for choice in chunk.choices:
@@ -130,6 +158,8 @@ class OpenAIBackend:
                         out = scanner.feed(delta.content.encode())
                         if out:
                             emit(out)
+                        if progress is not None and pieces % 8 == 0:
+                            progress(pieces)
                     for tc in delta.tool_calls or []:
                         slot = calls.setdefault(
                             tc.index,
@@ -145,13 +175,19 @@ class OpenAIBackend:
                     if choice.finish_reason:
                         finish = choice.finish_reason
         scanner.finish()
+        done = usage.completion_tokens if usage else pieces
+        if suspended:
+            sid = secrets.token_hex(8)
+            self.snapshots[sid] = (scanner.text, prior_tokens + done)
+            return ChatOutput(text=scanner.text, finish_reason="suspended", prompt_tokens=0,
+                              completion_tokens=prior_tokens + done, snapshot=sid)
         parsed = self._parsed(req, scanner.text)
         tool_calls = [calls[i] for i in sorted(calls)]
         return ChatOutput(
             text=scanner.text,
             finish_reason="tool_calls" if tool_calls else finish,
             prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else pieces,
+            completion_tokens=prior_tokens + done,
             tool_calls=tool_calls,
             parsed=parsed,
         )

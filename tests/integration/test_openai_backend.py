@@ -111,3 +111,40 @@ def test_a_dead_server_gives_a_retriable_error(make_daemon) -> None:
             c.chat("hi", max_tokens=4, timeout=60)
         assert info.value.retriable
         assert time.monotonic() - begun < 60
+
+
+def test_remote_calls_are_preempted_text_based_and_resumed(server: Server, make_daemon) -> None:
+    import threading
+
+    config = remote_config(server.url)
+    config["llm"]["cores"][0]["slots"] = 1
+    config["scheduler"] = {"policy": "rr", "quantum_tokens": 8}
+    d: Daemon = make_daemon(config=config)
+    out: dict[str, Any] = {}
+
+    def streamed() -> None:
+        with d.client(name="streamer", timeout=300) as c:
+            stream = c.chat("Write a long story about a fox.", max_tokens=64, stream=True,
+                            temperature=1.5, seed=1)
+            out["pieces"] = list(stream)
+            out["streamed"] = stream.result
+
+    def plain(key: str) -> None:
+        with d.client(name=key, timeout=300) as c:
+            out[key] = c.chat("Write a long story about an owl.", max_tokens=48, temperature=1.5,
+                              seed=2)
+
+    first = threading.Thread(target=streamed)
+    first.start()
+    d.wait_for(lambda s: s["running"] == 1, what="the first call to run")
+    others = [threading.Thread(target=plain, args=(k,)) for k in ("p1", "p2")]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(300)
+    assert d.status()["preemptions"] > 0
+    # what streamed before and after each suspension adds up to the answer
+    assert "".join(out["pieces"]) == out["streamed"].text
+    assert 0 < out["streamed"].usage["completion_tokens"] <= 64
+    for key in ("p1", "p2"):
+        assert out[key].text and out[key].finish_reason in ("stop", "length")
