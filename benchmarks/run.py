@@ -144,7 +144,21 @@ def wait_ready(env: dict[str, str]) -> None:
     raise RuntimeError("aiosd did not become ready")
 
 
+def direct_agent_mb() -> float:
+    """Memory one direct agent needs: a probe process loads the model as a
+    direct agent does and reports its RSS."""
+    code = ("import psutil; from llama_cpp import Llama; from aiosd.llm.llamacpp import embedded_model_path; "
+            "llm = Llama(str(embedded_model_path()), n_ctx=2048, verbose=False); "
+            "llm.create_chat_completion([{'role': 'user', 'content': 'hi'}], max_tokens=4); "
+            "print(psutil.Process().memory_info().rss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    return int(out.stdout.strip().splitlines()[-1]) / 2**20
+
+
 def bench_direct(n: int, per_agent_mb: float | None) -> dict[str, Any]:
+    if per_agent_mb is None and n > 32:
+        per_agent_mb = direct_agent_mb()  # never start hundreds of models blind
     if per_agent_mb is not None:
         need = per_agent_mb * n
         avail = psutil.virtual_memory().available / 2**20
