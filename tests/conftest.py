@@ -61,9 +61,10 @@ class Daemon:
         with self.client(operator=True, timeout=10) as c:
             return c.call(MsgType.ADMIN_PS)["agents"]
 
-    def core_pid(self, name: str = "core0") -> int:
+    def core_pid(self, name: str = "core0") -> int | None:
+        """The pid of core ``name`` while it is registered, else None."""
         core = next(c for c in self.status()["cores"] if c["name"] == name)
-        return core["pid"]
+        return core.get("pid")
 
     def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return run_ctl(self.env, *args, timeout=timeout)
