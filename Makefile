@@ -8,6 +8,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Compile llama.cpp with every core this machine has.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+# llama.cpp is built for this CPU (-march=native), except for its AMX
+# kernels: on CPUs with AMX-INT8 they crash the process on every batch of
+# more than one token (any prompt) with the embedded model's Q4_1 weights.
+# Where the compiler knows the flag, turn them off; AVX-512 and VNNI stay.
+NO_AMX := $(shell echo | $${CC:-cc} -mno-amx-int8 -E - >/dev/null 2>&1 && echo -mno-amx-int8)
+ifneq ($(NO_AMX),)
+export CMAKE_ARGS := $(CMAKE_ARGS) -DCMAKE_C_FLAGS=$(NO_AMX) -DCMAKE_CXX_FLAGS=$(NO_AMX)
+endif
 
 .PHONY: install run demo test test-unit test-integration bench lint clean
 
