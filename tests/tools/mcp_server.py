@@ -1,8 +1,13 @@
-"""A small MCP server over stdio, for the tests: two tools and one that fails."""
+"""A small MCP server over stdio, for the tests: ``add``, ``echo``, and
+``fail`` (which reports an error result), on the SDK's high-level server
+(``MCPServer``, called ``FastMCP`` before mcp 2)."""
+
+import time
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 
-server = MCPServer("demo")
+server = MCPServer("demo", log_level="WARNING")
 
 
 @server.tool()
@@ -19,8 +24,15 @@ def echo(text: str) -> str:
 
 @server.tool()
 def fail(reason: str) -> str:
-    """Always fails."""
-    raise ValueError(reason)
+    """Always fails, with the reason given."""
+    raise ToolError(reason)
+
+
+@server.tool()
+def nap(seconds: float) -> str:
+    """Sleep, then answer (for timeouts)."""
+    time.sleep(seconds)
+    return "rested"
 
 
 if __name__ == "__main__":
