@@ -10,22 +10,21 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-import zmq
 
 from aiosd.config import McpServerConfig, from_dict
 from aiosd.llm import request as chat_request
-from aiosd.tools import service as service_mod
 from aiosd.tools.mcp_tools import McpBridge, tool_name
 from aiosd.tools.registry import Context, Registry
-from libaios import errors, protocol
+from libaios import errors
 from libaios.protocol import ErrorCode, MsgType
+
+from .tool_worker import recv, send_task, serve_in_thread, stop
 
 TOOLS_DIR = Path(__file__).resolve().parent.parent / "tools"
 SERVER = str(TOOLS_DIR / "mcp_server.py")
@@ -185,35 +184,17 @@ def test_close_stops_the_servers() -> None:
 # -- the whole worker --------------------------------------------------------------------
 
 
-def test_worker_with_an_mcp_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(signal, "signal", lambda *a: None)  # run() is not on the main thread
-    zctx = zmq.Context.instance()
-    router = zctx.socket(zmq.ROUTER)
-    endpoint = f"inproc://sched-{uuid.uuid4().hex}"
-    router.bind(endpoint)
+def test_worker_with_an_mcp_server(scheduler: Any) -> None:
+    router, endpoint = scheduler
     config = from_dict({"kernel": {"heartbeat_interval": 0.1}, "tools": {
         "builtin": ["calculator"], "entry_points": False,
         "mcp": [{"name": "demo", "command": [sys.executable, SERVER], "concurrency": 2,
                  "destructive": True},
                 {"name": "broken", "command": [sys.executable, BROKEN]}],
         "limits": [{"name": "demo__nap", "concurrency": 1, "timeout": 3.0}]}})
-    thread = threading.Thread(target=service_mod.serve, args=(config, endpoint), daemon=True)
-    thread.start()
-
-    def recv() -> protocol.Message:
-        while True:
-            assert router.poll(60000), "nothing arrived"
-            msg = protocol.decode(router.recv_multipart()[2:])
-            if msg.type is not MsgType.WORKER_HEARTBEAT:
-                return msg
-
-    def send(mtype: MsgType, body: dict[str, Any]) -> None:
-        msg = protocol.call(MsgType.WORKER_TASK, {"call": uuid.uuid4().hex, "type": mtype.value,
-                                                  "body": body, "namespace": "alice"})
-        router.send_multipart([b"tools", *protocol.encode(msg)])
-
+    thread = serve_in_thread(config, endpoint)
     try:
-        ready = recv()
+        ready = recv(router, timeout=60)
         assert ready.type is MsgType.WORKER_READY
         info = ready.body["info"]["tools"]
         assert set(info) == {"calculator"} | DEMO
@@ -221,19 +202,15 @@ def test_worker_with_an_mcp_server(monkeypatch: pytest.MonkeyPatch) -> None:
                                      "destructive": True}
         assert info["demo__nap"] == {"concurrency": 1, "timeout": 3.0, "read_only": False,
                                      "destructive": True}
-        send(MsgType.TOOL_CALL, {"name": "demo__add", "arguments": {"a": 2, "b": 3}})
-        reply = recv()
+        send_task(router, MsgType.TOOL_CALL, {"name": "demo__add", "arguments": {"a": 2, "b": 3}})
+        reply = recv(router, timeout=60)
         assert reply.type is MsgType.REPLY
         assert reply.body == {"name": "demo__add",
                               "result": {"text": "5", "structuredContent": {"result": 5}}}
-        send(MsgType.TOOL_CALL, {"name": "demo__fail", "arguments": {"reason": "nope"}})
-        reply = recv()
+        send_task(router, MsgType.TOOL_CALL, {"name": "demo__fail", "arguments": {"reason": "nope"}})
+        reply = recv(router, timeout=60)
         assert reply.body["code"] == ErrorCode.BACKEND
         assert reply.body["message"].startswith("demo__fail failed: ")
         assert reply.body["message"].endswith(": nope")
     finally:
-        router.send_multipart([b"tools",
-                               *protocol.encode(protocol.call(MsgType.WORKER_SHUTDOWN))])
-        thread.join(20)
-        router.close(0)
-    assert not thread.is_alive()
+        stop(router, thread, timeout=20)

@@ -4,24 +4,23 @@ cancellation, errors, result shapes), the file tools over a fake kernel, and
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 import uuid
 from typing import Any
 
 import pytest
-import zmq
 
 from aiosd.config import from_dict
-from aiosd.tools import service as service_mod
 from aiosd.tools.builtins import builtin_tools, file_tools
 from aiosd.tools.registry import Context, Registry, Tool
 from aiosd.tools.sandbox import landlock_abi
 from aiosd.tools.service import ToolService, capacity_of, plain
 from aiosd.worker import Task
-from libaios import errors, protocol
+from libaios import errors
 from libaios.protocol import ErrorCode, MsgType
+
+from .tool_worker import recv, send_task, serve_in_thread, stop
 
 
 def make_task(mtype: MsgType, body: dict[str, Any], *, deadline: float | None = None,
@@ -211,46 +210,6 @@ def test_binary_files_are_read_as_text_with_a_note() -> None:
 
 
 # -- serve --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def scheduler(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setattr(signal, "signal", lambda *a: None)  # run() is not on the main thread
-    ctx = zmq.Context.instance()
-    router = ctx.socket(zmq.ROUTER)
-    endpoint = f"inproc://sched-{uuid.uuid4().hex}"
-    router.bind(endpoint)
-    yield router, endpoint
-    router.close(0)
-
-
-def recv(router: zmq.Socket) -> protocol.Message:
-    while True:
-        assert router.poll(10000), "nothing arrived"
-        msg = protocol.decode(router.recv_multipart()[2:])
-        if msg.type is not MsgType.WORKER_HEARTBEAT:
-            return msg
-
-
-def send_task(router: zmq.Socket, mtype: MsgType, body: dict[str, Any]) -> str:
-    kid = uuid.uuid4().hex
-    msg = protocol.call(MsgType.WORKER_TASK, {"call": kid, "type": mtype.value, "body": body,
-                                              "namespace": "alice",
-                                              "caller": {"agent": "a1", "name": "alice"}})
-    router.send_multipart([b"tools", *protocol.encode(msg)])
-    return kid
-
-
-def serve_in_thread(config: Any, endpoint: str) -> threading.Thread:
-    thread = threading.Thread(target=service_mod.serve, args=(config, endpoint), daemon=True)
-    thread.start()
-    return thread
-
-
-def stop(router: zmq.Socket, thread: threading.Thread) -> None:
-    router.send_multipart([b"tools", *protocol.encode(protocol.call(MsgType.WORKER_SHUTDOWN))])
-    thread.join(15)
-    assert not thread.is_alive()
 
 
 def test_serve_ready_list_and_call(scheduler: Any) -> None:
