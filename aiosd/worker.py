@@ -28,6 +28,10 @@ from libaios.protocol import ErrorCode, Message, MsgType
 
 log = logging.getLogger(__name__)
 
+#: Messages taken from a socket per wake-up: a burst costs one poll, and the
+#: heartbeat is never held back long.
+DRAIN = 256
+
 
 @dataclass
 class Task:
@@ -176,6 +180,15 @@ class WorkerRuntime:
         elif msg.type is MsgType.ERROR and msg.body.get("code") == ErrorCode.UNAUTHENTICATED:
             self._ready(sock)  # the scheduler restarted and does not know us
 
+    def _on_frames(self, sock: zmq.Socket, pool: ThreadPoolExecutor, frames: list[bytes]) -> None:
+        try:
+            _, payload = protocol.split_envelope(frames)
+            msg = protocol.decode(payload)
+        except protocol.ProtocolError as exc:
+            log.warning("%s: undecodable message from the scheduler: %s", self.name, exc)
+            return
+        self._on_message(sock, pool, msg)
+
     def stop(self, *_: object) -> None:
         self._stop.set()
 
@@ -199,17 +212,16 @@ class WorkerRuntime:
             while not self._stop.is_set():
                 timeout = max(0.0, next_beat - time.monotonic())
                 for s, _ in poller.poll(int(timeout * 1000) + 1):
-                    if s is outbox:
-                        sock.send_multipart(outbox.recv_multipart())
-                        continue
-                    frames = sock.recv_multipart()
-                    try:
-                        _, payload = protocol.split_envelope(frames)
-                        msg = protocol.decode(payload)
-                    except protocol.ProtocolError as exc:
-                        log.warning("%s: undecodable message from the scheduler: %s", self.name, exc)
-                        continue
-                    self._on_message(sock, pool, msg)
+                    # take what has arrived, not one message per poll
+                    for _ in range(DRAIN):
+                        try:
+                            frames = s.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if s is outbox:
+                            sock.send_multipart(frames)
+                        else:
+                            self._on_frames(sock, pool, frames)
                 if time.monotonic() >= next_beat:
                     beat = protocol.call(MsgType.WORKER_HEARTBEAT, {"running": len(self._tasks)})
                     sock.send_multipart(protocol.encode(beat))

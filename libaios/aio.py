@@ -44,7 +44,9 @@ class AsyncClient:
         self._ctx = zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task | None = None
-        self._waiting: dict[str, asyncio.Queue] = {}
+        # call id -> where its replies go: a queue for a stream, a future
+        # for a call that only wants its final reply
+        self._waiting: dict[str, asyncio.Queue[protocol.Message] | asyncio.Future[protocol.Message]] = {}
 
     async def connect(self) -> AsyncClient:
         if self._sock is not None:
@@ -95,29 +97,28 @@ class AsyncClient:
                 rep = protocol.decode(payload)
             except protocol.ProtocolError:
                 continue
-            queue = self._waiting.get(rep.re or "")
-            if queue is not None:
-                queue.put_nowait(rep)
+            waiter = self._waiting.get(rep.re or "")
+            if isinstance(waiter, asyncio.Queue):
+                waiter.put_nowait(rep)
+            elif waiter is not None and rep.type is not MsgType.PARTIAL and not waiter.done():
+                waiter.set_result(rep)
 
     async def _replies(self, msg: protocol.Message, timeout: float) -> AsyncIterator[protocol.Message]:
         """Send ``msg``; yield its partial replies, then its final reply."""
         if self._sock is None:
             await self.connect()
         assert self._sock is not None
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[protocol.Message] = asyncio.Queue()
         self._waiting[msg.id] = queue
         try:
             await self._sock.send_multipart(protocol.encode(msg))
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
+            deadline = asyncio.get_running_loop().time() + timeout
             while True:
                 try:
-                    rep = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
-                except asyncio.TimeoutError:
-                    raise errors.Timeout(
-                        f"no reply to {msg.type.value} from aiosd at {self.endpoint} within "
-                        f"{timeout:g}s: is aiosd running? `aiosctl status`"
-                    ) from None
+                    async with asyncio.timeout_at(deadline):
+                        rep = await queue.get()
+                except TimeoutError:
+                    raise self._timeout(msg, timeout) from None
                 if rep.type is MsgType.ERROR:
                     raise errors.from_envelope(rep.body)
                 yield rep
@@ -126,15 +127,37 @@ class AsyncClient:
         finally:
             self._waiting.pop(msg.id, None)
 
+    def _timeout(self, msg: protocol.Message, timeout: float) -> errors.Timeout:
+        return errors.Timeout(
+            f"no reply to {msg.type.value} from aiosd at {self.endpoint} within "
+            f"{timeout:g}s: is aiosd running? `aiosctl status`"
+        )
+
     async def call(self, mtype: MsgType, body: dict[str, Any] | None = None,
                    timeout: float | None = None) -> dict[str, Any]:
-        """Make one system call and return its final reply's body."""
+        """Make one system call and return its final reply's body (partial
+        replies, should the call stream, are passed over)."""
         timeout = self.timeout if timeout is None else timeout
         msg = protocol.call(mtype, body or {}, timeout)
-        async for rep in self._replies(msg, timeout):
-            if rep.type is MsgType.REPLY:
-                return rep.body
-        raise errors.InternalError(f"{mtype.value}: the reply stream ended without a final reply")
+        if self._sock is None:
+            await self.connect()
+        assert self._sock is not None
+        # One future per call, resolved by the reader: the cheapest wait
+        # asyncio has, which matters to agents with hundreds of calls out.
+        reply: asyncio.Future[protocol.Message] = asyncio.get_running_loop().create_future()
+        self._waiting[msg.id] = reply
+        try:
+            await self._sock.send_multipart(protocol.encode(msg))
+            try:
+                async with asyncio.timeout(timeout):
+                    rep = await reply
+            except TimeoutError:
+                raise self._timeout(msg, timeout) from None
+        finally:
+            self._waiting.pop(msg.id, None)
+        if rep.type is MsgType.ERROR:
+            raise errors.from_envelope(rep.body)
+        return rep.body
 
     async def chat(self, messages: list[dict[str, Any]] | str, *, timeout: float | None = None,
                    **options: Any) -> ChatResult:
