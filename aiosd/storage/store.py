@@ -20,8 +20,10 @@ from __future__ import annotations
 import os
 import posixpath
 import struct
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,6 +67,47 @@ def clean_path(path: Any, what: str = "path", empty: bool = False) -> str:
     return norm
 
 
+class _Gate:
+    """Transactions enter freely; growing the map waits until none is open
+    and keeps new ones out meanwhile. LMDB remaps the file when the map
+    grows, and a transaction open in another thread would be left reading
+    the old mapping (LMDB itself only checks for a write transaction)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._open = 0
+        self._growing = False
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._cond:
+            while self._growing:
+                self._cond.wait()
+            self._open += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._open -= 1
+                if not self._open:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._cond:
+            while self._growing:
+                self._cond.wait()
+            self._growing = True
+            while self._open:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._growing = False
+                self._cond.notify_all()
+
+
 class Store:
     def __init__(self, path: Path, map_size: int, quota_bytes: int, max_versions: int):
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -79,6 +122,7 @@ class Store:
         self.usage = self.env.open_db(b"usage")
         self.blocks = self.env.open_db(b"blocks")
         self.audit = self.env.open_db(b"audit")
+        self._gate = _Gate()
 
     def close(self) -> None:
         self.env.close()
@@ -88,16 +132,20 @@ class Store:
     def _write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``fn`` in a write transaction; grow the map when it is full."""
         for _ in range(MAX_GROWTHS):
+            size = self.env.info()["map_size"]
             try:
-                with self.env.begin(write=True) as txn:
+                with self._gate.transaction(), self.env.begin(write=True) as txn:
                     return fn(txn)
             except lmdb.MapFullError:
-                # the transaction was aborted whole: double the map, retry
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                # the transaction was aborted whole: double the map (unless
+                # another thread already did), retry
+                with self._gate.alone():
+                    if self.env.info()["map_size"] == size:
+                        self.env.set_mapsize(size * 2)
         raise QuotaExceeded("storage: the database cannot grow any further")
 
     def _read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        with self.env.begin() as txn:
+        with self._gate.transaction(), self.env.begin() as txn:
             return fn(txn)
 
     # -- keys and files ----------------------------------------------------------------

@@ -5,6 +5,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,32 @@ def test_the_map_grows_when_full_and_files_are_private(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "db").stat().st_mode) == 0o700
     for f in (tmp_path / "db").iterdir():
         assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0
+
+
+def test_the_map_grows_while_another_thread_reads(tmp_path: Path) -> None:
+    # LMDB remaps the file when the map grows: a transaction open in another
+    # thread (the storage worker serves calls on several) would be left
+    # reading the old mapping. Growth waits until no transaction is open.
+    s = store(tmp_path, map_size=64 * 1024, quota=1 << 30)
+    s.put("a", "k", "x")
+    inside, release = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def hold(txn: object) -> None:
+        inside.set()
+        release.wait(10)
+        seen.append(s.env.info()["map_size"])  # the map did not move under this reader
+
+    reader = threading.Thread(target=s._read, args=(hold,))
+    reader.start()
+    assert inside.wait(10)
+    threading.Timer(1.0, release.set).start()
+    for i in range(300):  # past the map's size while the reader holds it
+        s.put("a", f"k{i}", "y" * 1000)
+    reader.join(10)
+    assert seen == [64 * 1024]
+    assert s.stats(None)["map_size"] > 64 * 1024
+    assert s.get("a", "k299")["value"] == "y" * 1000
 
 
 def test_blocks_and_audit(tmp_path: Path) -> None:
