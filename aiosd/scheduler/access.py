@@ -56,6 +56,8 @@ class Decision:
     reason: str
     #: the operation needs a person's approval before it runs
     approval: str | None = None
+    #: a destructive operation a group (or the config) let run unasked
+    preapproved: str | None = None
 
 
 class AccessRules:
@@ -73,6 +75,12 @@ class AccessRules:
             return True  # not an ipc peer: transport security decides
         allowed = self.cfg.allow_uids or [self.daemon_uid]
         return uid in allowed or uid == self.daemon_uid
+
+    def may_operate(self, uid: int | None) -> bool:
+        """Whether a process of ``uid`` may be an operator (aiosctl): only the
+        daemon's own user or root, and only where the OS vouches for the uid
+        (ipc), never on a uid the client wrote."""
+        return uid is not None and uid in (self.daemon_uid, 0)
 
     def may_reach(self, who: Principal, namespace: str, write: bool) -> Decision:
         """May ``who`` read (or write) the data of namespace ``namespace``?"""
@@ -111,11 +119,14 @@ class AccessRules:
             if not decision.allowed:
                 return decision
             op = DESTRUCTIVE.get(mtype)
-            if op and not who.operator and not self.preapproved(who, op):
-                return Decision(True, decision.reason, approval=op)
-            return decision
-        if destructive_tool is not None:
-            op = f"tool:{destructive_tool}"
-            if not who.operator and not self.preapproved(who, op):
-                return Decision(True, "tool flagged destructive", approval=op)
+            if op is None or who.operator:
+                return decision
+            return self._destructive(who, op, decision.reason)
+        if destructive_tool is not None and not who.operator:
+            return self._destructive(who, f"tool:{destructive_tool}", "tool flagged destructive")
         return Decision(True, "allowed")
+
+    def _destructive(self, who: Principal, op: str, reason: str) -> Decision:
+        if self.preapproved(who, op):
+            return Decision(True, f"{reason}; {op} pre-approved", preapproved=op)
+        return Decision(True, reason, approval=op)

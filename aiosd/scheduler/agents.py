@@ -43,6 +43,8 @@ class Usage:
     completion_tokens: int = 0
     wait_s: float = 0.0
     service_s: float = 0.0
+    #: times its calls were suspended to let others run (rr, fair)
+    preemptions: int = 0
     first_call: float | None = None
     last_done: float | None = None
 
@@ -54,6 +56,7 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "wait_s": round(self.wait_s, 4),
             "service_s": round(self.service_s, 4),
+            "preemptions": self.preemptions,
         }
 
 
@@ -233,6 +236,25 @@ class AgentTable:
             return any(p.pid == agent.pid for p in psutil.Process(pid).parents())
         except psutil.Error:
             return False
+
+    def launched_owner(self, pid: int) -> Agent | None:
+        """The live agent the kernel launched whose process (or one of its
+        descendants) ``pid`` is, if any."""
+        launched = {a.pid: a for a in self.agents.values() if a.launched and a.alive and a.pid}
+        if not launched:
+            return None
+        if pid in launched:
+            return launched[pid]
+        try:
+            ancestors = [p.pid for p in psutil.Process(pid).parents()]
+        except psutil.Error:
+            return None
+        return next((launched[p] for p in ancestors if p in launched), None)
+
+    def live_launched(self, name: str) -> Agent | None:
+        """A live agent the kernel launched under ``name``, if any."""
+        return next((a for a in self.agents.values()
+                     if a.launched and a.alive and a.name == name), None)
 
     def _pid_alive(self, agent: Agent) -> bool:
         try:

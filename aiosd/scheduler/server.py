@@ -52,6 +52,12 @@ def _resources() -> dict[MsgType, str]:
 
 #: The resource (queue, worker kind) each schedulable call type runs on.
 RESOURCES: dict[MsgType, str] = _resources()
+#: Calls only operators (aiosctl) and the kernel's own processes may make.
+OPERATOR_ONLY = frozenset({
+    MsgType.ADMIN_STATUS, MsgType.ADMIN_PS, MsgType.ADMIN_KILL, MsgType.ADMIN_SHUTDOWN,
+    MsgType.ADMIN_PROCS, MsgType.ADMIN_APPROVALS, MsgType.ADMIN_APPROVE, MsgType.ADMIN_DENY,
+    MsgType.ADMIN_AUDIT,
+})
 #: The kernel services besides the LLM cores: worker name -> kind.
 SERVICES = {"memory": "memory", "storage": "storage", "tools": "tool"}
 
@@ -266,6 +272,10 @@ class Scheduler:
                 protocol.error(msg.id, ErrorCode.UNAUTHENTICATED, "this connection has not said hello"),
             )
             return
+        if msg.type in OPERATOR_ONLY and not (session is not None and session.operator):
+            self.reply_error(identity, msg.id, errors.PermissionDenied(
+                f"{msg.type.value} is for operators (aiosctl), not for agents"))
+            return
         if self.stopping and msg.type is not MsgType.ADMIN_STATUS:
             self.reply_error(identity, msg.id, errors.ShuttingDown("aiosd is shutting down"))
             return
@@ -309,19 +319,51 @@ class Scheduler:
                 )
             session = Session(identity, agent.name, operator=False, agent=agent)
         else:
-            if not self.rules.may_connect(peer_uid):
-                self._audit("hello.denied", {"name": name, "uid": peer_uid, "why": "uid"})
-                raise errors.PermissionDenied(
-                    f"hello: processes of uid {peer_uid} may not connect (access.allow_uids)"
-                )
-            if body.get("operator"):
-                session = Session(identity, name, operator=True)
-            else:
-                agent = self.agents.register(name, pid)
-                session = Session(identity, name, operator=False, agent=agent)
-                self.publish(f"agent.{agent.id}.connected", {"agent": agent.id, "pid": pid})
+            session = self._hello_without_credential(identity, name, pid, bool(body.get("operator")))
         self.sessions[identity] = session
         self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
+
+    def _hello_without_credential(self, identity: bytes, name: str, pid: int | None,
+                                  operator: bool) -> Session:
+        """Bind a connection that brought no credential. Who it is comes from
+        what the OS says of the peer, never from what it wrote: a process of
+        an agent the kernel launched is that agent; an operator must be of
+        the daemon's user (or root); a hand-started agent names itself, but
+        never with the name of a live agent the kernel launched."""
+        peer_uid, peer_pid = self._peer
+        owner = self.agents.launched_owner(peer_pid) if peer_pid is not None else None
+        if owner is not None:
+            if operator:
+                self._audit("hello.denied", {"name": name, "pid": pid, "agent": owner.id,
+                                             "why": "an agent claimed to be an operator"})
+                raise errors.PermissionDenied(
+                    f"hello: pid {peer_pid} belongs to agent {owner.id}, which the kernel "
+                    "launched; an agent cannot be an operator")
+            # it cannot shed its identity by leaving out its credential
+            return Session(identity, owner.name, operator=False, agent=owner)
+        if not self.rules.may_connect(peer_uid):
+            self._audit("hello.denied", {"name": name, "uid": peer_uid, "why": "uid"})
+            raise errors.PermissionDenied(
+                f"hello: processes of uid {peer_uid} may not connect (access.allow_uids)"
+            )
+        if operator:
+            if not self.rules.may_operate(peer_uid):
+                self._audit("hello.denied", {"name": name, "uid": peer_uid,
+                                             "why": "operator from another user"})
+                raise errors.PermissionDenied(
+                    f"hello: only processes of the daemon's user (uid {self.rules.daemon_uid}) "
+                    f"or root may be operators; this one is uid {peer_uid}")
+            return Session(identity, name, operator=True)
+        holder = self.agents.live_launched(name)
+        if holder is not None:
+            self._audit("hello.denied", {"name": name, "pid": pid, "holder": holder.id,
+                                         "why": "the name of a launched agent"})
+            raise errors.PermissionDenied(
+                f"hello: the name {name!r} belongs to agent {holder.id} (pid {holder.pid}), "
+                "which the kernel launched; choose another name")
+        agent = self.agents.register(name, pid)
+        self.publish(f"agent.{agent.id}.connected", {"agent": agent.id, "pid": pid})
+        return Session(identity, name, operator=False, agent=agent)
 
     def _whoami(self, session: Session) -> dict[str, Any]:
         agent = session.agent
@@ -362,8 +404,11 @@ class Scheduler:
             if self.tool_info.get(tool, {}).get("destructive"):
                 destructive_tool = tool
         decision = self.rules.check(who, msg.type, namespace, destructive_tool)
-        if namespace is not None and namespace != who.name or not decision.allowed:
-            self._audit("access." + ("allowed" if decision.allowed else "denied"),
+        if (namespace is not None and namespace != who.name or not decision.allowed
+                or decision.preapproved):
+            event = ("denied" if not decision.allowed
+                     else "preapproved" if decision.preapproved else "allowed")
+            self._audit(f"access.{event}",
                         {"agent": who.agent, "name": who.name, "call": msg.type.value,
                          "namespace": namespace, "why": decision.reason})
         if not decision.allowed:
@@ -528,8 +573,22 @@ class Scheduler:
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()
         ):
             raise errors.InvalidArgument("agent.run: 'env' must map strings to strings")
-        name = body.get("name") or Path(path).stem
-        if not isinstance(name, str) or not name or len(name) > 64:
+        assert session is not None
+        requested = body.get("name")
+        name = requested or Path(path).stem
+        if not isinstance(name, str) or not name:
+            raise errors.InvalidArgument("agent.run: 'name' must be a string of 1-64 characters")
+        if not session.operator:
+            # An agent's sub-agents are named under it, so that none takes
+            # another agent's name, and with it that agent's data.
+            prefix = f"{session.name}."
+            if not requested:
+                name = prefix + name
+            elif not name.startswith(prefix):
+                raise errors.PermissionDenied(
+                    f"agent.run: a sub-agent of {session.name} is named {prefix}NAME, "
+                    f"not {name!r}")
+        if len(name) > 64:
             raise errors.InvalidArgument("agent.run: 'name' must be a string of 1-64 characters")
         cwd = body.get("cwd")
         if cwd is not None and (not isinstance(cwd, str) or not os.path.isdir(cwd)):
@@ -680,7 +739,7 @@ class Scheduler:
 
     def on_procs(self, session: Session | None, identity: bytes, msg: Message) -> None:
         assert session is not None
-        if session.name != "supervisor" or not session.operator:
+        if session.name != "supervisor" or not session.internal:
             raise errors.PermissionDenied("admin.procs comes from the supervisor only")
         procs = msg.body.get("procs")
         if isinstance(procs, list):
@@ -811,6 +870,7 @@ class Scheduler:
         usage.calls += 1
         usage.wait_s += call.wait_s
         usage.service_s += call.service_s
+        usage.preemptions += call.preemptions
         usage.last_done = now
         if result is None or result.type is MsgType.ERROR:
             usage.failed += 1
@@ -944,6 +1004,9 @@ class Scheduler:
             op = str(details.get("op", call.type.value))
             who = access.Principal(call.agent, call.caller.get("name", ""))
             if self.rules.preapproved(who, op):
+                self._audit("access.preapproved",
+                            {"agent": call.agent, "name": who.name, "call": call.type.value,
+                             "namespace": call.namespace, "why": f"{op} pre-approved"})
                 call.approved = True
                 call.state = CallState.QUEUED
                 call.queued_at = now

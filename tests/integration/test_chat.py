@@ -191,6 +191,43 @@ def test_forged_credential_is_refused(daemon: Daemon) -> None:
         daemon.client(token="not-a-real-token")
 
 
+def test_a_launched_agent_cannot_shed_its_identity(daemon: Daemon) -> None:
+    final, out, err = run_agent(daemon, "impostor.py")
+    assert final["exit_code"] == 0, err
+    seen = json.loads(out.strip().splitlines()[-1])
+    # without its credential, under another name, it is still itself
+    assert seen["whoami"]["name"] == "impostor"
+    assert seen["whoami"]["agent"] == final["agent"]
+    assert seen["whoami"]["launched"] is True
+    assert seen["ps"] == "PermissionDenied"
+    assert seen["operator"] == "PermissionDenied"
+
+
+def test_a_launched_agents_name_cannot_be_taken_by_hand(daemon: Daemon) -> None:
+    with daemon.client(operator=True) as ctl:
+        info = ctl.call(MsgType.AGENT_RUN, {"path": str(TEST_AGENTS / "idle.py"), "name": "victim"})
+        try:
+            with pytest.raises(errors.PermissionDenied, match="belongs to agent"):
+                daemon.client(name="victim")
+        finally:
+            ctl.call(MsgType.ADMIN_KILL, {"agent": info["agent"]})
+    daemon.wait_for(lambda s: not any(r["id"] == info["agent"] and r["state"] == "running"
+                                      for r in daemon.ps()), what="the agent to end")
+    with daemon.client(name="victim") as c:  # a name nobody holds is free again
+        assert c.whoami()["launched"] is False
+
+
+def test_admin_calls_are_for_operators(daemon: Daemon) -> None:
+    with daemon.client(name="curious") as c:
+        for mtype in (MsgType.ADMIN_STATUS, MsgType.ADMIN_PS, MsgType.ADMIN_APPROVALS,
+                      MsgType.ADMIN_KILL, MsgType.ADMIN_SHUTDOWN, MsgType.ADMIN_AUDIT):
+            with pytest.raises(errors.PermissionDenied, match="for operators"):
+                c.call(mtype, {})
+        with pytest.raises(errors.PermissionDenied, match="named curious.NAME"):
+            c.call(MsgType.AGENT_RUN, {"path": str(TEST_AGENTS / "idle.py"), "name": "other"})
+    assert daemon.status()["ready"]
+
+
 def test_async_client_runs_many_calls_on_one_connection(daemon: Daemon) -> None:
     import asyncio
 
