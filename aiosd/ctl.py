@@ -191,13 +191,14 @@ def status(as_json: bool) -> None:
 
 def agents_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
     table = Table("agent", "pid", "state", "calls", "prompt tok", "compl tok",
-                  "queue wait", "running", "turnaround", title=title)
+                  "queue wait", "running", "preempted", "turnaround", title=title)
     for row in rows:
         state = row["exit"] if row["state"] in ("exited", "killed") else row["state"]
         table.add_row(
             row["id"], str(row["pid"] or "-"), state, str(row["calls"]),
             str(row["prompt_tokens"]), str(row["completion_tokens"]),
-            seconds(row["wait_s"]), seconds(row["service_s"]), seconds(row["turnaround_s"]),
+            seconds(row["wait_s"]), seconds(row["service_s"]), str(row.get("preemptions", 0)),
+            seconds(row["turnaround_s"]),
         )
     return table
 
@@ -266,11 +267,15 @@ def run(path: str, task: str | None, name: str | None, detach: bool, as_json: bo
 
 @main.command()
 @click.argument("agent")
-def kill(agent: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def kill(agent: str, as_json: bool) -> None:
     """Kill AGENT (an id, a name or a pid from `aiosctl ps`)."""
     with kernel() as client:
         info = client.call(MsgType.ADMIN_KILL, {"agent": agent})
-    out.print(f"killed {info['agent']} (pid {info['pid']})")
+    if as_json:
+        emit_json(info)
+    else:
+        out.print(f"killed {info['agent']} (pid {info['pid']})")
 
 
 # -- top ---------------------------------------------------------------------------------
@@ -345,24 +350,29 @@ def approvals(as_json: bool) -> None:
     out.print(table if rows else "no pending approvals")
 
 
-def _decide(mtype: MsgType, approval_id: str) -> None:
+def _decide(mtype: MsgType, approval_id: str, as_json: bool) -> None:
     with kernel() as client:
         info = client.call(mtype, {"id": approval_id})
-    out.print(f"{info['id']}: {'approved' if info['approved'] else 'denied'}")
+    if as_json:
+        emit_json(info)
+    else:
+        out.print(f"{info['id']}: {'approved' if info['approved'] else 'denied'}")
 
 
 @main.command()
 @click.argument("approval_id")
-def approve(approval_id: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def approve(approval_id: str, as_json: bool) -> None:
     """Let the pending operation APPROVAL_ID run."""
-    _decide(MsgType.ADMIN_APPROVE, approval_id)
+    _decide(MsgType.ADMIN_APPROVE, approval_id, as_json)
 
 
 @main.command()
 @click.argument("approval_id")
-def deny(approval_id: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def deny(approval_id: str, as_json: bool) -> None:
     """Refuse the pending operation APPROVAL_ID."""
-    _decide(MsgType.ADMIN_DENY, approval_id)
+    _decide(MsgType.ADMIN_DENY, approval_id, as_json)
 
 
 @main.command()

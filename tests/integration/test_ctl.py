@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 @pytest.mark.parametrize(
     "args",
     [["status"], ["status", "--json"], ["ps"], ["stop"], ["kill", "x"],
-     ["run", str(TEST_AGENTS / "exit_code.py")]],
+     ["run", str(TEST_AGENTS / "exit_code.py")], ["approvals"], ["approve", "x"],
+     ["deny", "x"], ["audit"], ["mem", "stats"], ["top", "--once"]],
 )
 def test_exit_3_with_a_clear_message_when_no_daemon_runs(short_tmp: Path, args: list[str]) -> None:
     result = run_ctl(base_env(short_tmp), *args)
