@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def _pdeathsig(sig: int) -> Callable[[], None]:
@@ -38,6 +39,28 @@ def spawn(
     return subprocess.Popen(
         argv, env=env, start_new_session=True, preexec_fn=preexec, close_fds=True, **popen
     )
+
+
+def become_subreaper() -> bool:
+    """Make this process, not init, the parent of its orphaned descendants
+    (Linux): a process that an agent started and abandoned (a double fork, a
+    new session) stays in this process's tree, where it can be recognised."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def reap_adopted(own: set[int]) -> None:
+    """Collect the exit of every child that ended, except those in ``own``
+    (children a ``Popen`` waits for: taking their status would lose it)."""
+    import psutil
+
+    for child in psutil.Process().children():
+        if child.pid not in own:
+            try:
+                os.waitpid(child.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
 
 def exit_code(status: int) -> int:

@@ -237,24 +237,34 @@ class AgentTable:
         except psutil.Error:
             return False
 
-    def launched_owner(self, pid: int) -> Agent | None:
-        """The live agent the kernel launched whose process (or one of its
-        descendants) ``pid`` is, if any."""
-        launched = {a.pid: a for a in self.agents.values() if a.launched and a.alive and a.pid}
-        if not launched:
-            return None
-        if pid in launched:
-            return launched[pid]
+    def _running_launched(self) -> dict[int, Agent]:
+        """Launched agents whose process runs, by pid (a process already
+        waited for is gone even while its output is drained)."""
+        return {a.pid: a for a in self.agents.values()
+                if a.launched and a.alive and a.pid and a.popen is not None
+                and a.popen.returncode is None}
+
+    def agent_tree(self, pid: int) -> tuple[bool, Agent | None]:
+        """Whether ``pid`` descends from this process, which starts nothing
+        but agents (and, being their subreaper, adopts what they abandon),
+        and the running agent in whose tree it is, if any."""
         try:
             ancestors = [p.pid for p in psutil.Process(pid).parents()]
         except psutil.Error:
-            return None
-        return next((launched[p] for p in ancestors if p in launched), None)
+            return False, None
+        if os.getpid() not in ancestors:
+            return False, None
+        running = self._running_launched()
+        return True, next((running[p] for p in (pid, *ancestors) if p in running), None)
 
     def live_launched(self, name: str) -> Agent | None:
-        """A live agent the kernel launched under ``name``, if any."""
-        return next((a for a in self.agents.values()
-                     if a.launched and a.alive and a.name == name), None)
+        """A running agent the kernel launched under ``name``, if any."""
+        return next((a for a in self._running_launched().values() if a.name == name), None)
+
+    def own_children(self) -> set[int]:
+        """Pids of launched agents a ``Popen`` still waits for."""
+        return {a.popen.pid for a in self.agents.values()
+                if a.popen is not None and a.popen.returncode is None}
 
     def _pid_alive(self, agent: Agent) -> bool:
         try:

@@ -27,6 +27,7 @@ import libaios
 from libaios import errors, paths, protocol
 from libaios.protocol import ErrorCode, Message, MsgType
 
+from .. import procs
 from ..config import Config
 from ..llm import request as chat_request
 from . import access
@@ -331,14 +332,18 @@ class Scheduler:
         the daemon's user (or root); a hand-started agent names itself, but
         never with the name of a live agent the kernel launched."""
         peer_uid, peer_pid = self._peer
-        owner = self.agents.launched_owner(peer_pid) if peer_pid is not None else None
-        if owner is not None:
-            if operator:
-                self._audit("hello.denied", {"name": name, "pid": pid, "agent": owner.id,
-                                             "why": "an agent claimed to be an operator"})
+        of_agent, owner = (self.agents.agent_tree(peer_pid) if peer_pid is not None
+                           else (False, None))
+        if of_agent:
+            if operator or owner is None:
+                self._audit("hello.denied", {"name": name, "pid": pid,
+                                             "agent": owner.id if owner else None,
+                                             "why": "a process of an agent the kernel launched"})
                 raise errors.PermissionDenied(
                     f"hello: pid {peer_pid} belongs to agent {owner.id}, which the kernel "
-                    "launched; an agent cannot be an operator")
+                    "launched; an agent cannot be an operator" if owner else
+                    f"hello: pid {peer_pid} descends from an agent the kernel launched, but no "
+                    "longer from a running one's process; it may not connect")
             # it cannot shed its identity by leaving out its credential
             return Session(identity, owner.name, operator=False, agent=owner)
         if not self.rules.may_connect(peer_uid):
@@ -354,13 +359,19 @@ class Scheduler:
                     f"hello: only processes of the daemon's user (uid {self.rules.daemon_uid}) "
                     f"or root may be operators; this one is uid {peer_uid}")
             return Session(identity, name, operator=True)
+        if "." in name:
+            raise errors.InvalidArgument(
+                f"hello: {name!r}: a name with '.' is a sub-agent's, which only the kernel "
+                "launches; choose a name without one (libaios.connect(name=...) or "
+                "AIOS_AGENT_NAME)")
         holder = self.agents.live_launched(name)
         if holder is not None:
             self._audit("hello.denied", {"name": name, "pid": pid, "holder": holder.id,
                                          "why": "the name of a launched agent"})
             raise errors.PermissionDenied(
                 f"hello: the name {name!r} belongs to agent {holder.id} (pid {holder.pid}), "
-                "which the kernel launched; choose another name")
+                "which the kernel launched; choose another name (libaios.connect(name=...) "
+                "or AIOS_AGENT_NAME)")
         agent = self.agents.register(name, pid)
         self.publish(f"agent.{agent.id}.connected", {"agent": agent.id, "pid": pid})
         return Session(identity, name, operator=False, agent=agent)
@@ -625,7 +636,7 @@ class Scheduler:
                 state = "suspended"
             running_for = now - call.dispatched if call.state is CallState.RUNNING else 0.0
             rows.append({
-                "call": call.kid[:8], "agent": call.agent, "type": call.type.value, "state": state,
+                "call": call.kid[-8:], "agent": call.agent, "type": call.type.value, "state": state,
                 "worker": call.worker or call.affinity, "tokens": call.tokens + call.turn_tokens,
                 "preemptions": call.preemptions,
                 "wait_s": round(call.wait_s + (now - call.queued_at if call.state in (
@@ -1135,6 +1146,8 @@ class Scheduler:
             self._next_pid_check = now + 1.0
         for agent in self.agents.reap(now, check_pids):
             self.agent_ended(agent)
+        if check_pids:
+            procs.reap_adopted(self.agents.own_children())
         self.agents.enforce_kills(now)
         self._preempt()
         if self.buckets:
@@ -1171,6 +1184,9 @@ class Scheduler:
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
+        if not procs.become_subreaper():
+            log.warning("cannot become the subreaper of launched agents: a process an agent "
+                        "abandons is not recognised as that agent's")
         self.bind()
         log.info("scheduler listening on %s", self.endpoint)
         next_tick = time.monotonic()

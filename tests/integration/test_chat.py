@@ -201,6 +201,7 @@ def test_a_launched_agent_cannot_shed_its_identity(daemon: Daemon) -> None:
     assert seen["whoami"]["launched"] is True
     assert seen["ps"] == "PermissionDenied"
     assert seen["operator"] == "PermissionDenied"
+    assert seen["orphan_operator"] == "PermissionDenied"
 
 
 def test_a_launched_agents_name_cannot_be_taken_by_hand(daemon: Daemon) -> None:
@@ -215,6 +216,8 @@ def test_a_launched_agents_name_cannot_be_taken_by_hand(daemon: Daemon) -> None:
                                       for r in daemon.ps()), what="the agent to end")
     with daemon.client(name="victim") as c:  # a name nobody holds is free again
         assert c.whoami()["launched"] is False
+    with pytest.raises(errors.InvalidArgument, match="sub-agent"):
+        daemon.client(name="victim.sub")
 
 
 def test_admin_calls_are_for_operators(daemon: Daemon) -> None:
