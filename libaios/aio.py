@@ -20,7 +20,7 @@ import zmq
 import zmq.asyncio
 
 from . import errors, protocol
-from .client import DEFAULT_TIMEOUT, ChatResult, chat_body, resolve
+from .client import DEFAULT_TIMEOUT, ChatResult, chat_body, no_reply, resolve
 from .protocol import MsgType
 
 
@@ -118,7 +118,7 @@ class AsyncClient:
                     async with asyncio.timeout_at(deadline):
                         rep = await queue.get()
                 except TimeoutError:
-                    raise self._timeout(msg, timeout) from None
+                    raise no_reply(msg, self.endpoint, timeout) from None
                 if rep.type is MsgType.ERROR:
                     raise errors.from_envelope(rep.body)
                 yield rep
@@ -126,12 +126,6 @@ class AsyncClient:
                     return
         finally:
             self._waiting.pop(msg.id, None)
-
-    def _timeout(self, msg: protocol.Message, timeout: float) -> errors.Timeout:
-        return errors.Timeout(
-            f"no reply to {msg.type.value} from aiosd at {self.endpoint} within "
-            f"{timeout:g}s: is aiosd running? `aiosctl status`"
-        )
 
     async def call(self, mtype: MsgType, body: dict[str, Any] | None = None,
                    timeout: float | None = None) -> dict[str, Any]:
@@ -152,7 +146,7 @@ class AsyncClient:
                 async with asyncio.timeout(timeout):
                     rep = await reply
             except TimeoutError:
-                raise self._timeout(msg, timeout) from None
+                raise no_reply(msg, self.endpoint, timeout) from None
         finally:
             self._waiting.pop(msg.id, None)
         if rep.type is MsgType.ERROR:

@@ -58,6 +58,12 @@ def resolve(endpoint: str | None, token: str | None, name: str | None) -> tuple[
     )
 
 
+def no_reply(msg: protocol.Message, endpoint: str, timeout: float) -> errors.Timeout:
+    """The error of a call that got no answer in time, saying what to check."""
+    return errors.Timeout(f"no reply to {msg.type.value} from aiosd at {endpoint} within "
+                          f"{timeout:g}s: is aiosd running? `aiosctl status`")
+
+
 def chat_body(messages: list[dict[str, Any]] | str, *, stream: bool = False,
               **options: Any) -> dict[str, Any]:
     """The body of an ``llm.chat`` call; options left as None are not sent."""
@@ -183,10 +189,7 @@ class Client:
                 if time.monotonic() < deadline:
                     self._check_kernel()
                     continue
-                raise errors.Timeout(
-                    f"no reply to {msg.type.value} from aiosd at {self.endpoint} within "
-                    f"{timeout:g}s: is aiosd running? `aiosctl status`"
-                )
+                raise no_reply(msg, self.endpoint, timeout)
             frames = self._sock.recv_multipart()
             try:
                 _, payload = protocol.split_envelope(frames)
