@@ -90,8 +90,18 @@ class CoreConfig:
     backend: str = field(default="llamacpp", metadata=_check("one of: llamacpp, openai"))
     #: llamacpp: a GGUF path or "embedded"; openai: the served model's name.
     model: str = "embedded"
-    #: KV cache cells shared by all of the core's sequences (llamacpp).
-    n_ctx: int = field(default=32768, metadata=_check("positive"))
+    #: Tokens one sequence (an agent's conversation) holds (llamacpp).
+    n_ctx: int = field(default=2048, metadata=_check("positive"))
+    #: KV cache memory in MiB: it holds kv_mb / (n_ctx x KV bytes per token)
+    #: sequences, running and retained; beyond that the least recently used
+    #: retained conversation is dropped (llamacpp).
+    kv_mb: int = field(default=1536, metadata=_check("positive"))
+    #: Flash attention (llamacpp): about 13 % faster batched decoding on CPU,
+    #: but its result depends on how a prompt is split into batches, so a
+    #: prompt that starts from a shared or retained prefix, or a resumed
+    #: call, may decode to other tokens than one computed in one piece.
+    #: Off, greedy decoding gives the same tokens however the work is split.
+    flash_attn: bool = False
     #: Decode threads; 0 means one per CPU the core may use (llamacpp).
     threads: int = field(default=0, metadata=_check("non-negative"))
     #: CPUs to pin the core to; empty means every CPU the process may use.

@@ -1,13 +1,17 @@
 """The batching engine of a local LLM core: several sequences decoded
 together, KV caches kept between calls, shared prefixes, suspend and resume.
 
-One context holds a unified KV cache for up to ``n_seq_max`` sequences.
-Each agent's conversation keeps its own sequence after a call ends, so its
-next call prefills only what it has not seen (longest common token prefix);
-a new sequence whose prompt begins like another cached one (the same system
-prompt) starts from a copy of that prefix (``llama_memory_seq_cp`` shares
-the cells, it does not recompute them). Retained sequences are dropped least
-recently used when the cache fills.
+The context's KV cache is split into one stream per sequence, ``seqs``
+streams of ``n_ctx`` cells each: a decoded token attends only to its own
+sequence's cells, so the cost of a step does not grow with the other
+conversations the cache retains. Each agent's conversation keeps its own
+sequence after a call ends, so its next call prefills only what it has not
+seen (longest common token prefix). A prefix tree indexes the token runs
+the sequences hold; a new sequence whose prompt begins like another's (the
+same system prompt) starts from a copy of that one's cells
+(``llama_memory_seq_cp``, a buffer copy between streams) cut back to the
+common prefix, instead of recomputing them. When every stream is taken, the
+least recently used retained sequence is dropped.
 
 The engine runs in its own thread: every step it builds one batch from all
 running requests (a chunk of prompt for those prefilling, one token for
@@ -30,6 +34,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from .prefix import PrefixTree
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +108,67 @@ class _Seq:
     last_used: float = 0.0
 
 
+#: llama.cpp's most sequences (streams) in one context, the spare included
+MAX_SEQS = 255
+#: llama.cpp rounds each stream's cells up to a multiple of this
+CTX_ALIGN = 256
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """KV cache bytes one token costs in ``model`` (f16 keys and values)."""
+    import llama_cpp
+
+    m = model.model
+    n_head = llama_cpp.llama_model_n_head(m)
+    head_dim = llama_cpp.llama_model_n_embd(m) // n_head
+    return 2 * 2 * llama_cpp.llama_model_n_layer(m) * llama_cpp.llama_model_n_head_kv(m) * head_dim
+
+
+def sequences_for(kv_bytes: int, n_ctx: int, per_token: int, slots: int) -> int:
+    """How many sequences of ``n_ctx`` cells fit in ``kv_bytes``.
+
+    At least ``slots`` (every running call needs one); ValueError if even
+    those do not fit."""
+    fit = min(MAX_SEQS, kv_bytes // (n_ctx * per_token) - 1)   # one stream is the spare
+    if fit < slots:
+        need = -(-slots * n_ctx * per_token // 2**20)
+        raise ValueError(f"{slots} slots of {n_ctx} tokens need {need} MiB of KV cache; "
+                         f"{kv_bytes // 2**20} MiB hold {fit} sequences")
+    return fit
+
+
+def passes(batch: list[tuple[int, int]], n_ubatch: int) -> int:
+    """How many passes llama.cpp makes over a batch of ``(stream, tokens)``
+    sorted by stream: each takes a run of consecutive streams that still
+    have tokens, the same number from each (the fewest left, within
+    ``n_ubatch``)."""
+    left = [[sid, n] for sid, n in batch]
+    count = 0
+    while True:
+        run: list[list[int]] = []
+        for item in left:
+            if item[1] and (not run or item[0] == run[-1][0] + 1):
+                run.append(item)
+            elif run and item[1]:
+                break
+        if not run:
+            return count
+        take = max(1, min(min(i[1] for i in run), n_ubatch // len(run)))
+        for item in run:
+            item[1] -= min(take, item[1])
+        count += 1
+
+
 class Engine:
-    """A llama.cpp context serving many sequences from one thread."""
+    """A llama.cpp context serving many sequences from one thread.
+
+    ``n_ctx`` is the cells of one sequence (the longest conversation);
+    ``seqs`` the sequences the cache holds at once, running and retained
+    (or, if not given, as many as ``kv_bytes`` holds)."""
 
     def __init__(self, model_path: str, *, n_ctx: int, slots: int, threads: int,
-                 n_seq_max: int = 64, n_batch: int = 512):
+                 seqs: int | None = None, kv_bytes: int | None = None, n_batch: int = 512,
+                 flash_attn: bool = False):
         import llama_cpp
         from llama_cpp import _internals
 
@@ -118,26 +180,50 @@ class Engine:
         self._internals = _internals
         mparams = llama_cpp.llama_model_default_params()
         self.model = _internals.LlamaModel(path_model=model_path, params=mparams, verbose=False)
+        n_ctx = -(-n_ctx // CTX_ALIGN) * CTX_ALIGN
+        self.token_bytes = kv_bytes_per_token(self.model)
+        if seqs is None:
+            if kv_bytes is None:
+                raise ValueError("give the engine seqs or kv_bytes")
+            try:
+                seqs = sequences_for(kv_bytes, n_ctx, self.token_bytes, slots)
+            except ValueError:
+                self.model.close()
+                raise
+        if not slots <= seqs <= MAX_SEQS:
+            self.model.close()
+            raise ValueError(f"seqs must be from slots ({slots}) to {MAX_SEQS}, not {seqs}")
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
+        cparams.n_ctx = n_ctx * (seqs + 1)
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
-        cparams.n_seq_max = n_seq_max
+        cparams.n_seq_max = seqs + 1   # the last stream is the spare of _swap
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        cparams.kv_unified = True   # any sequence may use any cell: sharing works
+        # One stream per sequence: a token attends to its own sequence's cells
+        # only, not to a mask over every retained conversation.
+        cparams.kv_unified = False
+        # Set either way: llama.cpp's "auto" would turn it on, and flash
+        # attention's sums depend on how a prompt is split into batches
+        # (see CoreConfig.flash_attn).
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.ctx = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.slots = slots
         self.batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
-        self.seqs = [_Seq(i) for i in range(n_seq_max)]
+        self.seqs = [_Seq(i) for i in range(seqs)]
+        self._spare = seqs
+        self.tree = PrefixTree()
+        self._copying = False   # a stream copy is queued in llama.cpp
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._lock = threading.Condition()
         self._stop = False
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "cached_tokens": 0,
-                      "shared_tokens": 0, "evicted_seqs": 0, "suspended": 0, "resumed": 0}
+                      "shared_tokens": 0, "evicted_seqs": 0, "moved_seqs": 0, "passes": 0, "suspended": 0, "resumed": 0,
+                      "decode_s": 0.0, "busy_s": 0.0}
         self._seed = itertools.count(1)
         self.thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self.thread.start()
@@ -145,6 +231,12 @@ class Engine:
     # -- the callers' side ---------------------------------------------------------
 
     def submit(self, req: Request) -> None:
+        if req.resume is None and len(req.prompt) >= self.n_ctx:
+            req.error = ValueError(f"the prompt is {len(req.prompt)} tokens; a sequence holds "
+                                   f"{self.n_ctx}")
+            req.finish = Finish.ERROR
+            req.done.set()
+            return
         with self._lock:
             self.waiting.append(req)
             self._lock.notify()
@@ -170,7 +262,10 @@ class Engine:
                 "slots": self.slots,
                 "running": len(self.running),
                 "waiting": len(self.waiting),
-                "retained_seqs": sum(1 for s in self.seqs if s.key is not None and not s.busy),
+                "seqs": len(self.seqs),
+                "seq_ctx": self.n_ctx,
+                "kv_bytes": (len(self.seqs) + 1) * self.n_ctx * self.token_bytes,
+                "retained_seqs": sum(1 for s in self.seqs if s.tokens and not s.busy),
                 **self.stats,
             }
 
@@ -181,6 +276,8 @@ class Engine:
         return self.ctx.memory
 
     def _free_seq(self) -> _Seq | None:
+        """An idle sequence: an empty one, else the least recently used
+        retained one, dropped."""
         idle = [s for s in self.seqs if not s.busy]
         if not idle:
             return None
@@ -189,27 +286,30 @@ class Engine:
             return empty[0]
         victim = min(idle, key=lambda s: s.last_used)
         self._drop(victim)
+        self.stats["evicted_seqs"] += 1
         return victim
 
-    def _drop(self, seq: _Seq, evicted: bool = True) -> None:
+    def _trim(self, seq: _Seq, n: int) -> None:
+        """Keep the first ``n`` tokens of ``seq``."""
+        if n < len(seq.tokens):
+            self._ll.llama_memory_seq_rm(self._mem, seq.id, n, -1)
+            seq.tokens = seq.tokens[:n]
+            self.tree.truncate(seq.id, n)
+
+    def _drop(self, seq: _Seq) -> None:
         self._ll.llama_memory_seq_rm(self._mem, seq.id, -1, -1)
-        if seq.tokens and evicted:
-            self.stats["evicted_seqs"] += 1
         seq.tokens = []
+        self.tree.drop(seq.id)
         seq.key = None
 
-    def _evict_one(self) -> bool:
-        """Free KV cells by dropping the least recently used retained sequence."""
-        idle = [s for s in self.seqs if not s.busy and s.tokens]
-        if not idle:
-            return False
-        self._drop(min(idle, key=lambda s: s.last_used))
-        return True
+    def _extend(self, seq: _Seq, tokens: list[int]) -> None:
+        seq.tokens.extend(tokens)
+        self.tree.grow(seq.id, seq.tokens)
 
     @staticmethod
-    def _common(a: list[int], b: list[int]) -> int:
+    def _common(a: list[int], b: list[int], start: int = 0) -> int:
         n = min(len(a), len(b))
-        i = 0
+        i = min(start, n)
         while i < n and a[i] == b[i]:
             i += 1
         return i
@@ -226,31 +326,31 @@ class Engine:
             seq = self._free_seq()
             if seq is None:
                 return False
+        seq = self._place(seq)
         keep = self._common(seq.tokens, prompt)
-        # A new sequence may start from another's identical prefix (a shared
-        # system prompt): share those cells instead of recomputing them.
-        best, best_len = None, keep
-        for other in self.seqs:
-            if other is seq or not other.tokens:
-                continue
-            n = self._common(other.tokens, prompt)
-            if n > best_len:
-                best, best_len = other, n
-        if best is not None and best_len > keep + 16:
-            self._ll.llama_memory_seq_rm(self._mem, seq.id, -1, -1)
-            self._ll.llama_memory_seq_cp(self._mem, best.id, seq.id, 0, best_len)
-            seq.tokens = prompt[:best_len]
-            self.stats["shared_tokens"] += best_len
-            keep = best_len
+        # Another sequence may hold more of this prompt (a shared system
+        # prompt): start from a copy of its cells instead of recomputing them.
+        other_id, run = self.tree.longest(prompt, exclude=seq.id)
+        if other_id is not None and run > keep + self.tree.block:
+            other = self.seqs[other_id]
+            run = self._common(other.tokens, prompt, run)
+            self._drop(seq)
+            # Streams copy whole: take all of the other's cells, cut back to
+            # the shared run.
+            self._ll.llama_memory_seq_cp(self._mem, other.id, seq.id, -1, -1)
+            self._copying = True
+            seq.tokens = list(other.tokens)
+            self._trim(seq, run)
+            self.tree.grow(seq.id, seq.tokens)
+            self.stats["shared_tokens"] += run
+            keep = run
         else:
-            self._ll.llama_memory_seq_rm(self._mem, seq.id, keep, -1)
-            seq.tokens = seq.tokens[:keep]
+            self._trim(seq, keep)
         if keep >= len(prompt):
             # Everything is cached, but the logits of the last prompt token
             # are not: decode it again.
             keep = len(prompt) - 1
-            self._ll.llama_memory_seq_rm(self._mem, seq.id, keep, -1)
-            seq.tokens = seq.tokens[:keep]
+            self._trim(seq, keep)
         req.cached = keep
         self.stats["cached_tokens"] += keep
         seq.key = req.key
@@ -266,13 +366,15 @@ class Engine:
         seq = self._free_seq()
         if seq is None:
             return False
-        self._ll.llama_memory_seq_rm(self._mem, seq.id, -1, -1)
+        seq = self._place(seq)
+        self._settle(seq)
+        self._drop(seq)
         buf = (ctypes.c_uint8 * len(snap.state)).from_buffer_copy(snap.state)
         got = self._ll.llama_state_seq_set_data(self.ctx.ctx, buf, len(snap.state), seq.id)
         if got == 0:
             req.error = RuntimeError("the snapshot could not be restored into the KV cache")
             return True
-        seq.tokens = list(snap.tokens)
+        self._extend(seq, list(snap.tokens))
         seq.key = req.key
         seq.busy = True
         req._seq = seq
@@ -287,6 +389,80 @@ class Engine:
                 req._sampler.accept(tok)
         self.stats["resumed"] += 1
         return True
+
+    def _place(self, seq: _Seq) -> _Seq:
+        """The stream a call on ``seq`` should run in.
+
+        llama.cpp decodes in one pass only a run of consecutive streams, and
+        each pass reads all of the model's weights: running sequences
+        scattered over the cache would make every step several passes. So a
+        call that would start a run of its own moves next to the running
+        ones (into a hole between them, or at a run's end), its cells
+        swapped with that stream's."""
+        busy = {s.id for s in self.seqs if s.busy}
+
+        def joins(i: int) -> bool:
+            return i - 1 in busy or i + 1 in busy
+
+        if not busy or joins(seq.id):
+            return seq
+        target = next((s for s in self.seqs if not s.busy and joins(s.id)), None)
+        if target is None:
+            return seq
+        self._swap(seq, target)
+        return target
+
+    def _swap(self, a: _Seq, b: _Seq) -> None:
+        """Exchange what streams ``a`` and ``b`` hold. llama.cpp copies
+        whole streams, in order, at the start of the next decode; a third
+        (the spare) holds one side meanwhile."""
+        cp, mem = self._ll.llama_memory_seq_cp, self._mem
+        if a.tokens and b.tokens:
+            cp(mem, a.id, self._spare, -1, -1)
+            cp(mem, b.id, a.id, -1, -1)
+            cp(mem, self._spare, b.id, -1, -1)
+            self._ll.llama_memory_seq_rm(mem, self._spare, -1, -1)
+        elif a.tokens or b.tokens:
+            src, dst = (a, b) if a.tokens else (b, a)
+            cp(mem, src.id, dst.id, -1, -1)
+            self._ll.llama_memory_seq_rm(mem, src.id, -1, -1)
+        else:
+            return
+        self._copying = True
+        self.stats["moved_seqs"] += 1
+        self.tree.drop(a.id)
+        self.tree.drop(b.id)
+        a.key, b.key = b.key, a.key
+        a.tokens, b.tokens = b.tokens, a.tokens
+        a.last_used, b.last_used = b.last_used, a.last_used
+        self.tree.grow(a.id, a.tokens)
+        self.tree.grow(b.id, b.tokens)
+
+    def _settle(self, seq: _Seq) -> None:
+        """Carry out the stream copies llama.cpp has queued before cells are
+        written directly: it copies at the start of the next decode, which
+        would overwrite a snapshot restored into a copy's target. One token
+        decoded into ``seq`` (about to be cleared) starts that decode."""
+        if not self._copying:
+            return
+        b = self.batch.batch
+        b.token[0] = self.model.token_bos()
+        b.pos[0] = len(seq.tokens)
+        b.n_seq_id[0] = 1
+        b.seq_id[0][0] = seq.id
+        b.logits[0] = True
+        b.n_tokens = 1
+        self._decode(b)
+
+    def _decode(self, b: Any) -> None:
+        t = time.perf_counter()
+        rc = self._ll.llama_decode(self.ctx.ctx, b)
+        self.stats["decode_s"] += time.perf_counter() - t
+        if rc != 0:
+            # Each sequence has a stream of its own and stops before filling
+            # it, so this is not a matter of evicting others.
+            raise RuntimeError(f"llama_decode failed ({rc})")
+        self._copying = False
 
     def _sampler(self, req: Request) -> Any:
         s = self._internals.LlamaSampler()
@@ -315,13 +491,22 @@ class Engine:
                     return
                 while self.waiting and len(self.running) < self.slots:
                     req = self.waiting[0]
-                    if not self._admit(req):
-                        break
+                    try:
+                        if not self._admit(req):
+                            break
+                    except Exception as exc:
+                        log.exception("admitting a call failed")
+                        req.error = exc
                     self.waiting.pop(0)
                     if req.error is not None:
+                        if req._seq is not None:
+                            self._drop(req._seq)
+                            req._seq.busy = False
+                        req.finish = Finish.ERROR
                         req.done.set()
                         continue
                     self.running.append(req)
+            t = time.perf_counter()
             try:
                 self._step()
             except Exception as exc:  # a decode failure fails the batch, not the core
@@ -329,6 +514,8 @@ class Engine:
                 for req in list(self.running):
                     req.error = exc
                     self._finish(req, Finish.ERROR)
+                    self._drop(req._seq)   # what its cells hold is unknown now
+            self.stats["busy_s"] += time.perf_counter() - t
 
     def _step(self) -> None:
         # cancellations and suspensions happen between steps: token boundaries
@@ -349,10 +536,17 @@ class Engine:
         entries: list[tuple[Request, int, int]] = []  # (req, first index, count)
         decoding = [r for r in self.running if not r._todo and r._pending is not None]
         prefilling = [r for r in self.running if r._todo]
+        planned: list[tuple[Request, list[int]]] = []
         for req in decoding + prefilling:
             if budget <= 0:
                 break
             tokens = [req._pending] if not req._todo else req._todo[:budget]
+            planned.append((req, tokens))
+            budget -= len(tokens)
+        # llama.cpp splits a batch into passes of consecutive streams, in batch order
+        planned.sort(key=lambda p: p[0]._seq.id)
+        self.stats["passes"] += passes([(r._seq.id, len(t)) for r, t in planned], self.n_batch)
+        for req, tokens in planned:
             pos0 = len(req._seq.tokens)
             for j, tok in enumerate(tokens):
                 b.token[n + j] = tok
@@ -368,16 +562,8 @@ class Engine:
                 req._logit_index = -1
             entries.append((req, n, len(tokens)))
             n += len(tokens)
-            budget -= len(tokens)
         b.n_tokens = n
-        while True:
-            rc = self._ll.llama_decode(self.ctx.ctx, b)
-            if rc == 0:
-                break
-            if rc == 1 and self._evict_one():
-                continue  # no room in the KV cache: retained sequences go first
-            raise RuntimeError(f"llama_decode failed ({rc}): the KV cache is full "
-                               f"({self.n_ctx} cells, llm.cores[].n_ctx)")
+        self._decode(b)
         self.stats["steps"] += 1
         now = time.monotonic()
         for req, first, count in entries:
@@ -389,7 +575,7 @@ class Engine:
             else:
                 added = [req._pending]
                 self.stats["decode_tokens"] += 1
-            seq.tokens.extend(added)
+            self._extend(seq, added)
             seq.last_used = now
             if req._logit_index < 0:
                 continue
@@ -419,7 +605,7 @@ class Engine:
         self.stats["suspended"] += 1
         # The snapshot holds the state now: free the cells for the calls
         # that run meanwhile.
-        self._drop(seq, evicted=False)
+        self._drop(seq)
         self._finish(req, Finish.SUSPENDED)
 
     def _finish(self, req: Request, how: Finish) -> None:

@@ -87,8 +87,12 @@ class LlamaCppBackend:
         self.path = resolve_model(cfg.model)
         self.cpus = usable_cpus(cfg.cpus)
         self.threads = cfg.threads or len(self.cpus)
-        self.engine = Engine(str(self.path), n_ctx=cfg.n_ctx, slots=cfg.slots,
-                             threads=self.threads)
+        try:
+            self.engine = Engine(str(self.path), n_ctx=cfg.n_ctx, slots=cfg.slots,
+                                 threads=self.threads, kv_bytes=cfg.kv_mb * 2**20,
+                                 flash_attn=cfg.flash_attn)
+        except ValueError as exc:
+            raise ConfigError(f"llm.cores[{cfg.name}].kv_mb: {exc}") from None
         self.model = self.engine.model
         template = self.model.metadata().get("tokenizer.chat_template")
         if not template:
@@ -105,7 +109,9 @@ class LlamaCppBackend:
         return {
             "backend": "llamacpp",
             "model": self.path.name,
-            "n_ctx": self.cfg.n_ctx,
+            "n_ctx": self.engine.n_ctx,
+            "seqs": len(self.engine.seqs),
+            "kv_mb": self.cfg.kv_mb,
             "threads": self.threads,
             "cpus": self.cpus,
             "slots": self.cfg.slots,
@@ -155,7 +161,7 @@ class LlamaCppBackend:
         from .engine import Finish, Request
 
         tokens, stops = self._prompt_tokens(req)
-        limit = min(self.cfg.n_ctx, self.model.n_ctx_train())
+        limit = min(self.engine.n_ctx, self.model.n_ctx_train())
         if len(tokens) >= limit:
             raise InvalidArgument(
                 f"llm.chat: the prompt is {len(tokens)} tokens; this core's context holds "

@@ -1,0 +1,174 @@
+"""The batching engine on the real model, without the daemon around it: a
+prefix copied from another sequence's stream decodes to the same tokens as
+one computed afresh, eviction when every stream is taken, a snapshot
+restored into another stream, and a too-long prompt refused."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from aiosd.llm.engine import Engine, Finish, Request
+from aiosd.llm.llamacpp import embedded_model_path
+
+pytestmark = pytest.mark.integration
+
+SYSTEM = ("You are a careful assistant working for a small team. Answer briefly and "
+          "plainly, name your sources, and say so when you do not know. ") * 3
+
+
+def make(seqs: int, slots: int | None = None) -> Engine:
+    return Engine(str(embedded_model_path()), n_ctx=512, slots=slots or seqs, threads=2,
+                  seqs=seqs)
+
+
+@pytest.fixture(scope="module")
+def plain() -> Iterator[Engine]:
+    """One sequence only: nothing can be shared, everything is computed."""
+    eng = make(1)
+    yield eng
+    eng.close()
+
+
+def tokens(eng: Engine, text: str) -> list[int]:
+    return eng.model.tokenize(text.encode(), add_bos=False, special=True)
+
+
+def turn(user: str, system: str = SYSTEM) -> str:
+    """A prompt in the model's chat format, ready for the answer."""
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def generate(eng: Engine, key: str, prompt: list[int], n: int = 24, **kw) -> Request:
+    req = eng.run(Request(key, prompt, n, **kw))
+    assert req.error is None, req.error
+    assert req.completion, "the model ended at once: pick a prompt it continues"
+    return req
+
+
+def test_a_shared_prefix_decodes_like_one_computed_afresh(plain: Engine) -> None:
+    eng = make(4)
+    try:
+        system = tokens(eng, turn("")[:-len("<|im_end|>\n<|im_start|>assistant\n")])
+        first = tokens(eng, turn("What is a lighthouse?"))
+        second = tokens(eng, turn("Name three rivers in Europe."))
+        generate(eng, "a", first)
+        shared = generate(eng, "b", second)
+        # b's prompt started from a copy of a's cells, whole blocks and all
+        assert eng.stats["shared_tokens"] >= len(system) - 16
+        assert shared.cached >= len(system) - 16
+        assert shared.completion == generate(plain, "ref", second).completion
+        # and a's own sequence is untouched by the copy
+        assert generate(eng, "a", first).completion == generate(plain, "ref", first).completion
+    finally:
+        eng.close()
+
+
+def test_least_recently_used_sequence_is_evicted_when_streams_run_out() -> None:
+    eng = make(2, slots=1)
+    try:
+        prompts = {k: tokens(eng, turn(f"Tell me about the number {i}.", f"You are agent {k}."))
+                   for i, k in enumerate("abc")}
+        for k in "abc":
+            generate(eng, k, prompts[k], 8)
+        assert eng.stats["evicted_seqs"] == 1          # a's sequence made room for c
+        again = generate(eng, "c", prompts["c"] + [13], 8)
+        assert again.cached == len(prompts["c"])        # c's own conversation is retained
+        assert eng.describe()["retained_seqs"] == 2
+    finally:
+        eng.close()
+
+
+def test_a_snapshot_resumes_in_another_stream_even_with_a_copy_queued(plain: Engine) -> None:
+    eng = make(2, slots=1)
+    try:
+        story = tokens(eng, turn("Write a long story about a lighthouse keeper.",
+                                 "You are a storyteller."))
+        baseline = generate(plain, "ref", story, 32).completion
+
+        # suspend the story after a few tokens: its stream is freed
+        req = Request("s", story, 32)
+        seen: list[int] = []
+
+        def on_token(tok: int) -> bool:
+            seen.append(tok)
+            if len(seen) == 5:
+                req.suspend()
+            return True
+
+        req.on_token = on_token
+        eng.run(req)
+        assert req.finish is Finish.SUSPENDED and req.snapshot is not None
+        assert len(baseline) > 5
+
+        # a holds the system prompt; b starts from a copy of it and is
+        # cancelled before any decode, so the copy is still queued in llama.cpp
+        system = tokens(eng, turn("")[:-len("<|im_end|>\n<|im_start|>assistant\n")])
+        generate(eng, "a", tokens(eng, turn("What is a lighthouse?")))
+        question = tokens(eng, turn("Name three rivers in Europe."))
+
+        def cancel() -> None:
+            raise RuntimeError("cancelled")
+
+        cancelled = eng.run(Request("b", question, 8, check=cancel))
+        assert cancelled.finish is Finish.ERROR and cancelled.cached >= len(system) - 16
+
+        # the snapshot goes into a's stream (least recently used), the copy's source
+        resumed = eng.run(Request("s", story, 32, resume=req.snapshot))
+        assert resumed.error is None
+        assert resumed.completion == baseline
+        # b's retained copy still holds the system prompt's true cells
+        again = generate(eng, "b", question)
+        assert again.completion == generate(plain, "ref", question).completion
+    finally:
+        eng.close()
+
+
+def test_a_prompt_longer_than_a_sequence_is_refused(plain: Engine) -> None:
+    req = plain.run(Request("long", [1] * 600, 4))
+    assert req.finish is Finish.ERROR
+    assert "600 tokens" in str(req.error) and "512" in str(req.error)
+
+
+def test_many_sequences_decode_together(plain: Engine) -> None:
+    eng = make(8)
+    try:
+        prompts = [tokens(eng, turn(f"Tell me a fact about the number {i}.")) for i in range(8)]
+        reqs = [Request(f"k{i}", p, 16) for i, p in enumerate(prompts)]
+        for r in reqs:
+            eng.submit(r)
+        for r in reqs:
+            assert r.done.wait(120)
+        assert eng.stats["steps"] < sum(len(r.completion) for r in reqs)   # batched
+        for r, p in zip(reqs, prompts):
+            assert r.completion == generate(plain, "ref", p, 16).completion
+    finally:
+        eng.close()
+
+
+def test_engine_survives_concurrent_submitters() -> None:
+    eng = make(4)
+    try:
+        errors: list[BaseException] = []
+
+        def agent(i: int) -> None:
+            conv = tokens(eng, turn(f"Agent {i} here. Tell me a story."))
+            for _ in range(3):
+                r = eng.run(Request(f"c{i}", conv, 8))
+                if r.error is not None:
+                    errors.append(r.error)
+                conv = conv + r.completion + tokens(
+                    eng, "<|im_end|>\n<|im_start|>user\nGo on.<|im_end|>\n<|im_start|>assistant\n")
+
+        threads = [threading.Thread(target=agent, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors
+        assert eng.stats["cached_tokens"] > 0 and eng.stats["shared_tokens"] > 0
+    finally:
+        eng.close()
