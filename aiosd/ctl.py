@@ -284,10 +284,16 @@ def kill(agent: str, as_json: bool) -> None:
 def top_view(status: dict[str, Any], agents: list[dict[str, Any]]) -> Any:
     from rich.console import Group
 
-    cores = Table("core", "state", "slots", "running", "served", title="LLM cores")
+    cores = Table("core", "state", "slots", "running", "served", "KV seqs", "cached tok",
+                  "shared tok", "prefilled tok", "decoded tok", title="LLM cores")
     for core in status["cores"]:
+        # a local core's KV cache, as of its last heartbeat
+        kv = core.get("stats") or {}
+        seqs = f"{kv['retained_seqs']}/{kv['seqs']}" if "seqs" in kv else "-"
         cores.add_row(core["name"], core["state"], str(core.get("capacity", "-")),
-                      str(core.get("running", "-")), str(core.get("served", "-")))
+                      str(core.get("running", "-")), str(core.get("served", "-")), seqs,
+                      *(str(kv.get(k, "-")) for k in ("cached_tokens", "shared_tokens",
+                                                       "prefill_tokens", "decode_tokens")))
     queues = ", ".join(f"{k} {v}" for k, v in status["queues"].items())
     summary = (f"queued: {queues} | running {status['running']} | approvals {status['approvals']} "
                f"| preemptions {status['preemptions']} | policy {status['policy']}")

@@ -82,6 +82,7 @@ class WorkerRuntime:
         handlers: dict[MsgType, Handler],
         heartbeat_interval: float = 0.5,
         info: dict[str, Any] | None = None,
+        stats: Callable[[], dict[str, Any]] | None = None,
         inline: frozenset[MsgType] = frozenset({MsgType.SYS_NULL}),
     ):
         self.kind = kind
@@ -91,6 +92,7 @@ class WorkerRuntime:
         self.handlers = dict(handlers)
         self.heartbeat_interval = heartbeat_interval
         self.info = info or {}
+        self.stats = stats
         #: call types cheap enough to run on the main loop, without a slot
         self.inline = inline
         self._tasks: dict[str, Task] = {}
@@ -223,7 +225,10 @@ class WorkerRuntime:
                         else:
                             self._on_frames(sock, pool, frames)
                 if time.monotonic() >= next_beat:
-                    beat = protocol.call(MsgType.WORKER_HEARTBEAT, {"running": len(self._tasks)})
+                    body: dict[str, Any] = {"running": len(self._tasks)}
+                    if self.stats is not None:
+                        body["stats"] = self.stats()
+                    beat = protocol.call(MsgType.WORKER_HEARTBEAT, body)
                     sock.send_multipart(protocol.encode(beat))
                     next_beat = time.monotonic() + self.heartbeat_interval
         finally:

@@ -76,10 +76,6 @@ class LLMCore:
     def null(self, task: Task) -> dict[str, Any]:
         return {"core": self.cfg.name}
 
-    def stats(self, task: Task) -> dict[str, Any]:
-        stats = getattr(self.backend, "stats", None)
-        return {"core": self.cfg.name, **(stats() if stats else {})}
-
     def handlers(self) -> dict[MsgType, Any]:
         return {MsgType.LLM_CHAT: self.chat, MsgType.SYS_NULL: self.null}
 
@@ -99,6 +95,7 @@ def serve(config: Config, name: str, endpoint: str) -> None:
         handlers=core.handlers(),
         heartbeat_interval=config.kernel.heartbeat_interval,
         info=backend.describe(),
+        stats=getattr(backend, "stats", None),
     )
     try:
         runtime.run()

@@ -83,6 +83,8 @@ class Worker:
     inflight: dict[str, Call] = field(default_factory=dict)
     served: int = 0
     last_dispatch: float = 0.0
+    #: the worker's own figures, as of its last heartbeat (an LLM core's KV cache)
+    stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def free(self) -> int:
@@ -97,6 +99,7 @@ class Worker:
             "running": len(self.inflight),
             "served": self.served,
             "info": self.info,
+            "stats": self.stats,
         }
 
 
@@ -971,6 +974,9 @@ class Scheduler:
             )
             return
         worker.last_seen = time.time()
+        stats = msg.body.get("stats")
+        if isinstance(stats, dict):
+            worker.stats = stats
 
     def on_worker_result(self, wid: bytes, msg: Message) -> None:
         worker = self.workers.get(wid.decode(errors="replace"))

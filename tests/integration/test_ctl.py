@@ -167,3 +167,9 @@ def test_top_shows_calls_while_they_run(daemon: Daemon) -> None:
     human = daemon.ctl("top", "--once")
     assert human.returncode == 0 and "LLM cores" in human.stdout
     t.join(120)
+    # the core's KV cache figures come with its heartbeats
+    status = daemon.wait_for(lambda s: "seqs" in (s["cores"][0].get("stats") or {}),
+                             what="the core's KV figures")
+    kv = status["cores"][0]["stats"]
+    assert kv["seqs"] >= kv["slots"] and kv["decode_tokens"] > 0
+    assert "KV seqs" in daemon.ctl("top", "--once").stdout
