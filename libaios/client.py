@@ -247,6 +247,7 @@ class Client:
         tool_choice: str | dict[str, Any] | None = None,
         response_format: dict[str, Any] | None = None,
         max_tokens: int | None = None,
+        min_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
         stop: list[str] | str | None = None,
@@ -259,12 +260,13 @@ class Client:
         ``messages`` is an OpenAI-style list (a bare string becomes one user
         message). With ``stream=True`` this returns an iterator of text
         pieces; its ``result`` attribute (a :class:`ChatResult`) is set once
-        it is exhausted.
+        it is exhausted. ``min_tokens`` holds back the end of generation until
+        that many tokens are generated (as vLLM's server does).
         """
         body = chat_body(
             messages, tools=tools, tool_choice=tool_choice, response_format=response_format,
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed,
-            stream=stream,
+            max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p,
+            stop=stop, seed=seed, stream=stream,
         )
         if not stream:
             return ChatResult.from_body(self.call(MsgType.LLM_CHAT, body, timeout))

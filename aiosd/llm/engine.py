@@ -71,6 +71,8 @@ class Request:
     key: str                          # whose KV to retain (the agent)
     prompt: list[int]
     max_tokens: int
+    #: end-of-generation tokens are held back until this many are generated
+    min_tokens: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -212,6 +214,9 @@ class Engine:
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.slots = slots
+        vocab = self.model.vocab
+        self._eog = [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab))
+                     if llama_cpp.llama_vocab_is_eog(vocab, t)]
         self.batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self.seqs = [_Seq(i) for i in range(seqs)]
         self._spare = seqs
@@ -222,8 +227,8 @@ class Engine:
         self._lock = threading.Condition()
         self._stop = False
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "cached_tokens": 0,
-                      "shared_tokens": 0, "evicted_seqs": 0, "moved_seqs": 0, "passes": 0, "suspended": 0, "resumed": 0,
-                      "decode_s": 0.0, "busy_s": 0.0}
+                      "shared_tokens": 0, "evicted_seqs": 0, "moved_seqs": 0, "passes": 0,
+                      "suspended": 0, "resumed": 0, "decode_s": 0.0, "busy_s": 0.0}
         self._seed = itertools.count(1)
         self.thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self.thread.start()
@@ -579,6 +584,8 @@ class Engine:
             seq.last_used = now
             if req._logit_index < 0:
                 continue
+            if len(req.completion) < req.min_tokens:
+                self._hold_back_end(req._logit_index)
             token = req._sampler.sample(self.ctx, req._logit_index)
             if self._ll.llama_vocab_is_eog(self.model.vocab, token):
                 self._finish(req, Finish.STOP)
@@ -591,6 +598,12 @@ class Engine:
                 self._finish(req, Finish.LENGTH)
             elif len(seq.tokens) + 1 >= self.n_ctx:
                 self._finish(req, Finish.LENGTH)
+
+    def _hold_back_end(self, index: int) -> None:
+        """Make the end-of-generation tokens impossible at batch ``index``."""
+        logits = self._ll.llama_get_logits_ith(self.ctx.ctx, index)
+        for token in self._eog:
+            logits[token] = float("-inf")
 
     def _suspend_now(self, req: Request) -> None:
         seq = req._seq

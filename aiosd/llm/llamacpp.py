@@ -188,8 +188,10 @@ class LlamaCppBackend:
                 request.suspend()
             return not scanner.stopped
 
+        max_tokens = min(req.max_tokens, limit - len(tokens))
         request = Request(
-            key=key, prompt=tokens, max_tokens=min(req.max_tokens, limit - len(tokens)),
+            key=key, prompt=tokens, max_tokens=max_tokens,
+            min_tokens=min(req.min_tokens, max_tokens),
             temperature=req.temperature, top_p=req.top_p, seed=req.seed,
             grammar=self._grammar(req), on_token=on_token, check=check, resume=snap,
         )

@@ -55,6 +55,9 @@ class OpenAIBackend:
             params["stop"] = req.stop
         if req.seed is not None:
             params["seed"] = req.seed
+        if req.min_tokens:
+            # not in OpenAI's API; vLLM's and llama-cpp-python's servers take it
+            params["extra_body"] = {"min_tokens": req.min_tokens}
         if req.tools:
             params["tools"] = req.tools
             params["tool_choice"] = req.tool_choice
@@ -137,6 +140,8 @@ class OpenAIBackend:
             params["messages"] = [*req.messages, {"role": "assistant", "content": prior}]
             params["max_tokens"] = max(1, req.max_tokens - prior_tokens)
             params["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
+            if req.min_tokens > prior_tokens:
+                params["extra_body"]["min_tokens"] = req.min_tokens - prior_tokens
         finish = "length"
         usage: Any = None
         calls: dict[int, dict[str, Any]] = {}

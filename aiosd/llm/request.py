@@ -22,6 +22,8 @@ MAX_TOKENS_LIMIT = 32768
 class ChatRequest:
     messages: list[dict[str, Any]]
     max_tokens: int = 256
+    #: end of generation is held back until this many tokens are generated
+    min_tokens: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
@@ -141,6 +143,14 @@ def parse(body: dict[str, Any]) -> ChatRequest:
         raise InvalidArgument(
             f"llm.chat: 'max_tokens' must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {max_tokens!r}"
         )
+    min_tokens = body.get("min_tokens", 0)
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or not (
+        0 <= min_tokens <= max_tokens
+    ):
+        raise InvalidArgument(
+            f"llm.chat: 'min_tokens' must be an integer from 0 to max_tokens ({max_tokens}), "
+            f"got {min_tokens!r}"
+        )
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
@@ -161,9 +171,14 @@ def parse(body: dict[str, Any]) -> ChatRequest:
     response_format = _response_format(body.get("response_format"))
     if tools and tool_choice != "none" and response_format is not None:
         raise InvalidArgument("llm.chat: give 'tools' or 'response_format', not both")
+    if min_tokens and (response_format is not None or tools and tool_choice != "none"):
+        # a finished structured answer must be able to end
+        raise InvalidArgument("llm.chat: 'min_tokens' cannot be combined with 'response_format' "
+                              "or 'tools'")
     return ChatRequest(
         messages=_messages(body.get("messages")),
         max_tokens=max_tokens,
+        min_tokens=min_tokens,
         temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
         stop=stop,

@@ -151,6 +151,17 @@ def test_stop_strings_and_max_tokens(daemon: Daemon) -> None:
     assert "," not in stopped.text
 
 
+def test_min_tokens_holds_back_the_end_of_an_answer(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        # without it, the model ends this answer on its own before the limit
+        free = c.chat("Say hello.", max_tokens=120)
+        assert free.finish_reason == "stop" and free.usage["completion_tokens"] < 120
+        held = c.chat("Say hello.", max_tokens=120, min_tokens=120)
+        with pytest.raises(errors.InvalidArgument, match="min_tokens"):
+            c.chat("Say hello.", max_tokens=8, min_tokens=9)
+    assert held.finish_reason == "length" and held.usage["completion_tokens"] == 120
+
+
 def test_bad_arguments_are_rejected_naming_the_field(daemon: Daemon) -> None:
     with daemon.client() as c:
         with pytest.raises(errors.InvalidArgument, match="max_tokens"):

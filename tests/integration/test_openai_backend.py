@@ -100,6 +100,9 @@ def test_chat_stream_and_schema_through_a_remote_core(server: Server, make_daemo
                        response_format={"type": "json_object", "schema": schema})
         jsonschema.validate(reply.parsed, schema)
         assert json.loads(reply.text) == reply.parsed
+        # min_tokens goes to the server, which holds back the end of the answer
+        held = c.chat("Say hello.", max_tokens=60, min_tokens=60)
+        assert held.usage["completion_tokens"] == 60
 
 
 def test_a_dead_server_gives_a_retriable_error(make_daemon) -> None:

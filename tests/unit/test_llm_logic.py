@@ -18,6 +18,10 @@ TOOL2 = {"type": "function", "function": {"name": "g", "parameters": {"type": "o
 def test_defaults() -> None:
     req = request.parse({"messages": MSG})
     assert (req.max_tokens, req.temperature, req.top_p, req.stop) == (256, 0.0, 1.0, [])
+    assert req.min_tokens == 0
+    held = request.parse({"messages": MSG, "max_tokens": 8, "min_tokens": 8,
+                          "tools": [TOOL], "tool_choice": "none"})
+    assert held.min_tokens == 8
 
 
 @pytest.mark.parametrize("body, field", [
@@ -28,6 +32,11 @@ def test_defaults() -> None:
     ({"messages": MSG, "max_tokens": 0}, "max_tokens"),
     ({"messages": MSG, "max_tokens": True}, "max_tokens"),
     ({"messages": MSG, "max_tokens": 1e9}, "max_tokens"),
+    ({"messages": MSG, "max_tokens": 8, "min_tokens": 9}, "min_tokens"),
+    ({"messages": MSG, "min_tokens": -1}, "min_tokens"),
+    ({"messages": MSG, "min_tokens": 2.5}, "min_tokens"),
+    ({"messages": MSG, "min_tokens": 4, "response_format": {"type": "json_object"}}, "min_tokens"),
+    ({"messages": MSG, "min_tokens": 4, "tools": [TOOL]}, "min_tokens"),
     ({"messages": MSG, "temperature": 3}, "temperature"),
     ({"messages": MSG, "stop": [1]}, "stop"),
     ({"messages": MSG, "seed": -1}, "seed"),
