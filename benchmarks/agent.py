@@ -14,13 +14,29 @@ from typing import Any
 from . import workload
 
 
+# Every system generates exactly MAX_TOKENS a turn: aiosd holds back the end
+# of generation with min_tokens; direct and shared calls forbid the model's
+# end-of-generation tokens with a logit bias (min_tokens of llama-cpp-python's
+# server covers only one of them).
+
+
+def end_tokens(llm: Any) -> dict[int, float]:
+    """A logit bias that forbids ``llm``'s end-of-generation tokens."""
+    import llama_cpp
+
+    vocab = llm._model.vocab
+    return {t: -100.0 for t in range(llama_cpp.llama_vocab_n_tokens(vocab))
+            if llama_cpp.llama_vocab_is_eog(vocab, t)}
+
+
 def chat_aiosd(i: int, name: str | None = None) -> Any:
     import libaios
 
     client = libaios.connect(name=name or f"bench{i}", timeout=3600)
 
     def chat(messages: list[dict[str, str]]) -> tuple[str, int]:
-        r = client.chat(messages, max_tokens=workload.MAX_TOKENS, temperature=0.0)
+        r = client.chat(messages, max_tokens=workload.MAX_TOKENS, min_tokens=workload.MAX_TOKENS,
+                        temperature=0.0)
         return r.text, r.usage["completion_tokens"]
 
     return chat
@@ -32,9 +48,11 @@ def chat_direct(i: int) -> Any:
     from aiosd.llm.llamacpp import embedded_model_path
 
     llm = Llama(str(embedded_model_path()), n_ctx=2048, verbose=False)
+    bias = end_tokens(llm)
 
     def chat(messages: list[dict[str, str]]) -> tuple[str, int]:
-        r = llm.create_chat_completion(messages, max_tokens=workload.MAX_TOKENS, temperature=0.0)
+        r = llm.create_chat_completion(messages, max_tokens=workload.MAX_TOKENS, temperature=0.0,
+                                       logit_bias=bias)
         return r["choices"][0]["message"]["content"] or "", r["usage"]["completion_tokens"]
 
     return chat
@@ -42,12 +60,18 @@ def chat_direct(i: int) -> Any:
 
 def chat_shared(i: int, url: str) -> Any:
     import openai
+    from llama_cpp import Llama
+
+    from aiosd.llm.llamacpp import embedded_model_path
 
     client = openai.OpenAI(base_url=url, api_key="unused", timeout=3600, max_retries=0)
+    vocab = Llama(str(embedded_model_path()), n_ctx=256, verbose=False, vocab_only=True)
+    bias = {str(t): b for t, b in end_tokens(vocab).items()}
 
     def chat(messages: list[dict[str, str]]) -> tuple[str, int]:
         r = client.chat.completions.create(model="smollm2", messages=messages,
-                                           max_tokens=workload.MAX_TOKENS, temperature=0.0)
+                                           max_tokens=workload.MAX_TOKENS, temperature=0.0,
+                                           logit_bias=bias)
         return r.choices[0].message.content or "", r.usage.completion_tokens
 
     return chat
