@@ -22,11 +22,9 @@ from . import workload
 
 def end_tokens(llm: Any) -> dict[int, float]:
     """A logit bias that forbids ``llm``'s end-of-generation tokens."""
-    import llama_cpp
+    from aiosd.llm.engine import end_of_generation
 
-    vocab = llm._model.vocab
-    return {t: -100.0 for t in range(llama_cpp.llama_vocab_n_tokens(vocab))
-            if llama_cpp.llama_vocab_is_eog(vocab, t)}
+    return {t: -100.0 for t in end_of_generation(llm._model.vocab)}
 
 
 def chat_aiosd(i: int, name: str | None = None) -> Any:

@@ -126,6 +126,14 @@ def kv_bytes_per_token(model: Any) -> int:
     return 2 * 2 * llama_cpp.llama_model_n_layer(m) * llama_cpp.llama_model_n_head_kv(m) * head_dim
 
 
+def end_of_generation(vocab: Any) -> list[int]:
+    """The tokens of ``vocab`` that end a generation."""
+    import llama_cpp
+
+    return [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab))
+            if llama_cpp.llama_vocab_is_eog(vocab, t)]
+
+
 def sequences_for(kv_bytes: int, n_ctx: int, per_token: int, slots: int) -> int:
     """How many sequences of ``n_ctx`` cells fit in ``kv_bytes``.
 
@@ -214,9 +222,7 @@ class Engine:
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.slots = slots
-        vocab = self.model.vocab
-        self._eog = [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab))
-                     if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        self._eog = end_of_generation(self.model.vocab)
         self.batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self.seqs = [_Seq(i) for i in range(seqs)]
         self._spare = seqs
