@@ -141,7 +141,7 @@ def sequences_for(kv_bytes: int, n_ctx: int, per_token: int, slots: int) -> int:
     those do not fit."""
     fit = min(MAX_SEQS, kv_bytes // (n_ctx * per_token) - 1)   # one stream is the spare
     if fit < slots:
-        need = -(-slots * n_ctx * per_token // 2**20)
+        need = -(-(slots + 1) * n_ctx * per_token // 2**20)   # the spare too
         raise ValueError(f"{slots} slots of {n_ctx} tokens need {need} MiB of KV cache; "
                          f"{kv_bytes // 2**20} MiB hold {fit} sequences")
     return fit
