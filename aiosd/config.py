@@ -106,8 +106,9 @@ class CoreConfig:
     threads: int = field(default=0, metadata=_check("non-negative"))
     #: CPUs to pin the core to; empty means every CPU the process may use.
     cpus: list[int] = field(default_factory=list)
-    #: Calls the core runs at once (decoded together in one batch).
-    slots: int = field(default=8, metadata=_check("positive"))
+    #: Calls the core runs at once (decoded together in one batch). Each
+    #: running call needs a KV sequence: kv_mb must hold slots + 1 of them.
+    slots: int = field(default=32, metadata=_check("positive"))
     #: RAM for snapshots of suspended calls; past it they spill to disk.
     snapshot_ram_bytes: int = field(default=256 * 1024 * 1024, metadata=_check("positive"))
     #: openai: the server's base URL, such as http://127.0.0.1:8000/v1.
