@@ -97,10 +97,12 @@ class CoreConfig:
     #: retained conversation is dropped (llamacpp).
     kv_mb: int = field(default=1536, metadata=_check("positive"))
     #: Flash attention (llamacpp): about 13 % faster batched decoding on CPU,
-    #: but its result depends on how a prompt is split into batches, so a
-    #: prompt that starts from a shared or retained prefix, or a resumed
-    #: call, may decode to other tokens than one computed in one piece.
-    #: Off, greedy decoding gives the same tokens however the work is split.
+    #: but its result depends on how a prompt is split into batches and on
+    #: whether a call is decoded alone or beside others (alone, past 512
+    #: cached tokens, its attention is split across threads). So a prompt
+    #: that starts from a shared or retained prefix, or a resumed call, may
+    #: decode to other tokens than one computed in one piece. Off, greedy
+    #: decoding gives the same tokens however the work is split.
     flash_attn: bool = False
     #: Decode threads; 0 means one per CPU the core may use (llamacpp).
     threads: int = field(default=0, metadata=_check("non-negative"))

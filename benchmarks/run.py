@@ -126,11 +126,31 @@ def bench_aiosd(n: int, config: dict[str, Any] | None = None, flooder: bool = Fa
         try:
             wait_ready(env)
             result = run_agents("aiosd", n, env, [], flooder)
+            core = core_stats(env)
         finally:
             daemon.terminate()
             daemon.wait(60)
     shutil.rmtree(tmp, ignore_errors=True)
-    return {**result, "peak_rss_mb": round(peak.peak / 2**20, 1)}
+    return {**result, "peak_rss_mb": round(peak.peak / 2**20, 1), "core": core}
+
+
+#: what the core's engine did in a run: where aiosd's time went
+CORE_FIGURES = ("busy_s", "decode_s", "steps", "passes", "prefill_tokens", "decode_tokens",
+                "cached_tokens", "shared_tokens", "moved_seqs", "evicted_seqs")
+
+
+def core_stats(env: dict[str, str]) -> dict[str, Any]:
+    """The engine figures of the daemon's first core, as its latest
+    heartbeat reported them (one heartbeat after the last call ends)."""
+    time.sleep(2.5)
+    out = subprocess.run([sys.executable, "-m", "aiosd.ctl", "status", "--json"], env=env,
+                         capture_output=True, text=True, cwd=ROOT)
+    try:
+        stats = json.loads(out.stdout)["cores"][0].get("stats") or {}
+    except (ValueError, KeyError, IndexError):
+        return {}
+    return {k: round(stats[k], 2) if isinstance(stats[k], float) else stats[k]
+            for k in CORE_FIGURES if k in stats}
 
 
 def wait_ready(env: dict[str, str]) -> None:
@@ -448,6 +468,13 @@ def main() -> None:
                       f"call p50 {r['p50_call_s']:.3f}s p95 {r['p95_call_s']:.3f}s  "
                       f"turnaround p95 {r['p95_turnaround_s']:.2f}s  peak {r['peak_rss_mb']:.0f} MB  "
                       f"failures {r['failures']}")
+            if r.get("core"):
+                c = r["core"]
+                print(f"       aiosd core: decoding {c.get('decode_s', 0):.1f}s of {r['makespan_s']:.1f}s; "
+                      f"{c.get('prefill_tokens')} tokens prefilled, {c.get('decode_tokens')} decoded, "
+                      f"{c.get('cached_tokens')} found cached ({c.get('shared_tokens')} shared); "
+                      f"{c.get('steps')} steps in {c.get('passes')} passes; "
+                      f"{c.get('moved_seqs')} streams moved, {c.get('evicted_seqs')} evicted")
         gen = by.get("aiosd", next(iter(by.values()))).get("generated", n * workload.TURNS * workload.MAX_TOKENS)
         distinct = distinct_prompt_tokens(n)
         bound = distinct / measured["prefill_tok_per_s"] + gen / measured["decode_tok_per_s"]

@@ -154,6 +154,9 @@ class Scheduler:
         self.procs: list[dict[str, Any]] = []
         self.stopping = False
         self._next_pid_check = 0.0
+        # the last client message's frame, and what the OS says of its sender
+        # (read for hello only: the kernel knows every later message's session)
+        self._peer_frame: zmq.Frame | None = None
         self._peer: tuple[int | None, int | None] = (None, None)
         self.preemptions = 0
         self.client_handlers: dict[MsgType, Callable[[Session | None, bytes, Message], None]] = {
@@ -251,7 +254,7 @@ class Scheduler:
     def on_client_frames(self, raw: list[zmq.Frame]) -> None:
         frames = [f.bytes for f in raw]
         identity = frames[0]
-        self._peer = peer_credentials(raw[-1])
+        self._peer_frame = raw[-1]
         try:
             _, payload = protocol.split_envelope(frames)
         except protocol.ProtocolError as exc:
@@ -301,6 +304,8 @@ class Scheduler:
         if session is not None:  # a second hello on one connection changes nothing
             self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
             return
+        self._peer = (peer_credentials(self._peer_frame) if self._peer_frame is not None
+                      else (None, None))
         peer_uid, peer_pid = self._peer
         if peer_pid is not None:
             pid = peer_pid  # what the OS says, not what the client wrote
