@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from libaios import errors, protocol
+from libaios.wire import send_frames
 from libaios.protocol import ErrorCode, Message, MsgType
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class WorkerRuntime:
                 ),
             )
             if call_type in self.inline:
-                sock.send_multipart(protocol.encode(self._execute(task)))
+                send_frames(sock, protocol.encode(self._execute(task)))
                 return
             self._tasks[call_id] = task
             pool.submit(self._run_task, task)
@@ -221,7 +222,7 @@ class WorkerRuntime:
                         except zmq.Again:
                             break
                         if s is outbox:
-                            sock.send_multipart(frames)
+                            send_frames(sock, frames)
                         else:
                             self._on_frames(sock, pool, frames)
                 if time.monotonic() >= next_beat:

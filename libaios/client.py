@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from . import errors, paths, protocol
+from .wire import send_frames
 from .protocol import ErrorCode, MsgType
 from .services import Memory, Storage, Tools
 
@@ -173,7 +174,7 @@ class Client:
 
     def _send(self, msg: protocol.Message) -> None:
         assert self._sock is not None
-        self._sock.send_multipart(protocol.encode(msg))
+        send_frames(self._sock, protocol.encode(msg))
 
     def _replies(self, msg: protocol.Message, timeout: float) -> Iterator[dict[str, Any]]:
         """Send ``msg``; yield partial bodies; return the final body."""

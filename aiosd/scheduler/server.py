@@ -25,6 +25,7 @@ import zmq
 
 import libaios
 from libaios import errors, paths, protocol
+from libaios.wire import send_frames
 from libaios.protocol import ErrorCode, Message, MsgType
 
 from .. import procs
@@ -224,7 +225,7 @@ class Scheduler:
                 log.warning("kernel-internal call failed: %s", msg.body.get("message"))
             return
         try:
-            self.clients.send_multipart([identity, *protocol.encode(msg)], flags=zmq.NOBLOCK)
+            send_frames(self.clients, [identity, *protocol.encode(msg)], nonblocking=True)
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 self.client_gone(identity)
@@ -233,9 +234,8 @@ class Scheduler:
 
     def send_worker(self, worker: Worker, msg: Message) -> bool:
         try:
-            self.workers_sock.send_multipart(
-                [worker.name.encode(), *protocol.encode(msg)], flags=zmq.NOBLOCK
-            )
+            send_frames(self.workers_sock, [worker.name.encode(), *protocol.encode(msg)],
+                        nonblocking=True)
             return True
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
