@@ -24,8 +24,8 @@ from typing import Any
 import zmq
 
 from libaios import errors, protocol
-from libaios.wire import send_frames
 from libaios.protocol import ErrorCode, Message, MsgType
+from libaios.wire import send_frames
 
 log = logging.getLogger(__name__)
 

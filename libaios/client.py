@@ -19,9 +19,9 @@ from typing import Any
 import zmq
 
 from . import errors, paths, protocol
-from .wire import send_frames
 from .protocol import ErrorCode, MsgType
 from .services import Memory, Storage, Tools
+from .wire import send_frames
 
 DEFAULT_TIMEOUT = 120.0
 

@@ -25,8 +25,8 @@ import zmq
 
 import libaios
 from libaios import errors, paths, protocol
-from libaios.wire import send_frames
 from libaios.protocol import ErrorCode, Message, MsgType
+from libaios.wire import send_frames
 
 from .. import procs
 from ..config import Config
@@ -155,10 +155,9 @@ class Scheduler:
         self.procs: list[dict[str, Any]] = []
         self.stopping = False
         self._next_pid_check = 0.0
-        # the last client message's frame, and what the OS says of its sender
-        # (read for hello only: the kernel knows every later message's session)
+        # the last client message's frame: what the OS says of its sender is
+        # read for hello only (every later message has a session)
         self._peer_frame: zmq.Frame | None = None
-        self._peer: tuple[int | None, int | None] = (None, None)
         self.preemptions = 0
         self.client_handlers: dict[MsgType, Callable[[Session | None, bytes, Message], None]] = {
             MsgType.HELLO: self.on_hello,
@@ -304,9 +303,8 @@ class Scheduler:
         if session is not None:  # a second hello on one connection changes nothing
             self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
             return
-        self._peer = (peer_credentials(self._peer_frame) if self._peer_frame is not None
-                      else (None, None))
-        peer_uid, peer_pid = self._peer
+        peer_uid, peer_pid = (peer_credentials(self._peer_frame) if self._peer_frame is not None
+                              else (None, None))
         if peer_pid is not None:
             pid = peer_pid  # what the OS says, not what the client wrote
         if token and token == self.supervisor_token:
@@ -328,18 +326,19 @@ class Scheduler:
                 )
             session = Session(identity, agent.name, operator=False, agent=agent)
         else:
-            session = self._hello_without_credential(identity, name, pid, bool(body.get("operator")))
+            session = self._hello_without_credential(identity, name, pid, bool(body.get("operator")),
+                                                     peer_uid, peer_pid)
         self.sessions[identity] = session
         self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
 
     def _hello_without_credential(self, identity: bytes, name: str, pid: int | None,
-                                  operator: bool) -> Session:
+                                  operator: bool, peer_uid: int | None,
+                                  peer_pid: int | None) -> Session:
         """Bind a connection that brought no credential. Who it is comes from
         what the OS says of the peer, never from what it wrote: a process of
         an agent the kernel launched is that agent; an operator must be of
         the daemon's user (or root); a hand-started agent names itself, but
         never with the name of a live agent the kernel launched."""
-        peer_uid, peer_pid = self._peer
         of_agent, owner = (self.agents.agent_tree(peer_pid) if peer_pid is not None
                            else (False, None))
         if of_agent:
