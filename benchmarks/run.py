@@ -143,22 +143,28 @@ def core_stats(env: dict[str, str]) -> dict[str, Any]:
     """The engine figures of the daemon's first core, as its latest
     heartbeat reported them (one heartbeat after the last call ends)."""
     time.sleep(2.5)
-    out = subprocess.run([sys.executable, "-m", "aiosd.ctl", "status", "--json"], env=env,
-                         capture_output=True, text=True, cwd=ROOT)
     try:
-        stats = json.loads(out.stdout)["cores"][0].get("stats") or {}
+        stats = ctl_status(env)["cores"][0].get("stats") or {}
     except (ValueError, KeyError, IndexError):
         return {}
     return {k: round(stats[k], 2) if isinstance(stats[k], float) else stats[k]
             for k in CORE_FIGURES if k in stats}
 
 
+def ctl_status(env: dict[str, str]) -> dict[str, Any]:
+    """``aiosctl status --json`` of the daemon ``env`` points at; empty when
+    it does not answer."""
+    out = subprocess.run([sys.executable, "-m", "aiosd.ctl", "status", "--json"], env=env,
+                         capture_output=True, text=True, cwd=ROOT)
+    if out.returncode not in (0, 1) or not out.stdout:
+        return {}
+    return json.loads(out.stdout)
+
+
 def wait_ready(env: dict[str, str]) -> None:
     end = time.time() + 180
     while time.time() < end:
-        out = subprocess.run([sys.executable, "-m", "aiosd.ctl", "status", "--json"], env=env,
-                             capture_output=True, text=True, cwd=ROOT)
-        if out.returncode in (0, 1) and out.stdout and json.loads(out.stdout).get("ready"):
+        if ctl_status(env).get("ready"):
             return
         time.sleep(0.3)
     raise RuntimeError("aiosd did not become ready")
