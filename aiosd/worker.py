@@ -113,7 +113,7 @@ class WorkerRuntime:
             sock.setsockopt(zmq.LINGER, 1000)
             sock.connect(self._outbox)
             self._local.push = sock
-        sock.send_multipart(frames)
+        send_frames(sock, frames)
 
     def _execute(self, task: Task) -> Message:
         handler = self.handlers[task.type]
