@@ -96,13 +96,20 @@ class CoreConfig:
     #: sequences, running and retained; beyond that the least recently used
     #: retained conversation is dropped (llamacpp).
     kv_mb: int = field(default=1536, metadata=_check("positive"))
-    #: Flash attention (llamacpp): about 13 % faster batched decoding on CPU,
-    #: but its result depends on how a prompt is split into batches and on
-    #: whether a call is decoded alone or beside others (alone, past 512
-    #: cached tokens, its attention is split across threads). So a prompt
-    #: that starts from a shared or retained prefix, or a resumed call, may
-    #: decode to other tokens than one computed in one piece. Off, greedy
-    #: decoding gives the same tokens however the work is split.
+    #: Flash attention (llamacpp). On CPU it decodes faster at short
+    #: contexts (about a quarter, in the benchmark's rate probe), barely at a
+    #: few hundred tokens, and prefills short prompt chunks more slowly. Its
+    #: result depends on how a prompt is split into batches (64 rows or more
+    #: take another kernel) and on whether a call is decoded alone or beside
+    #: others (alone, past 512 cached tokens, its attention is split across
+    #: threads). So a prompt that starts from a shared or retained prefix,
+    #: or a resumed call, may decode to other tokens than one computed in one
+    #: piece. Off, decoded tokens are computed the same whoever shares the
+    #: batch, and a resumed call continues with exactly the cells it had.
+    #: One difference remains: llama.cpp computes a prompt token that is
+    #: its sequence's only row in a pass slightly differently (in the last
+    #: bits), so a retained conversation's cells need not equal those of the
+    #: same conversation prefilled afresh.
     flash_attn: bool = False
     #: Decode threads; 0 means one per CPU the core may use (llamacpp).
     threads: int = field(default=0, metadata=_check("non-negative"))
