@@ -13,10 +13,11 @@ same system prompt) starts from a copy of that one's cells
 common prefix, instead of recomputing them. When every stream is taken, the
 least recently used retained sequence is dropped.
 
-The engine runs in its own thread: every step it builds one batch from all
-running requests (a chunk of prompt for those prefilling, one token for
-those decoding), decodes it, and samples each request's next token with the
-request's own sampler chain. A request can be suspended at a token boundary:
+The engine runs in its own thread: every step it decodes one batch with a
+token for each request that is decoding, and batches of prompt chunks for
+those prefilling (never a prompt token alone in its pass: see
+MIN_PROMPT_ROWS), and samples each request's next token with the request's
+own sampler chain. A request can be suspended at a token boundary:
 its KV state is copied out (``llama_state_seq_get_data``) into a snapshot
 and its sequence freed; resuming sets the state into a sequence again
 (``llama_state_seq_set_data``) and decoding continues exactly where it
@@ -145,6 +146,42 @@ def sequences_for(kv_bytes: int, n_ctx: int, per_token: int, slots: int) -> int:
         raise ValueError(f"{slots} slots of {n_ctx} tokens need {need} MiB of KV cache; "
                          f"{kv_bytes // 2**20} MiB hold {fit} sequences")
     return fit
+
+
+#: A prompt is fed at least this many tokens of a sequence to a pass.
+#: llama.cpp computes a token that is its sequence's only row in a pass (as
+#: every decoded token is) slightly differently, in the last bits, from one
+#: fed with others; were a prompt token ever fed alone, its cells, and the
+#: tokens decoded after it, would depend on which other calls shared the
+#: step and on what the cache held.
+MIN_PROMPT_ROWS = 2
+
+
+def prompt_chunk(todo: int, budget: int) -> int:
+    """How many of a call's ``todo`` prompt tokens to feed in a step with
+    ``budget`` batch places left: as many as fit, but never a lone token,
+    now or as the last one left for a later step (0: wait a step)."""
+    if todo < MIN_PROMPT_ROWS:
+        return todo if budget >= todo else 0   # a one-token prompt is only ever fed alone
+    count = min(todo, budget)
+    if todo - count == 1:
+        count -= 1
+    return count if count >= MIN_PROMPT_ROWS else 0
+
+
+def chunk_groups(chunks: list[tuple[Any, list[int]]], n_batch: int) -> list[list[tuple[Any, list[int]]]]:
+    """Batches of prompt chunks (sorted by stream) that llama.cpp decodes in
+    one pass each, a chunk's tokens all in it: chunks of consecutive
+    streams with the same number of tokens, up to ``n_batch`` tokens."""
+    groups: list[list[tuple[Any, list[int]]]] = []
+    for req, tokens in chunks:
+        last = groups[-1] if groups else None
+        if (last is not None and last[-1][0]._seq.id + 1 == req._seq.id
+                and len(last[-1][1]) == len(tokens) and (len(last) + 1) * len(tokens) <= n_batch):
+            last.append((req, tokens))
+        else:
+            groups.append([(req, tokens)])
+    return groups
 
 
 def passes(batch: list[tuple[int, int]], n_ubatch: int) -> int:
@@ -280,6 +317,14 @@ class Engine:
                 **self.stats,
             }
 
+    def retained_state(self, key: str) -> bytes | None:
+        """The KV state of ``key``'s retained conversation (what a snapshot
+        of it would hold: its cells, its stream's number), or None if the
+        cache does not hold it."""
+        with self._lock:
+            seq = next((s for s in self.seqs if s.key == key and not s.busy), None)
+            return self._state(seq) if seq is not None else None
+
     # -- sequences -------------------------------------------------------------------
 
     @property
@@ -357,10 +402,11 @@ class Engine:
             keep = run
         else:
             self._trim(seq, keep)
-        if keep >= len(prompt):
-            # Everything is cached, but the logits of the last prompt token
-            # are not: decode it again.
-            keep = len(prompt) - 1
+        if len(prompt) - keep < MIN_PROMPT_ROWS:
+            # Everything is cached but the logits of the last prompt token
+            # (or all but one token is): feed the last two again, as a
+            # prompt fed afresh would have fed them (see MIN_PROMPT_ROWS).
+            keep = max(0, len(prompt) - MIN_PROMPT_ROWS)
             self._trim(seq, keep)
         req.cached = keep
         self.stats["cached_tokens"] += keep
@@ -541,21 +587,32 @@ class Engine:
                 self._suspend_now(req)
         if not self.running:
             return
+        decoding = [(r, [r._pending]) for r in self.running
+                    if not r._todo and r._pending is not None]
+        budget = self.n_batch - len(decoding)
+        chunks: list[tuple[Request, list[int]]] = []
+        for req in self.running:
+            if req._todo and budget > 0:
+                count = prompt_chunk(len(req._todo), budget)
+                if count:
+                    chunks.append((req, req._todo[:count]))
+                    budget -= count
+        # llama.cpp splits a batch into passes of consecutive streams, in
+        # batch order, taking as many tokens from each stream of a pass as
+        # from the one with the fewest: a prompt chunk beside decoding calls
+        # would have its first token fed alone (see MIN_PROMPT_ROWS). So the
+        # decoded tokens go in one batch, and the prompt chunks in batches
+        # of their own, one pass each.
+        groups = [sorted(decoding, key=lambda p: p[0]._seq.id)] if decoding else []
+        groups += chunk_groups(sorted(chunks, key=lambda p: p[0]._seq.id), self.n_batch)
+        self.stats["steps"] += 1
+        for group in groups:
+            self._decode_group(group)
+
+    def _decode_group(self, planned: list[tuple[Request, list[int]]]) -> None:
+        """Decode one batch: a token for each decoding call, or prompt chunks."""
         b = self.batch.batch
         n = 0
-        budget = self.n_batch
-        entries: list[tuple[Request, int, int]] = []  # (req, first index, count)
-        decoding = [r for r in self.running if not r._todo and r._pending is not None]
-        prefilling = [r for r in self.running if r._todo]
-        planned: list[tuple[Request, list[int]]] = []
-        for req in decoding + prefilling:
-            if budget <= 0:
-                break
-            tokens = [req._pending] if not req._todo else req._todo[:budget]
-            planned.append((req, tokens))
-            budget -= len(tokens)
-        # llama.cpp splits a batch into passes of consecutive streams, in batch order
-        planned.sort(key=lambda p: p[0]._seq.id)
         self.stats["passes"] += passes([(r._seq.id, len(t)) for r, t in planned], self.n_batch)
         for req, tokens in planned:
             pos0 = len(req._seq.tokens)
@@ -571,22 +628,18 @@ class Engine:
                 req._logit_index = n + len(tokens) - 1
             else:
                 req._logit_index = -1
-            entries.append((req, n, len(tokens)))
             n += len(tokens)
         b.n_tokens = n
         self._decode(b)
-        self.stats["steps"] += 1
         now = time.monotonic()
-        for req, first, count in entries:
+        for req, tokens in planned:
             seq = req._seq
             if req._todo:
-                added = req._todo[:count]
-                req._todo = req._todo[count:]
-                self.stats["prefill_tokens"] += count
+                req._todo = req._todo[len(tokens):]
+                self.stats["prefill_tokens"] += len(tokens)
             else:
-                added = [req._pending]
                 self.stats["decode_tokens"] += 1
-            self._extend(seq, added)
+            self._extend(seq, tokens)
             seq.last_used = now
             if req._logit_index < 0:
                 continue
@@ -611,13 +664,17 @@ class Engine:
         for token in self._eog:
             logits[token] = float("-inf")
 
-    def _suspend_now(self, req: Request) -> None:
-        seq = req._seq
+    def _state(self, seq: _Seq) -> bytes:
+        """The KV state of ``seq``, as ``llama_state_seq_set_data`` takes it."""
         size = self._ll.llama_state_seq_get_size(self.ctx.ctx, seq.id)
         buf = (ctypes.c_uint8 * size)()
         written = self._ll.llama_state_seq_get_data(self.ctx.ctx, buf, size, seq.id)
+        return bytes(buf[:written])
+
+    def _suspend_now(self, req: Request) -> None:
+        seq = req._seq
         req.snapshot = Snapshot(
-            key=req.key, state=bytes(buf[:written]), tokens=list(seq.tokens),
+            key=req.key, state=self._state(seq), tokens=list(seq.tokens),
             pending=req._pending, completion=list(req.completion), prompt_len=len(req.prompt),
             cached=req.cached,
         )

@@ -1,6 +1,7 @@
 """The batching engine on the real model, without the daemon around it: a
 prefix copied from another sequence's stream decodes to the same tokens as
-one computed afresh, eviction when every stream is taken, a snapshot
+one computed afresh, a prompt's cells the same however its feeding was
+split, eviction when every stream is taken, a snapshot
 restored into another stream, and a too-long prompt refused."""
 
 from __future__ import annotations
@@ -67,6 +68,65 @@ def test_a_shared_prefix_decodes_like_one_computed_afresh(plain: Engine) -> None
         eng.close()
 
 
+def test_a_prompt_fed_again_computes_the_same_cells() -> None:
+    """A prompt that is all cached has its last tokens fed again (their
+    logits are not kept): the cells must come out as they were. llama.cpp
+    computes a token fed as its sequence's only row in a pass differently,
+    in the last bits, at some positions; so the engine never feeds a
+    prompt token alone."""
+    eng = make(8)
+    try:
+        for n in range(8, 200, 12):
+            prompt = tokens(eng, f"{n} bottles on the wall, and the keeper counted ships. " * 20)[:n]
+            generate(eng, f"k{n}", prompt, 1)
+            before = eng.retained_state(f"k{n}")
+            again = generate(eng, f"k{n}", prompt, 1)
+            assert again.cached == n - 2
+            assert eng.retained_state(f"k{n}") == before, f"a prompt of {n} tokens"
+    finally:
+        eng.close()
+
+
+def test_a_prompt_prefilled_beside_decoding_calls_computes_the_same_cells() -> None:
+    """A turn prefilled while another call decodes, in the stream next to
+    it, gets the cells it gets when prefilled alone in the same stream of
+    a like engine (a state names its stream)."""
+    beside, alone = make(2), make(2)      # a in stream 0, each b in stream 1
+    try:
+        story = tokens(beside, turn("Write a long story about a lighthouse keeper.",
+                                    "You are a storyteller."))
+        for eng in (beside, alone):
+            generate(eng, "a", story, 1)          # a's stream: 0
+        for n in (100, 112, 124, 136, 148, 160):
+            # b's second turn starts at about n tokens
+            first = tokens(beside, turn(f"Count to {n}, please.", "You answer briefly."))
+            first = first[:2] + tokens(beside, "Be brief. " * 40)[:n - len(first)] + first[2:]
+            key = f"b{n}"
+            b1 = generate(beside, key, first, 6)
+            assert generate(alone, key, first, 6).completion == b1.completion
+            second = first + b1.completion + tokens(
+                beside, "<|im_end|>\n<|im_start|>user\n" + "And then? " * 8
+                        + "<|im_end|>\n<|im_start|>assistant\n")
+            started = threading.Event()
+
+            def on_token(tok: int) -> bool:
+                started.set()
+                return True
+
+            a = Request("a", story + [13] * n, 24, min_tokens=24, on_token=on_token)
+            beside.submit(a)
+            assert started.wait(120)
+            b2 = generate(beside, key, second, 4)          # a decodes meanwhile
+            assert a.done.wait(120) and a.error is None
+            assert generate(alone, key, second, 4).completion == b2.completion
+            assert beside.retained_state(key) == alone.retained_state(key), f"turn {n}"
+            for eng in (beside, alone):
+                eng.run(Request("a", story, 1))           # a back to its story
+    finally:
+        beside.close()
+        alone.close()
+
+
 def test_least_recently_used_sequence_is_evicted_when_streams_run_out() -> None:
     eng = make(2, slots=1)
     try:
@@ -76,7 +136,9 @@ def test_least_recently_used_sequence_is_evicted_when_streams_run_out() -> None:
             generate(eng, k, prompts[k], 8)
         assert eng.stats["evicted_seqs"] == 1          # a's sequence made room for c
         again = generate(eng, "c", prompts["c"] + [13], 8)
-        assert again.cached == len(prompts["c"])        # c's own conversation is retained
+        # c's own conversation is retained; its last token is fed again
+        # with the new one, never a prompt token alone
+        assert again.cached == len(prompts["c"]) - 1
         assert eng.describe()["retained_seqs"] == 2
     finally:
         eng.close()

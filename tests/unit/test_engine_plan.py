@@ -1,11 +1,14 @@
-"""The engine's pure planning: how many sequences a KV budget holds, and how
-many passes llama.cpp makes over a batch of streams."""
+"""The engine's pure planning: how many sequences a KV budget holds, how
+many passes llama.cpp makes over a batch of streams, and how prompt chunks
+are cut and batched so that no prompt token is fed alone."""
 
 from __future__ import annotations
 
 import pytest
 
-from aiosd.llm.engine import MAX_SEQS, passes, sequences_for
+from types import SimpleNamespace
+
+from aiosd.llm.engine import MAX_SEQS, chunk_groups, passes, prompt_chunk, sequences_for
 
 MIB = 2**20
 TOKEN = 23040   # KV bytes a token costs in the embedded model
@@ -35,3 +38,41 @@ def test_passes_take_runs_of_consecutive_streams() -> None:
     # a prompt longer than a pass
     assert passes([(5, 600)], 512) == 2
     assert passes([], 512) == 0
+
+
+def test_a_prompt_chunk_never_feeds_or_leaves_a_lone_token() -> None:
+    assert prompt_chunk(300, 512) == 300
+    assert prompt_chunk(300, 100) == 100
+    assert prompt_chunk(101, 100) == 99        # not 100, which would leave one token
+    assert prompt_chunk(3, 2) == 0             # 2 would leave one: wait a step
+    assert prompt_chunk(5, 1) == 0
+    assert prompt_chunk(2, 2) == 2
+    assert prompt_chunk(1, 4) == 1             # a one-token prompt can only be fed alone
+    assert prompt_chunk(1, 0) == 0
+    for todo in range(1, 40):
+        for budget in range(0, 40):
+            count = prompt_chunk(todo, budget)
+            assert count <= min(todo, budget)
+            if todo >= 2:
+                assert count != 1 and todo - count != 1
+
+
+def chunk(stream: int, n: int) -> tuple[object, list[int]]:
+    return SimpleNamespace(_seq=SimpleNamespace(id=stream)), [7] * n
+
+
+def test_prompt_chunks_share_a_batch_only_when_one_pass_takes_them_whole() -> None:
+    def shape(groups: list) -> list[list[tuple[int, int]]]:
+        return [[(r._seq.id, len(t)) for r, t in g] for g in groups]
+
+    # consecutive streams with chunks of one length: one batch, one pass
+    groups = chunk_groups([chunk(1, 16), chunk(2, 16), chunk(3, 16)], 512)
+    assert shape(groups) == [[(1, 16), (2, 16), (3, 16)]]
+    # another length, or a gap between streams, starts another batch
+    groups = chunk_groups([chunk(1, 16), chunk(2, 17), chunk(4, 17), chunk(5, 17)], 512)
+    assert shape(groups) == [[(1, 16)], [(2, 17)], [(4, 17), (5, 17)]]
+    # no batch holds more than a pass takes
+    groups = chunk_groups([chunk(i, 200) for i in range(3)], 512)
+    assert shape(groups) == [[(0, 200), (1, 200)], [(2, 200)]]
+    for g in groups:
+        assert passes([(r._seq.id, len(t)) for r, t in g], 512) == 1
