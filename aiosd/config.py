@@ -104,12 +104,13 @@ class CoreConfig:
     #: others (alone, past 512 cached tokens, its attention is split across
     #: threads). So a prompt that starts from a shared or retained prefix,
     #: or a resumed call, may decode to other tokens than one computed in one
-    #: piece. Off, decoded tokens are computed the same whoever shares the
-    #: batch, and a resumed call continues with exactly the cells it had.
-    #: One difference remains: llama.cpp computes a prompt token that is
-    #: its sequence's only row in a pass slightly differently (in the last
-    #: bits), so a retained conversation's cells need not equal those of the
-    #: same conversation prefilled afresh.
+    #: piece. Off, a call's cells are the same whoever shares its steps and
+    #: however its prompt is cut into chunks, and a resumed call continues
+    #: with exactly the cells it had. One difference remains: a generated
+    #: token is computed as its sequence's only row in a pass, which
+    #: llama.cpp does slightly differently (in the last bits) from a prompt
+    #: token; so a retained conversation's answers need not have the cells
+    #: they get when the conversation is prefilled afresh.
     flash_attn: bool = False
     #: Decode threads; 0 means one per CPU the core may use (llamacpp).
     threads: int = field(default=0, metadata=_check("non-negative"))
