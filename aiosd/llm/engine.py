@@ -240,6 +240,11 @@ class Engine:
         if not slots <= seqs <= MAX_SEQS:
             self.model.close()
             raise ValueError(f"seqs must be from slots ({slots}) to {MAX_SEQS}, not {seqs}")
+        if slots > n_batch - MIN_PROMPT_ROWS - 1:
+            # a step's decoded tokens must leave room for a prompt chunk
+            self.model.close()
+            raise ValueError(f"{slots} slots need a batch of more than {slots + MIN_PROMPT_ROWS} "
+                             f"tokens, not {n_batch}")
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx * (seqs + 1)
         cparams.n_batch = n_batch
@@ -279,9 +284,14 @@ class Engine:
     # -- the callers' side ---------------------------------------------------------
 
     def submit(self, req: Request) -> None:
-        if req.resume is None and len(req.prompt) >= self.n_ctx:
-            req.error = ValueError(f"the prompt is {len(req.prompt)} tokens; a sequence holds "
-                                   f"{self.n_ctx}")
+        error = None
+        if req.resume is None and not req.prompt:
+            error = ValueError("the prompt is empty: there is nothing to continue from")
+        elif req.resume is None and len(req.prompt) >= self.n_ctx:
+            error = ValueError(f"the prompt is {len(req.prompt)} tokens; a sequence holds "
+                               f"{self.n_ctx}")
+        if error is not None:
+            req.error = error
             req.finish = Finish.ERROR
             req.done.set()
             return

@@ -100,7 +100,7 @@ def test_a_prompt_prefilled_beside_decoding_calls_computes_the_same_cells() -> N
         for n in (100, 112, 124, 136, 148, 160):
             # b's second turn starts at about n tokens
             first = tokens(beside, turn(f"Count to {n}, please.", "You answer briefly."))
-            first = first[:2] + tokens(beside, "Be brief. " * 40)[:n - len(first)] + first[2:]
+            first = first[:2] + tokens(beside, "Be brief. " * 80)[:n - len(first)] + first[2:]
             key = f"b{n}"
             b1 = generate(beside, key, first, 6)
             assert generate(alone, key, first, 6).completion == b1.completion
@@ -113,10 +113,11 @@ def test_a_prompt_prefilled_beside_decoding_calls_computes_the_same_cells() -> N
                 started.set()
                 return True
 
-            a = Request("a", story + [13] * n, 24, min_tokens=24, on_token=on_token)
+            a = Request("a", story + [13] * n, 48, min_tokens=48, on_token=on_token)
             beside.submit(a)
             assert started.wait(120)
-            b2 = generate(beside, key, second, 4)          # a decodes meanwhile
+            b2 = generate(beside, key, second, 4)
+            assert not a.done.is_set()                     # a decoded all the while
             assert a.done.wait(120) and a.error is None
             assert generate(alone, key, second, 4).completion == b2.completion
             assert beside.retained_state(key) == alone.retained_state(key), f"turn {n}"
@@ -193,6 +194,12 @@ def test_a_prompt_longer_than_a_sequence_is_refused(plain: Engine) -> None:
     req = plain.run(Request("long", [1] * 600, 4))
     assert req.finish is Finish.ERROR
     assert "600 tokens" in str(req.error) and "512" in str(req.error)
+
+
+def test_an_empty_prompt_is_refused(plain: Engine) -> None:
+    req = plain.run(Request("empty", [], 4))
+    assert req.finish is Finish.ERROR and "prompt is empty" in str(req.error)
+    assert generate(plain, "after", tokens(plain, turn("Hello?")), 2).completion  # still serving
 
 
 def test_many_sequences_decode_together(plain: Engine) -> None:

@@ -55,6 +55,8 @@ def test_a_prompt_chunk_never_feeds_or_leaves_a_lone_token() -> None:
             assert count <= min(todo, budget)
             if todo >= 2:
                 assert count != 1 and todo - count != 1
+                if budget >= 3:
+                    assert count >= 2      # and the prompt goes on
 
 
 def chunk(stream: int, n: int) -> tuple[object, list[int]]:
