@@ -96,6 +96,16 @@ class CoreConfig:
     #: sequences, running and retained; beyond that the least recently used
     #: retained conversation is dropped (llamacpp).
     kv_mb: int = field(default=1536, metadata=_check("positive"))
+    #: RAM in MiB for the KV cells of conversations evicted from the KV
+    #: cache (a conversation's used cells only, about 22 KiB a token with the
+    #: embedded model): an agent whose conversation is kept here starts its
+    #: next call from those cells instead of prefilling its conversation
+    #: again. Past the bound the least recently evicted are dropped; 0 keeps
+    #: none. Size it for the conversations of the agents that wait while
+    #: others run: agents served in turn come back in the order they were
+    #: evicted, so a bound too small for them all keeps none of the ones
+    #: needed next (llamacpp).
+    evicted_mb: int = field(default=4096, metadata=_check("non-negative"))
     #: Flash attention (llamacpp). On CPU it decodes faster at short
     #: contexts (about a quarter, in the benchmark's rate probe), barely at a
     #: few hundred tokens, and prefills short prompt chunks more slowly. Its

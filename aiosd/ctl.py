@@ -284,14 +284,16 @@ def kill(agent: str, as_json: bool) -> None:
 def top_view(status: dict[str, Any], agents: list[dict[str, Any]]) -> Any:
     from rich.console import Group
 
-    cores = Table("core", "state", "slots", "running", "served", "KV seqs", "cached tok",
-                  "shared tok", "prefilled tok", "decoded tok", title="LLM cores")
+    cores = Table("core", "state", "slots", "running", "served", "KV seqs", "evicted kept",
+                  "cached tok", "shared tok", "prefilled tok", "decoded tok", title="LLM cores")
     for core in status["cores"]:
         # a local core's KV cache, as of its last heartbeat
         kv = core.get("stats") or {}
         seqs = f"{kv['retained_seqs']}/{kv['seqs']}" if "seqs" in kv else "-"
+        # conversations evicted from the KV cache whose cells wait in RAM
+        kept = f"{kv['evicted_kept']} ({kv['evicted_mb']} MiB)" if "evicted_kept" in kv else "-"
         cores.add_row(core["name"], core["state"], str(core.get("capacity", "-")),
-                      str(core.get("running", "-")), str(core.get("served", "-")), seqs,
+                      str(core.get("running", "-")), str(core.get("served", "-")), seqs, kept,
                       *(str(kv.get(k, "-")) for k in ("cached_tokens", "shared_tokens",
                                                        "prefill_tokens", "decode_tokens")))
     queues = ", ".join(f"{k} {v}" for k, v in status["queues"].items())

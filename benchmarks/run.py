@@ -136,7 +136,8 @@ def bench_aiosd(n: int, config: dict[str, Any] | None = None, flooder: bool = Fa
 
 #: what the core's engine did in a run: where aiosd's time went
 CORE_FIGURES = ("busy_s", "decode_s", "steps", "passes", "prefill_tokens", "decode_tokens",
-                "cached_tokens", "shared_tokens", "moved_seqs", "evicted_seqs")
+                "cached_tokens", "shared_tokens", "moved_seqs", "evicted_seqs", "kept_seqs",
+                "restored_seqs", "restored_tokens")
 
 
 def core_stats(env: dict[str, str]) -> dict[str, Any]:

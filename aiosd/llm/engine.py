@@ -11,7 +11,10 @@ the sequences hold; a new sequence whose prompt begins like another's (the
 same system prompt) starts from a copy of that one's cells
 (``llama_memory_seq_cp``, a buffer copy between streams) cut back to the
 common prefix, instead of recomputing them. When every stream is taken, the
-least recently used retained sequence is dropped.
+least recently used retained sequence is evicted: its cells are copied out
+(``llama_state_seq_get_data``, the cells it uses, not its stream's size)
+into RAM, up to a bound, and set into a stream again when its agent's next
+call comes, instead of prefilling the conversation afresh.
 
 The engine runs in its own thread: every step it decodes one batch with a
 token for each request that is decoding, and batches of prompt chunks for
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+from collections import OrderedDict
 import itertools
 import logging
 import threading
@@ -143,7 +147,7 @@ def sequences_for(kv_bytes: int, n_ctx: int, per_token: int, slots: int) -> int:
     fit = min(MAX_SEQS, kv_bytes // (n_ctx * per_token) - 1)   # one stream is the spare
     if fit < slots:
         need = -(-(slots + 1) * n_ctx * per_token // 2**20)   # the spare too
-        raise ValueError(f"{slots} slots of {n_ctx} tokens need {need} MiB of KV cache; "
+        raise ValueError(f"{slots} slots of {n_ctx} tokens need {need} MiB of KV cache (kv_mb); "
                          f"{kv_bytes // 2**20} MiB hold {fit} sequences")
     return fit
 
@@ -211,11 +215,12 @@ class Engine:
 
     ``n_ctx`` is the cells of one sequence (the longest conversation);
     ``seqs`` the sequences the cache holds at once, running and retained
-    (or, if not given, as many as ``kv_bytes`` holds)."""
+    (or, if not given, as many as ``kv_bytes`` holds); ``evicted_bytes``
+    the RAM for the cells of evicted conversations (0: none are kept)."""
 
     def __init__(self, model_path: str, *, n_ctx: int, slots: int, threads: int,
                  seqs: int | None = None, kv_bytes: int | None = None, n_batch: int = 512,
-                 flash_attn: bool = False):
+                 flash_attn: bool = False, evicted_bytes: int = 0):
         import llama_cpp
         from llama_cpp import _internals
 
@@ -269,6 +274,11 @@ class Engine:
         self.seqs = [_Seq(i) for i in range(seqs)]
         self._spare = seqs
         self.tree = PrefixTree()
+        # agent key -> (tokens, KV state) of conversations evicted from the
+        # cache, least recently evicted first
+        self.evicted: OrderedDict[str, tuple[list[int], bytes]] = OrderedDict()
+        self.evicted_bytes = 0
+        self.evicted_limit = evicted_bytes
         self._copying = False   # a stream copy is queued in llama.cpp
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -276,6 +286,7 @@ class Engine:
         self._stop = False
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "cached_tokens": 0,
                       "shared_tokens": 0, "evicted_seqs": 0, "moved_seqs": 0, "passes": 0,
+                      "kept_seqs": 0, "restored_seqs": 0, "restored_tokens": 0,
                       "suspended": 0, "resumed": 0, "decode_s": 0.0, "busy_s": 0.0}
         self._seed = itertools.count(1)
         self.thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
@@ -324,6 +335,8 @@ class Engine:
                 "seq_ctx": self.n_ctx,
                 "kv_bytes": (len(self.seqs) + 1) * self.n_ctx * self.token_bytes,
                 "retained_seqs": sum(1 for s in self.seqs if s.tokens and not s.busy),
+                "evicted_kept": len(self.evicted),
+                "evicted_mb": round(self.evicted_bytes / 2**20, 1),
                 **self.stats,
             }
 
@@ -351,9 +364,49 @@ class Engine:
         if empty:
             return empty[0]
         victim = min(idle, key=lambda s: s.last_used)
+        self._keep_evicted(victim)
         self._drop(victim)
         self.stats["evicted_seqs"] += 1
         return victim
+
+    def _keep_evicted(self, seq: _Seq) -> None:
+        """Copy the cells of ``seq``, about to be evicted, into RAM for its
+        agent's next call; the least recently evicted go past the bound."""
+        if self.evicted_limit <= 0 or seq.key is None or not seq.tokens:
+            return
+        # a stream copy queued into seq must land before its cells are read;
+        # the token _settle decodes for that goes again at once
+        self._settle(seq)
+        self._ll.llama_memory_seq_rm(self._mem, seq.id, len(seq.tokens), -1)
+        state = self._state(seq)
+        self._forget_evicted(seq.key)
+        if len(state) > self.evicted_limit:
+            return
+        self.evicted[seq.key] = (list(seq.tokens), state)
+        self.evicted_bytes += len(state)
+        self.stats["kept_seqs"] += 1
+        while self.evicted_bytes > self.evicted_limit:
+            _, (_, old) = self.evicted.popitem(last=False)
+            self.evicted_bytes -= len(old)
+
+    def _forget_evicted(self, key: str) -> tuple[list[int], bytes] | None:
+        kept = self.evicted.pop(key, None)
+        if kept is not None:
+            self.evicted_bytes -= len(kept[1])
+        return kept
+
+    def _restore(self, seq: _Seq, tokens: list[int], state: bytes) -> bool:
+        """Set an evicted conversation's cells into ``seq`` (emptied first)."""
+        self._settle(seq)
+        self._drop(seq)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if self._ll.llama_state_seq_set_data(self.ctx.ctx, buf, len(state), seq.id) == 0:
+            log.warning("an evicted conversation's cells could not be restored; "
+                        "its prompt is prefilled instead")
+            self._drop(seq)
+            return False
+        self._extend(seq, list(tokens))
+        return True
 
     def _trim(self, seq: _Seq, n: int) -> None:
         """Keep the first ``n`` tokens of ``seq``."""
@@ -393,11 +446,23 @@ class Engine:
             if seq is None:
                 return False
         seq = self._place(seq)
+        # Whatever was kept of this agent's evicted conversation is either
+        # restored now or out of date once this call retains a sequence.
+        kept = self._forget_evicted(req.key)
         keep = self._common(seq.tokens, prompt)
-        # Another sequence may hold more of this prompt (a shared system
-        # prompt): start from a copy of its cells instead of recomputing them.
         other_id, run = self.tree.longest(prompt, exclude=seq.id)
-        if other_id is not None and run > keep + self.tree.block:
+        restorable = self._common(kept[0], prompt) if kept is not None else 0
+        # the agent's conversation, evicted earlier: its own cells again
+        restored = restorable > max(keep, run) and self._restore(seq, *kept)
+        keep = self._common(seq.tokens, prompt)   # what seq holds now
+        if restored:
+            self._trim(seq, keep)
+            self.stats["restored_seqs"] += 1
+            self.stats["restored_tokens"] += keep
+        elif other_id is not None and run > keep + self.tree.block:
+            # Another sequence holds more of this prompt (a shared system
+            # prompt): start from a copy of its cells instead of recomputing
+            # them.
             other = self.seqs[other_id]
             run = self._common(other.tokens, prompt, run)
             self._drop(seq)

@@ -90,9 +90,10 @@ class LlamaCppBackend:
         try:
             self.engine = Engine(str(self.path), n_ctx=cfg.n_ctx, slots=cfg.slots,
                                  threads=self.threads, kv_bytes=cfg.kv_mb * 2**20,
-                                 flash_attn=cfg.flash_attn)
+                                 flash_attn=cfg.flash_attn, evicted_bytes=cfg.evicted_mb * 2**20)
         except ValueError as exc:
-            raise ConfigError(f"llm.cores[{cfg.name}].kv_mb: {exc}") from None
+            # the message names the setting at fault (kv_mb or slots)
+            raise ConfigError(f"llm.cores[{cfg.name}]: {exc}") from None
         self.model = self.engine.model
         template = self.model.metadata().get("tokenizer.chat_template")
         if not template:

@@ -1,8 +1,9 @@
 """The batching engine on the real model, without the daemon around it: a
 prefix copied from another sequence's stream decodes to the same tokens as
 one computed afresh, a prompt's cells the same however its feeding was
-split, eviction when every stream is taken, a snapshot
-restored into another stream, and a too-long prompt refused."""
+split, eviction when every stream is taken, an evicted conversation's cells
+kept in RAM and restored, a snapshot restored into another stream, and a
+too-long prompt refused."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ SYSTEM = ("You are a careful assistant working for a small team. Answer briefly 
           "plainly, name your sources, and say so when you do not know. ") * 3
 
 
-def make(seqs: int, slots: int | None = None) -> Engine:
+def make(seqs: int, slots: int | None = None, evicted_bytes: int = 0) -> Engine:
     return Engine(str(embedded_model_path()), n_ctx=512, slots=slots or seqs, threads=2,
-                  seqs=seqs)
+                  seqs=seqs, evicted_bytes=evicted_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,75 @@ def test_least_recently_used_sequence_is_evicted_when_streams_run_out() -> None:
         # with the new one, never a prompt token alone
         assert again.cached == len(prompts["c"]) - 1
         assert eng.describe()["retained_seqs"] == 2
+    finally:
+        eng.close()
+
+
+NEXT_TURN = "<|im_end|>\n<|im_start|>user\nGo on.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_an_evicted_conversation_continues_from_its_kept_cells() -> None:
+    """Three agents take turns on two streams, so each conversation is
+    evicted before its agent's next call: its cells come back from RAM, and
+    every call runs as on a cache that retained them all."""
+    eng, roomy = make(2, slots=1, evicted_bytes=64 << 20), make(4, slots=1)
+    try:
+        convs = {k: tokens(eng, turn(f"Tell me about the number {i}.", f"You are agent {k}."))
+                 for i, k in enumerate("abc")}
+        for _ in range(3):
+            for k in "abc":
+                got, want = generate(eng, k, convs[k], 12), generate(roomy, k, convs[k], 12)
+                assert (got.cached, got.completion) == (want.cached, want.completion)
+                convs[k] += got.completion + tokens(eng, NEXT_TURN)
+        assert roomy.stats["evicted_seqs"] == 0
+        assert eng.stats["restored_seqs"] == 6          # every call after the first round
+        assert eng.stats["prefill_tokens"] == roomy.stats["prefill_tokens"]
+        # a's conversation was evicted again for c's last call: its cells wait in RAM
+        assert list(eng.evicted) == ["a"] and eng.describe()["evicted_kept"] == 1
+        assert 0 < eng.evicted_bytes <= 64 << 20
+    finally:
+        eng.close()
+        roomy.close()
+
+
+def test_a_conversation_evicted_with_a_stream_copy_queued_into_it_is_kept_whole() -> None:
+    """Four calls admitted in one step on four streams: the third moves a
+    retained conversation next to the running ones (a stream copy llama.cpp
+    carries out at the next decode), and the fourth evicts that one; what is
+    kept must be its cells, not what its new stream held before."""
+    eng, roomy = make(4, evicted_bytes=64 << 20), make(5, slots=4)
+    try:
+        convs = {k: tokens(eng, turn(f"Tell me about the number {i}.", f"You are agent {k}."))
+                 for i, k in enumerate(["k0", "k1", "k2", "k3", "w", "x", "y", "z"])}
+        for e in (eng, roomy):
+            for k in ["k0", "k1", "k2", "k3", "k2"]:   # k2 used last: evicted last
+                generate(e, k, convs[k], 8)
+        reqs = [Request(k, convs[k], 8) for k in "wxyz"]
+        with eng._lock:   # admitted together, before any of them is decoded
+            eng.waiting.extend(reqs)
+            eng._lock.notify()
+        for r in reqs:
+            assert r.done.wait(120) and r.error is None
+        assert eng.stats["moved_seqs"] >= 1 and "k2" in eng.evicted
+        first = generate(roomy, "k2", convs["k2"], 8).completion
+        convs["k2"] += first + tokens(eng, NEXT_TURN)
+        got, want = generate(eng, "k2", convs["k2"], 12), generate(roomy, "k2", convs["k2"], 12)
+        assert eng.stats["restored_seqs"] == 1
+        assert (got.cached, got.completion) == (want.cached, want.completion)
+    finally:
+        eng.close()
+        roomy.close()
+
+
+def test_evicted_cells_are_kept_within_their_bound() -> None:
+    eng = make(1, evicted_bytes=256 << 10)   # less than one conversation's cells
+    try:
+        first = tokens(eng, turn("Tell me about the number 1.", "You are agent a."))
+        generate(eng, "a", first, 8)
+        generate(eng, "b", tokens(eng, turn("Tell me about the number 2.", "You are agent b.")), 8)
+        assert eng.stats["evicted_seqs"] == 1 and not eng.evicted and eng.evicted_bytes == 0
+        again = generate(eng, "a", first, 8)
+        assert eng.stats["restored_seqs"] == 0 and again.cached < len(first) // 2
     finally:
         eng.close()
 
