@@ -291,7 +291,7 @@ def top_view(status: dict[str, Any], agents: list[dict[str, Any]]) -> Any:
         kv = core.get("stats") or {}
         seqs = f"{kv['retained_seqs']}/{kv['seqs']}" if "seqs" in kv else "-"
         # conversations evicted from the KV cache whose cells wait in RAM
-        kept = f"{kv['evicted_kept']} ({kv['evicted_mb']} MiB)" if "evicted_kept" in kv else "-"
+        kept = f"{kv['evicted_kept']} ({kv['evicted_kept_mb']} MiB)" if "evicted_kept" in kv else "-"
         cores.add_row(core["name"], core["state"], str(core.get("capacity", "-")),
                       str(core.get("running", "-")), str(core.get("served", "-")), seqs, kept,
                       *(str(kv.get(k, "-")) for k in ("cached_tokens", "shared_tokens",

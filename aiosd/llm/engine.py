@@ -13,8 +13,9 @@ same system prompt) starts from a copy of that one's cells
 common prefix, instead of recomputing them. When every stream is taken, the
 least recently used retained sequence is evicted: its cells are copied out
 (``llama_state_seq_get_data``, the cells it uses, not its stream's size)
-into RAM, up to a bound, and set into a stream again when its agent's next
-call comes, instead of prefilling the conversation afresh.
+into RAM, up to a bound; when its agent's next call comes, and the cache
+holds less of the prompt than those cells do, they are set into a stream
+again instead of prefilling the conversation afresh.
 
 The engine runs in its own thread: every step it decodes one batch with a
 token for each request that is decoding, and batches of prompt chunks for
@@ -336,7 +337,7 @@ class Engine:
                 "kv_bytes": (len(self.seqs) + 1) * self.n_ctx * self.token_bytes,
                 "retained_seqs": sum(1 for s in self.seqs if s.tokens and not s.busy),
                 "evicted_kept": len(self.evicted),
-                "evicted_mb": round(self.evicted_bytes / 2**20, 1),
+                "evicted_kept_mb": round(self.evicted_bytes / 2**20, 1),
                 **self.stats,
             }
 
@@ -372,15 +373,17 @@ class Engine:
     def _keep_evicted(self, seq: _Seq) -> None:
         """Copy the cells of ``seq``, about to be evicted, into RAM for its
         agent's next call; the least recently evicted go past the bound."""
-        if self.evicted_limit <= 0 or seq.key is None or not seq.tokens:
+        if seq.key is None or not seq.tokens:
             return
+        self._forget_evicted(seq.key)
+        if len(seq.tokens) * self.token_bytes > self.evicted_limit:
+            return   # (also when none are kept)
         # a stream copy queued into seq must land before its cells are read;
         # the token _settle decodes for that goes again at once
         self._settle(seq)
         self._ll.llama_memory_seq_rm(self._mem, seq.id, len(seq.tokens), -1)
         state = self._state(seq)
-        self._forget_evicted(seq.key)
-        if len(state) > self.evicted_limit:
+        if not state or len(state) > self.evicted_limit:
             return
         self.evicted[seq.key] = (list(seq.tokens), state)
         self.evicted_bytes += len(state)
@@ -438,27 +441,37 @@ class Engine:
         if req.resume is not None:
             return self._admit_resumed(req)
         prompt = req.prompt
+        # Whatever was kept of this agent's evicted conversation is either
+        # restored now or out of date once this call retains a sequence;
+        # taken out first, so that the eviction that frees a stream for
+        # this call cannot push it out of RAM.
+        kept = self._forget_evicted(req.key)
         own = next((s for s in self.seqs if s.key == req.key and not s.busy), None)
         if own is not None:
             seq = own
         else:
             seq = self._free_seq()
             if seq is None:
+                if kept is not None:   # the call waits: its cells wait too
+                    self.evicted[req.key] = kept
+                    self.evicted.move_to_end(req.key, last=False)
+                    self.evicted_bytes += len(kept[1])
                 return False
         seq = self._place(seq)
-        # Whatever was kept of this agent's evicted conversation is either
-        # restored now or out of date once this call retains a sequence.
-        kept = self._forget_evicted(req.key)
         keep = self._common(seq.tokens, prompt)
         other_id, run = self.tree.longest(prompt, exclude=seq.id)
         restorable = self._common(kept[0], prompt) if kept is not None else 0
-        # the agent's conversation, evicted earlier: its own cells again
-        restored = restorable > max(keep, run) and self._restore(seq, *kept)
+        # The agent's conversation, evicted earlier: its own cells again,
+        # unless the cache holds about as much of the prompt (copying
+        # megabytes in to keep a few tokens of them is not worth it). Should
+        # restoring fail, seq is empty and the prompt is prefilled.
+        restored = (restorable > max(keep, run) + self.tree.block
+                    and self._restore(seq, *kept))
         keep = self._common(seq.tokens, prompt)   # what seq holds now
+        shared = False
         if restored:
             self._trim(seq, keep)
             self.stats["restored_seqs"] += 1
-            self.stats["restored_tokens"] += keep
         elif other_id is not None and run > keep + self.tree.block:
             # Another sequence holds more of this prompt (a shared system
             # prompt): start from a copy of its cells instead of recomputing
@@ -473,8 +486,8 @@ class Engine:
             seq.tokens = list(other.tokens)
             self._trim(seq, run)
             self.tree.grow(seq.id, seq.tokens)
-            self.stats["shared_tokens"] += run
             keep = run
+            shared = True
         else:
             self._trim(seq, keep)
         if len(prompt) - keep < MIN_PROMPT_ROWS:
@@ -485,6 +498,10 @@ class Engine:
             self._trim(seq, keep)
         req.cached = keep
         self.stats["cached_tokens"] += keep
+        if restored:
+            self.stats["restored_tokens"] += keep
+        elif shared:
+            self.stats["shared_tokens"] += keep
         seq.key = req.key
         seq.busy = True
         req._seq = seq
@@ -495,6 +512,7 @@ class Engine:
     def _admit_resumed(self, req: Request) -> bool:
         snap = req.resume
         assert snap is not None
+        self._forget_evicted(req.key)   # older than the snapshot
         seq = self._free_seq()
         if seq is None:
             return False
@@ -680,15 +698,14 @@ class Engine:
         # of their own, one pass each.
         groups = [sorted(decoding, key=lambda p: p[0]._seq.id)] if decoding else []
         groups += chunk_groups(sorted(chunks, key=lambda p: p[0]._seq.id), self.n_batch)
-        self.stats["steps"] += 1
         for group in groups:
             self._decode_group(group)
+        self.stats["steps"] += 1
 
     def _decode_group(self, planned: list[tuple[Request, list[int]]]) -> None:
         """Decode one batch: a token for each decoding call, or prompt chunks."""
         b = self.batch.batch
         n = 0
-        self.stats["passes"] += passes([(r._seq.id, len(t)) for r, t in planned], self.n_batch)
         for req, tokens in planned:
             pos0 = len(req._seq.tokens)
             for j, tok in enumerate(tokens):
@@ -706,6 +723,7 @@ class Engine:
             n += len(tokens)
         b.n_tokens = n
         self._decode(b)
+        self.stats["passes"] += passes([(r._seq.id, len(t)) for r, t in planned], self.n_batch)
         now = time.monotonic()
         for req, tokens in planned:
             seq = req._seq
@@ -744,7 +762,7 @@ class Engine:
         size = self._ll.llama_state_seq_get_size(self.ctx.ctx, seq.id)
         buf = (ctypes.c_uint8 * size)()
         written = self._ll.llama_state_seq_get_data(self.ctx.ctx, buf, size, seq.id)
-        return bytes(buf[:written])
+        return ctypes.string_at(buf, written)
 
     def _suspend_now(self, req: Request) -> None:
         seq = req._seq

@@ -202,6 +202,26 @@ def test_a_conversation_evicted_with_a_stream_copy_queued_into_it_is_kept_whole(
         roomy.close()
 
 
+def test_the_eviction_that_makes_room_for_a_call_keeps_that_call_s_cells() -> None:
+    """Agents served in turn on one stream: the conversation a call needs is
+    the one evicted longest ago, and the eviction that frees the stream for
+    the call must not push it out of RAM."""
+    eng = make(1, evicted_bytes=64 << 20)
+    try:
+        convs = {k: tokens(eng, turn(f"Tell me about the number {i}.", f"You are agent {k}."))
+                 for i, k in enumerate("abc")}
+        for k in "abc":
+            convs[k] += generate(eng, k, convs[k], 8).completion + tokens(eng, NEXT_TURN)
+        assert list(eng.evicted) == ["a", "b"]
+        # room for a's, b's and c's cells, but one byte
+        eng.evicted_limit = eng.evicted_bytes + len(eng.retained_state("c") or b"") - 1
+        again = generate(eng, "a", convs["a"], 8)
+        assert eng.stats["restored_seqs"] == 1 and again.cached > len(convs["a"]) // 2
+        assert list(eng.evicted) == ["b", "c"]
+    finally:
+        eng.close()
+
+
 def test_evicted_cells_are_kept_within_their_bound() -> None:
     eng = make(1, evicted_bytes=256 << 10)   # less than one conversation's cells
     try:
