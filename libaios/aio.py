@@ -90,18 +90,31 @@ class AsyncClient:
 
     async def _read(self) -> None:
         assert self._sock is not None
+        # Replies arrive in bursts when many calls are out: after waiting
+        # for one, take the rest that have arrived from the same socket
+        # without a Future each (no recv of the asyncio socket is pending
+        # meanwhile, and its next one looks for waiting messages first).
+        raw = zmq.Socket.shadow(self._sock.underlying)
         while True:
             frames = await self._sock.recv_multipart()
-            try:
-                _, payload = protocol.split_envelope(frames)
-                rep = protocol.decode(payload)
-            except protocol.ProtocolError:
-                continue
-            waiter = self._waiting.get(rep.re or "")
-            if isinstance(waiter, asyncio.Queue):
-                waiter.put_nowait(rep)
-            elif waiter is not None and rep.type is not MsgType.PARTIAL and not waiter.done():
-                waiter.set_result(rep)
+            while True:
+                self._deliver(frames)
+                try:
+                    frames = raw.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+
+    def _deliver(self, frames: list[bytes]) -> None:
+        try:
+            _, payload = protocol.split_envelope(frames)
+            rep = protocol.decode(payload)
+        except protocol.ProtocolError:
+            return
+        waiter = self._waiting.get(rep.re or "")
+        if isinstance(waiter, asyncio.Queue):
+            waiter.put_nowait(rep)
+        elif waiter is not None and rep.type is not MsgType.PARTIAL and not waiter.done():
+            waiter.set_result(rep)
 
     async def _replies(self, msg: protocol.Message, timeout: float) -> AsyncIterator[protocol.Message]:
         """Send ``msg``; yield its partial replies, then its final reply."""
@@ -136,18 +149,21 @@ class AsyncClient:
         if self._sock is None:
             await self.connect()
         assert self._sock is not None
-        # One future per call, resolved by the reader: the cheapest wait
-        # asyncio has, which matters to agents with hundreds of calls out.
-        reply: asyncio.Future[protocol.Message] = asyncio.get_running_loop().create_future()
+        # One future per call, resolved by the reader (or failed by a timer
+        # at the deadline): the cheapest wait asyncio has, which matters to
+        # agents with hundreds of calls out.
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[protocol.Message] = loop.create_future()
         self._waiting[msg.id] = reply
+        timer = loop.call_later(timeout, _expire, reply)
         try:
             await self._sock.send_multipart(protocol.encode(msg))
             try:
-                async with asyncio.timeout(timeout):
-                    rep = await reply
+                rep = await reply
             except TimeoutError:
                 raise no_reply(msg, self.endpoint, timeout) from None
         finally:
+            timer.cancel()
             self._waiting.pop(msg.id, None)
         if rep.type is MsgType.ERROR:
             raise errors.from_envelope(rep.body)
@@ -173,6 +189,11 @@ class AsyncClient:
 
     async def null(self, timeout: float | None = None) -> dict[str, Any]:
         return await self.call(MsgType.SYS_NULL, {}, timeout)
+
+
+def _expire(reply: asyncio.Future[protocol.Message]) -> None:
+    if not reply.done():
+        reply.set_exception(TimeoutError())
 
 
 def connect(endpoint: str | None = None, **kwargs: Any) -> AsyncClient:
