@@ -94,7 +94,7 @@ class CoreConfig:
     n_ctx: int = field(default=2048, metadata=_check("positive"))
     #: KV cache memory in MiB: it holds kv_mb / (n_ctx x KV bytes per token)
     #: sequences, running and retained; beyond that the least recently used
-    #: retained conversation is dropped (llamacpp).
+    #: retained conversation is evicted from it (llamacpp; see evicted_mb).
     kv_mb: int = field(default=1536, metadata=_check("positive"))
     #: RAM in MiB for the KV cells of conversations evicted from the KV
     #: cache (a conversation's used cells only, about 22 KiB a token with the
