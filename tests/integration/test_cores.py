@@ -1,4 +1,5 @@
-"""Several LLM cores, CPU pinning, and the event bus."""
+"""Several LLM cores, CPU pinning, conversations evicted from a core's KV
+cache and kept in RAM, and the event bus."""
 
 from __future__ import annotations
 
@@ -37,6 +38,33 @@ def test_calls_are_spread_over_two_pinned_cores(make_daemon) -> None:
         t.join(timeout=300)
     assert len(cores) == 6
     assert set(cores) == {"left", "right"}
+
+
+def test_agents_taking_turns_on_a_small_kv_cache_continue_from_kept_cells(make_daemon) -> None:
+    # 36 MiB hold three streams of 512 cells: one is the spare, so two
+    # sequences for three agents, and each conversation is evicted before
+    # its agent's next call
+    d: Daemon = make_daemon(config={"llm": {"cores": [{"slots": 1, "n_ctx": 512, "kv_mb": 36,
+                                                       "evicted_mb": 64}]}})
+    convs = {k: [{"role": "system", "content": f"You are agent {k}."},
+                 {"role": "user", "content": f"Tell me about the number {i}."}]
+             for i, k in enumerate("abc")}
+    clients = {k: d.client(name=f"turns-{k}") for k in "abc"}
+    try:
+        for _ in range(2):
+            for k in "abc":
+                reply = clients[k].chat(convs[k], max_tokens=12)
+                assert reply.usage["completion_tokens"] > 0
+                convs[k] += [{"role": "assistant", "content": reply.text},
+                             {"role": "user", "content": "Go on."}]
+    finally:
+        for c in clients.values():
+            c.close()
+    stats = d.wait_for(lambda s: s["cores"][0].get("stats", {}).get("restored_seqs", 0) >= 3,
+                       what="the second turns to restore kept cells")["cores"][0]["stats"]
+    assert stats["seqs"] == 2 and stats["evicted_seqs"] >= 4
+    assert stats["evicted_kept"] >= 1 and 0 < stats["evicted_kept_mb"] <= 64
+    assert "evicted kept" in d.ctl("top", "--once").stdout
 
 
 def test_event_bus_reports_agent_lifecycle(daemon: Daemon) -> None:
