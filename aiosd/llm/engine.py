@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import ctypes
 import enum
-from collections import OrderedDict
 import itertools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
