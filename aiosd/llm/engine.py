@@ -346,7 +346,7 @@ class Engine:
         of it would hold: its cells, its stream's number), or None if the
         cache does not hold it."""
         with self._lock:
-            seq = next((s for s in self.seqs if s.key == key and not s.busy), None)
+            seq = self._retained(key)
             return self._state(seq) if seq is not None else None
 
     # -- sequences -------------------------------------------------------------------
@@ -354,6 +354,10 @@ class Engine:
     @property
     def _mem(self) -> Any:
         return self.ctx.memory
+
+    def _retained(self, key: str) -> _Seq | None:
+        """The idle sequence holding ``key``'s conversation, if any."""
+        return next((s for s in self.seqs if s.key == key and not s.busy), None)
 
     def _free_seq(self) -> _Seq | None:
         """An idle sequence: an empty one, else the least recently used
@@ -398,14 +402,14 @@ class Engine:
             self.evicted_bytes -= len(kept[1])
         return kept
 
-    def _restore(self, seq: _Seq, tokens: list[int], state: bytes) -> bool:
-        """Set an evicted conversation's cells into ``seq`` (emptied first)."""
+    def _set_state(self, seq: _Seq, tokens: list[int], state: bytes) -> bool:
+        """Set ``state`` (cells of ``tokens``, as ``_state`` copied them out)
+        into ``seq``, emptied first; False, and ``seq`` empty, if llama.cpp
+        refuses it."""
         self._settle(seq)
         self._drop(seq)
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         if self._ll.llama_state_seq_set_data(self.ctx.ctx, buf, len(state), seq.id) == 0:
-            log.warning("an evicted conversation's cells could not be restored; "
-                        "its prompt is prefilled instead")
             self._drop(seq)
             return False
         self._extend(seq, list(tokens))
@@ -441,32 +445,29 @@ class Engine:
         if req.resume is not None:
             return self._admit_resumed(req)
         prompt = req.prompt
+        own = self._retained(req.key)
+        if own is None and all(s.busy for s in self.seqs):
+            return False   # no stream to free: the call waits
         # Whatever was kept of this agent's evicted conversation is either
         # restored now or out of date once this call retains a sequence;
         # taken out first, so that the eviction that frees a stream for
         # this call cannot push it out of RAM.
         kept = self._forget_evicted(req.key)
-        own = next((s for s in self.seqs if s.key == req.key and not s.busy), None)
-        if own is not None:
-            seq = own
-        else:
-            seq = self._free_seq()
-            if seq is None:
-                if kept is not None:   # the call waits: its cells wait too
-                    self.evicted[req.key] = kept
-                    self.evicted.move_to_end(req.key, last=False)
-                    self.evicted_bytes += len(kept[1])
-                return False
+        seq = own if own is not None else self._free_seq()
+        assert seq is not None
         seq = self._place(seq)
         keep = self._common(seq.tokens, prompt)
         other_id, run = self.tree.longest(prompt, exclude=seq.id)
-        restorable = self._common(kept[0], prompt) if kept is not None else 0
         # The agent's conversation, evicted earlier: its own cells again,
         # unless the cache holds about as much of the prompt (copying
         # megabytes in to keep a few tokens of them is not worth it). Should
         # restoring fail, seq is empty and the prompt is prefilled.
-        restored = (restorable > max(keep, run) + self.tree.block
-                    and self._restore(seq, *kept))
+        restored = False
+        if kept is not None and self._common(kept[0], prompt) > max(keep, run) + self.tree.block:
+            restored = self._set_state(seq, *kept)
+            if not restored:
+                log.warning("an evicted conversation's cells could not be restored; "
+                            "its prompt is prefilled instead")
         keep = self._common(seq.tokens, prompt)   # what seq holds now
         shared = False
         if restored:
@@ -517,14 +518,9 @@ class Engine:
         if seq is None:
             return False
         seq = self._place(seq)
-        self._settle(seq)
-        self._drop(seq)
-        buf = (ctypes.c_uint8 * len(snap.state)).from_buffer_copy(snap.state)
-        got = self._ll.llama_state_seq_set_data(self.ctx.ctx, buf, len(snap.state), seq.id)
-        if got == 0:
+        if not self._set_state(seq, snap.tokens, snap.state):
             req.error = RuntimeError("the snapshot could not be restored into the KV cache")
             return True
-        self._extend(seq, list(snap.tokens))
         seq.key = req.key
         seq.busy = True
         req._seq = seq
