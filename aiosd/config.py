@@ -223,7 +223,7 @@ class GroupConfig:
     access: str = field(default="read", metadata=_check("one of: read, write"))
     #: Destructive operations done without asking a person, for members'
     #: own data ("storage.delete", "storage.overwrite", "storage.rollback",
-    #: "memory.delete", "tool:NAME", or "*").
+    #: "memory.delete", "memory.update", "tool:NAME", or "*").
     preapprove: list[str] = field(default_factory=list)
 
 

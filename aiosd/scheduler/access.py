@@ -35,6 +35,7 @@ INTERNAL = frozenset({MsgType.BLOCK_PUT, MsgType.BLOCK_GET, MsgType.BLOCK_DELETE
 #: Operations destructive by their type (an overwrite is found by storage).
 DESTRUCTIVE = {
     MsgType.MEMORY_DELETE: "memory.delete",
+    MsgType.MEMORY_UPDATE: "memory.update",   # the text or metadata it replaces is gone
     MsgType.STORAGE_DELETE: "storage.delete",
     MsgType.STORAGE_ROLLBACK: "storage.rollback",
 }

@@ -229,6 +229,23 @@ def test_delete_denied_by_the_operator(grouped: Daemon) -> None:
         assert erin.storage.get("keep") == "me"
 
 
+def test_memory_update_waits_for_approval_and_a_denied_one_changes_nothing(grouped: Daemon) -> None:
+    with grouped.client(name="erin") as erin:
+        item = erin.memory.add("the meeting is on Monday")
+        for decision in ("deny", "approve"):
+            t, out = _in_thread(lambda: erin.memory.update(item["id"], text="on Friday",
+                                                           timeout=60))
+            pending = _pending(grouped)
+            assert pending["op"] == "memory.update" and pending["name"] == "erin"
+            assert grouped.ctl(decision, pending["id"]).returncode == 0
+            t.join(60)
+            if decision == "deny":
+                assert isinstance(out.get("error"), errors.PermissionDenied), out
+                assert erin.memory.get(item["id"])["text"] == "the meeting is on Monday"
+        assert "value" in out, out
+        assert erin.memory.get(item["id"])["text"] == "on Friday"
+
+
 def test_approval_times_out_as_denied(grouped: Daemon) -> None:
     with grouped.client(name="fred") as fred:
         fred.storage.put("x", 1)

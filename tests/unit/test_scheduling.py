@@ -61,6 +61,8 @@ def test_destructive_calls_need_approval_unless_preapproved() -> None:
     assert d.allowed and d.approval == "storage.delete"
     assert RULES.check(who("tess"), MsgType.STORAGE_DELETE, "tess").approval is None
     assert RULES.check(who("carol"), MsgType.STORAGE_GET, "carol").approval is None
+    assert RULES.check(who("carol"), MsgType.MEMORY_UPDATE, "carol").approval == "memory.update"
+    assert RULES.check(who("carol"), MsgType.MEMORY_ADD, "carol").approval is None
     assert RULES.check(who("carol"), MsgType.TOOL_CALL, None, destructive_tool="rm").approval == "tool:rm"
     assert not RULES.check(who("carol"), MsgType.BLOCK_GET, "alice").allowed
     assert RULES.check(who("w", internal=True), MsgType.BLOCK_GET, "alice").allowed
