@@ -5,7 +5,8 @@ dispatch table from :class:`MsgType` to a handler that takes a :class:`Task`
 and returns the reply body. The runtime owns the DEALER socket to the
 scheduler: it registers with READY (kind, name, capacity), heartbeats, runs
 up to ``capacity`` tasks at once on threads, forwards their streamed parts
-and results, delivers cancellations, and registers again if the scheduler
+and results, delivers cancellations and suspensions, passes on what the
+scheduler says is gone (an agent, a suspended call), and registers again if the scheduler
 forgets it (after a scheduler restart). Handlers never touch a socket.
 """
 
@@ -85,6 +86,7 @@ class WorkerRuntime:
         info: dict[str, Any] | None = None,
         stats: Callable[[], dict[str, Any]] | None = None,
         inline: frozenset[MsgType] = frozenset({MsgType.SYS_NULL}),
+        forget: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.kind = kind
         self.name = name
@@ -96,6 +98,8 @@ class WorkerRuntime:
         self.stats = stats
         #: call types cheap enough to run on the main loop, without a slot
         self.inline = inline
+        #: told that an agent or a suspended call is gone (WORKER_FORGET)
+        self.forget = forget
         self._tasks: dict[str, Task] = {}
         self._stop = threading.Event()
         self._ctx = zmq.Context.instance()
@@ -178,6 +182,12 @@ class WorkerRuntime:
             task = self._tasks.get(msg.body.get("call", ""))
             if task is not None:
                 task.suspend.set()
+        elif msg.type is MsgType.WORKER_FORGET:
+            if self.forget is not None:
+                try:
+                    self.forget(msg.body)
+                except Exception:  # a bug here must not take the worker down
+                    log.exception("%s: forgetting %s failed", self.name, msg.body)
         elif msg.type is MsgType.WORKER_SHUTDOWN:
             self._stop.set()
         elif msg.type is MsgType.ERROR and msg.body.get("code") == ErrorCode.UNAUTHENTICATED:

@@ -56,6 +56,10 @@ class Backend(Protocol):
     def chat(self, req: ChatRequest, emit: Emit, check: Callable[[], None]) -> ChatOutput:
         """Generate the answer to ``req``; ``check()`` raises to stop early."""
 
+    def forget(self, agent: str | None, snapshots: list[str]) -> None:
+        """Drop what is kept for ``agent``, which has ended, and the named
+        snapshots, whose calls will never resume."""
+
     def close(self) -> None:
         """Release the model."""
 

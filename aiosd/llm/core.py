@@ -73,6 +73,16 @@ class LLMCore:
                                     progress=progress if preempting else None)
         return out.to_body(self.cfg.name)
 
+    def forget(self, body: dict[str, Any]) -> None:
+        """An agent ended, or suspended calls will never resume: let go of
+        the agent's cached conversation and of those calls' snapshots."""
+        agent = body.get("agent")
+        snapshots = body.get("snapshots") or []
+        if not isinstance(snapshots, list):
+            snapshots = []
+        self.backend.forget(agent if isinstance(agent, str) and agent else None,
+                            [s for s in snapshots if isinstance(s, str)])
+
     def null(self, task: Task) -> dict[str, Any]:
         return {"core": self.cfg.name}
 
@@ -96,6 +106,7 @@ def serve(config: Config, name: str, endpoint: str) -> None:
         heartbeat_interval=config.kernel.heartbeat_interval,
         info=backend.describe(),
         stats=getattr(backend, "stats", None),
+        forget=core.forget,
     )
     try:
         runtime.run()

@@ -281,13 +281,15 @@ class Engine:
         self.evicted_bytes = 0
         self.evicted_limit = evicted_bytes
         self._copying = False   # a stream copy is queued in llama.cpp
+        # agents that ended, not yet let go of -> whether anything was held
+        self._gone: dict[str, bool] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._lock = threading.Condition()
         self._stop = False
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "cached_tokens": 0,
                       "shared_tokens": 0, "evicted_seqs": 0, "moved_seqs": 0, "passes": 0,
-                      "kept_seqs": 0, "restored_seqs": 0, "restored_tokens": 0,
+                      "kept_seqs": 0, "restored_seqs": 0, "restored_tokens": 0, "forgotten": 0,
                       "suspended": 0, "resumed": 0, "decode_s": 0.0, "busy_s": 0.0}
         self._seed = itertools.count(1)
         self.thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
@@ -316,6 +318,14 @@ class Engine:
         self.submit(req)
         req.done.wait()
         return req
+
+    def forget(self, key: str) -> None:
+        """``key``'s agent has ended: drop the cells kept for it in RAM, and
+        let its retained sequence be the first to go when a stream is
+        needed (until then its cells still serve as a shared prefix)."""
+        with self._lock:
+            self._gone.setdefault(key, False)
+            self._lock.notify()
 
     def close(self) -> None:
         with self._lock:
@@ -373,6 +383,29 @@ class Engine:
         self._drop(victim)
         self.stats["evicted_seqs"] += 1
         return victim
+
+    def _let_go(self) -> None:
+        """Carry out ``forget``. A call of a gone agent still here (being
+        cancelled) keeps its sequence until it stops; it is let go of then."""
+        for key, held in list(self._gone.items()):
+            held |= self._forget_evicted(key) is not None
+            pending = any(r.key == key for r in self.waiting)
+            for seq in self.seqs:
+                if seq.key != key:
+                    continue
+                if seq.busy:
+                    pending = True
+                else:
+                    # no owner: never kept in RAM, evicted before any other
+                    seq.key = None
+                    seq.last_used = 0.0
+                    held = True
+            if pending:
+                self._gone[key] = held
+                continue
+            del self._gone[key]
+            if held:
+                self.stats["forgotten"] += 1
 
     def _keep_evicted(self, seq: _Seq) -> None:
         """Copy the cells of ``seq``, about to be evicted, into RAM for its
@@ -628,7 +661,11 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and not self.waiting and not self.running:
+                while True:
+                    if self._gone:
+                        self._let_go()
+                    if self._stop or self.waiting or self.running:
+                        break
                     self._lock.wait()
                 if self._stop:
                     for req in self.waiting + self.running:

@@ -227,6 +227,12 @@ class LlamaCppBackend:
             cached_tokens=request.cached,
         )
 
+    def forget(self, agent: str | None, snapshots: list[str]) -> None:
+        if agent:
+            self.engine.forget(agent)
+        for sid in snapshots:
+            self.snapshots.drop(sid)
+
     def close(self) -> None:
         self.engine.close()
         self.snapshots.clear()

@@ -197,5 +197,9 @@ class OpenAIBackend:
             parsed=parsed,
         )
 
+    def forget(self, agent: str | None, snapshots: list[str]) -> None:
+        for sid in snapshots:   # nothing else is kept per agent
+            self.snapshots.pop(sid, None)
+
     def close(self) -> None:
         self.client.close()

@@ -1,5 +1,7 @@
 """Snapshots of suspended generations, kept in RAM up to a bound and
-spilled to disk (files 0600) past it; each is taken once, on resume."""
+spilled to disk (files 0600) past it; each is taken once, on resume, or
+dropped when its call will never resume. Calls' threads put and take them,
+the core's loop drops them: one lock guards the store."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 import pickle
 import secrets
 import shutil
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -28,10 +31,15 @@ class SnapshotStore:
         self._disk: dict[str, Path] = {}
         self._used = 0
         self.spilled = 0
+        self._lock = threading.Lock()
         # snapshots of an earlier run of this core cannot be resumed
         shutil.rmtree(self.spill_dir, ignore_errors=True)
 
     def put(self, snap: Snapshot) -> str:
+        with self._lock:
+            return self._put(snap)
+
+    def _put(self, snap: Snapshot) -> str:
         sid = secrets.token_hex(8)
         self._ram[sid] = snap
         self._used += snap.nbytes
@@ -51,9 +59,12 @@ class SnapshotStore:
         self.spilled += 1
 
     def take(self, sid: str) -> Snapshot | None:
-        snap = self._ram.pop(sid, None)
+        with self._lock:
+            return self._take(sid)
+
+    def _take(self, sid: str) -> Snapshot | None:
+        snap = self._pop_ram(sid)
         if snap is not None:
-            self._used -= snap.nbytes
             return snap
         path = self._disk.pop(sid, None)
         if path is None:
@@ -63,15 +74,28 @@ class SnapshotStore:
         path.unlink()
         return snap
 
+    def _pop_ram(self, sid: str) -> Snapshot | None:
+        snap = self._ram.pop(sid, None)
+        if snap is not None:
+            self._used -= snap.nbytes
+        return snap
+
     def drop(self, sid: str) -> None:
-        self.take(sid)
+        """Discard a snapshot that will not be resumed, unread."""
+        with self._lock:
+            self._pop_ram(sid)
+            path = self._disk.pop(sid, None)
+            if path is not None:
+                path.unlink(missing_ok=True)
 
     def describe(self) -> dict[str, Any]:
-        return {"in_ram": len(self._ram), "ram_bytes": self._used, "on_disk": len(self._disk),
-                "spilled": self.spilled}
+        with self._lock:
+            return {"in_ram": len(self._ram), "ram_bytes": self._used, "on_disk": len(self._disk),
+                    "spilled": self.spilled}
 
     def clear(self) -> None:
-        self._ram.clear()
-        self._used = 0
-        shutil.rmtree(self.spill_dir, ignore_errors=True)
-        self._disk.clear()
+        with self._lock:
+            self._ram.clear()
+            self._used = 0
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+            self._disk.clear()

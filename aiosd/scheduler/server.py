@@ -742,7 +742,7 @@ class Scheduler:
         if not agent.alive:
             raise errors.NotFound(f"agent {agent.id} has already ended ({agent.state.value})")
         self.agents.kill(agent, time.time())
-        self.drop_calls_of(agent.id)
+        self.forget_agent(agent.id)
         self.send_client(identity, protocol.reply(msg.id, {"agent": agent.id, "pid": agent.pid}))
 
     def on_shutdown(self, session: Session | None, identity: bytes, msg: Message) -> None:
@@ -875,6 +875,12 @@ class Scheduler:
         (``result`` None: the caller already has its answer, or is gone)."""
         self.calls.pop(call.kid, None)
         self.approvals.drop_call(call)
+        if call.state is CallState.QUEUED and "resume" in call.body:
+            # suspended, and never to resume: its core drops the snapshot
+            worker = self.workers.get(call.affinity or "")
+            if worker is not None:
+                self.send_worker(worker, protocol.call(
+                    MsgType.WORKER_FORGET, {"snapshots": [call.body["resume"]]}))
         if call.state is CallState.RUNNING:
             call.service_s += now - call.dispatched
         elif call.state is CallState.QUEUED:
@@ -914,7 +920,10 @@ class Scheduler:
         if worker is not None:
             self.send_worker(worker, protocol.call(MsgType.WORKER_CANCEL, {"call": call.kid}))
 
-    def drop_calls_of(self, agent_id: str) -> None:
+    def forget_agent(self, agent_id: str) -> None:
+        """The agent is gone (or going): drop its calls, and tell every LLM
+        core to let go of what it keeps for the agent (its cached
+        conversation, in the KV cache or in RAM)."""
         now = time.time()
         for call in list(self.calls.values()):
             if call.agent != agent_id:
@@ -926,6 +935,9 @@ class Scheduler:
                 self.finish(call, None, now)
             elif call.state is CallState.RUNNING:
                 self.cancel(call, now)
+        for worker in list(self.workers.values()):
+            if worker.kind == "llm":
+                self.send_worker(worker, protocol.call(MsgType.WORKER_FORGET, {"agent": agent_id}))
 
     # -- worker messages -----------------------------------------------------
 
@@ -1105,10 +1117,10 @@ class Scheduler:
             agent.watchers = [w for w in agent.watchers if w[0] != identity]
         if session.agent is not None and not session.agent.launched:
             self.agents.disconnect(session.agent, time.time())
-            self.drop_calls_of(session.agent.id)
+            self.forget_agent(session.agent.id)
 
     def agent_ended(self, agent: Agent) -> None:
-        self.drop_calls_of(agent.id)
+        self.forget_agent(agent.id)
         for identity, session in list(self.sessions.items()):
             if session.agent is agent:
                 del self.sessions[identity]

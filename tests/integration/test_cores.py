@@ -1,9 +1,12 @@
 """Several LLM cores, CPU pinning, conversations evicted from a core's KV
-cache and kept in RAM, and the event bus."""
+cache and kept in RAM, what a core keeps for an agent let go of when the
+agent ends, and the event bus."""
 
 from __future__ import annotations
 
 import threading
+import time
+from typing import Any
 
 import msgpack
 import pytest
@@ -13,6 +16,7 @@ from libaios import paths
 from libaios.protocol import MsgType
 
 from ..conftest import TEST_AGENTS, Daemon
+from .test_chat import run_agent
 
 pytestmark = pytest.mark.integration
 
@@ -65,6 +69,54 @@ def test_agents_taking_turns_on_a_small_kv_cache_continue_from_kept_cells(make_d
     assert stats["seqs"] == 2 and stats["evicted_seqs"] >= 4
     assert stats["evicted_kept"] >= 1 and 0 < stats["evicted_kept_mb"] <= 64
     assert "evicted kept" in d.ctl("top", "--once").stdout
+
+
+def test_agents_that_ended_leave_nothing_kept_on_the_core(make_daemon) -> None:
+    # three agents at once on two sequences: conversations are evicted and
+    # kept in RAM while the agents run, and let go of when they exit
+    d: Daemon = make_daemon(config={"llm": {"cores": [{"slots": 1, "n_ctx": 512, "kv_mb": 36,
+                                                       "evicted_mb": 64}]}})
+    results: list[dict[str, Any]] = []
+
+    def one(i: int) -> None:
+        results.append(run_agent(d, "calls.py", "--calls", "2", "--task", f"Count to {i + 3}.")[0])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert [r["exit_code"] for r in results] == [0, 0, 0]
+    stats = d.wait_for(lambda s: s["cores"][0].get("stats", {}).get("forgotten", 0) >= 3,
+                       what="the core to let go of the three agents")["cores"][0]["stats"]
+    assert stats["evicted_seqs"] >= 1
+    assert stats["evicted_kept"] == 0 and stats["evicted_kept_mb"] == 0
+
+
+def test_a_suspended_call_s_snapshot_is_dropped_when_its_agent_is_killed(make_daemon) -> None:
+    d: Daemon = make_daemon(config={"llm": {"cores": [{"slots": 1}]},
+                                    "scheduler": {"policy": "rr", "quantum_tokens": 64}})
+    with d.client(operator=True, timeout=30) as ctl:
+        for name in ("first", "second"):
+            ctl.call(MsgType.AGENT_RUN, {"path": str(TEST_AGENTS / "long_call.py"), "name": name})
+
+        def suspended() -> list[dict[str, Any]]:
+            """The suspended calls, once the core's figures show a snapshot."""
+            status = ctl.call(MsgType.ADMIN_STATUS, {"calls": True})
+            if status["cores"][0].get("stats", {}).get("snapshots", {}).get("in_ram") != 1:
+                return []
+            return [c for c in status["calls"] if c["state"] == "suspended"]
+
+        deadline = time.monotonic() + 120
+        while not (waiting := suspended()):
+            assert time.monotonic() < deadline, "no call was suspended"
+            time.sleep(0.02)
+        ctl.call(MsgType.ADMIN_KILL, {"agent": waiting[0]["agent"]})
+    # the other call runs on alone, never suspended: no snapshot is left
+    snaps = lambda s: s["cores"][0].get("stats", {}).get("snapshots", {})  # noqa: E731
+    d.wait_for(lambda s: s["running"] == 1 and snaps(s).get("in_ram") == 0
+               and snaps(s).get("on_disk") == 0,
+               what="the killed agent's snapshot to be dropped")
 
 
 def test_event_bus_reports_agent_lifecycle(daemon: Daemon) -> None:

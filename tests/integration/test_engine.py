@@ -2,12 +2,14 @@
 prefix copied from another sequence's stream decodes to the same tokens as
 one computed afresh, a prompt's cells the same however its feeding was
 split, eviction when every stream is taken, an evicted conversation's cells
-kept in RAM and restored, a snapshot restored into another stream, and a
-too-long prompt refused."""
+kept in RAM and restored, what is kept for an agent let go of when it
+ends, a snapshot restored into another stream, and a too-long prompt
+refused."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -231,6 +233,59 @@ def test_evicted_cells_are_kept_within_their_bound() -> None:
         assert eng.stats["evicted_seqs"] == 1 and not eng.evicted and eng.evicted_bytes == 0
         again = generate(eng, "a", first, 8)
         assert eng.stats["restored_seqs"] == 0 and again.cached < len(first) // 2
+    finally:
+        eng.close()
+
+
+def forgotten(eng: Engine, count: int) -> None:
+    """Wait until the engine thread has let go of ``count`` agents."""
+    deadline = time.monotonic() + 30
+    while eng.stats["forgotten"] < count:
+        assert time.monotonic() < deadline, f"forgotten: {eng.stats['forgotten']} of {count}"
+        time.sleep(0.01)
+
+
+def test_what_is_kept_for_an_agent_that_ended_is_let_go_of() -> None:
+    """An ended agent's cells kept in RAM go at once; its retained stream
+    is the next one evicted, before a live agent's older one, and is not
+    kept in RAM then."""
+    eng = make(2, slots=1, evicted_bytes=64 << 20)
+    try:
+        convs = {k: tokens(eng, turn(f"Tell me about the number {i}.", f"You are agent {k}."))
+                 for i, k in enumerate("abcd")}
+        for k in "abc":
+            generate(eng, k, convs[k], 8)
+        assert list(eng.evicted) == ["a"]              # a's stream made room for c
+        eng.forget("a")
+        eng.forget("c")
+        forgotten(eng, 2)
+        assert not eng.evicted and eng.evicted_bytes == 0
+        assert eng._retained("c") is None and eng.describe()["retained_seqs"] == 2
+        generate(eng, "d", convs["d"], 8)              # LRU alone would evict b's
+        assert not eng.evicted                         # c's cells were not kept
+        again = generate(eng, "b", convs["b"], 8)
+        assert again.cached == len(convs["b"]) - 2 and eng.stats["restored_seqs"] == 0
+        eng.forget("nobody")                           # nothing held: nothing counted
+        eng.forget("d")
+        forgotten(eng, 3)
+    finally:
+        eng.close()
+
+
+def test_a_call_running_when_its_agent_is_forgotten_lets_go_when_it_stops() -> None:
+    eng = make(2, slots=1)
+    try:
+        req = Request("a", tokens(eng, turn("Write a long story about a dragon.")), 64,
+                      min_tokens=64)
+        eng.submit(req)
+        deadline = time.monotonic() + 30
+        while not req.completion:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        eng.forget("a")
+        assert req.done.wait(120) and req.error is None and len(req.completion) == 64
+        forgotten(eng, 1)
+        assert eng._retained("a") is None and not eng._gone
     finally:
         eng.close()
 

@@ -1,4 +1,5 @@
-"""Chat request checks, structured output, and the stop-string scanner."""
+"""Chat request checks, structured output, the stop-string scanner, and the
+store of suspended calls' snapshots."""
 
 import json
 
@@ -106,3 +107,25 @@ def test_stop_scanner() -> None:
     euro = "€".encode()
     assert u.feed(euro[:1]) == "" and u.feed(euro[1:]) == "€"
     assert u.feed(b"x") == "x" and u.finish() == ""
+
+
+def test_snapshots_spill_past_their_bound_and_are_dropped_unread(tmp_path) -> None:
+    from aiosd.llm.engine import Snapshot
+    from aiosd.llm.snapshots import SnapshotStore
+
+    def snap(n: int) -> Snapshot:
+        return Snapshot(key="a", state=bytes(n), tokens=[1], pending=None, completion=[],
+                        prompt_len=1, cached=0)
+
+    store = SnapshotStore(ram_bytes=100, spill_dir=tmp_path / "snaps")
+    first, second = store.put(snap(80)), store.put(snap(80))   # the first spills
+    assert store.describe() == {"in_ram": 1, "ram_bytes": 80, "on_disk": 1, "spilled": 1}
+    assert len(list((tmp_path / "snaps").iterdir())) == 1
+    store.drop(first)
+    store.drop(second)
+    store.drop("unknown")
+    assert store.describe() == {"in_ram": 0, "ram_bytes": 0, "on_disk": 0, "spilled": 1}
+    assert not list((tmp_path / "snaps").iterdir())
+    assert store.take(first) is None
+    third = store.put(snap(10))
+    assert store.take(third).nbytes == 10 and store.take(third) is None

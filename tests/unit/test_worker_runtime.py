@@ -1,5 +1,5 @@
 """The worker runtime over inproc sockets in one process: READY, tasks,
-streaming, cancellation, errors, heartbeats, shutdown."""
+streaming, cancellation, errors, heartbeats, what is gone, shutdown."""
 
 import signal
 import threading
@@ -40,11 +40,18 @@ def runtime(monkeypatch: pytest.MonkeyPatch):
     router = ctx.socket(zmq.ROUTER)
     endpoint = f"inproc://sched-{uuid.uuid4().hex}"
     router.bind(endpoint)
+    forgets: list[dict[str, Any]] = []
+
+    def forget(body: dict[str, Any]) -> None:
+        forgets.append(body)
+        if body.get("agent") == "buggy":
+            raise RuntimeError("a bug in forgetting")
+
     rt = WorkerRuntime("test", "w1", 2, endpoint, {MsgType.SYS_NULL: null, MsgType.LLM_CHAT: chat},
-                       heartbeat_interval=0.05)
+                       heartbeat_interval=0.05, forget=forget)
     thread = threading.Thread(target=rt.run, daemon=True)
     thread.start()
-    yield router, thread
+    yield router, thread, forgets
     rt.stop()
     thread.join(5)
     router.close(0)
@@ -67,7 +74,7 @@ def task(router: zmq.Socket, kind: MsgType, body: dict[str, Any]) -> str:
 
 
 def test_ready_tasks_streams_errors_cancel_and_shutdown(runtime) -> None:
-    router, thread = runtime
+    router, thread, _ = runtime
     ready = recv(router)
     assert ready.type is MsgType.WORKER_READY
     assert (ready.body["kind"], ready.body["name"], ready.body["capacity"]) == ("test", "w1", 2)
@@ -94,3 +101,13 @@ def test_ready_tasks_streams_errors_cancel_and_shutdown(runtime) -> None:
     router.send_multipart([b"w1", *protocol.encode(shutdown)])
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_what_the_scheduler_says_is_gone_reaches_the_handler(runtime) -> None:
+    router, _, forgets = runtime
+    assert recv(router).type is MsgType.WORKER_READY
+    for body in ({"agent": "buggy"}, {"agent": "a1", "snapshots": ["s1"]}):
+        router.send_multipart([b"w1", *protocol.encode(protocol.call(MsgType.WORKER_FORGET, body))])
+    task(router, MsgType.SYS_NULL, {"x": 2})    # after a failed forget, still serving
+    assert recv(router).body == {"echo": 2}
+    assert forgets == [{"agent": "buggy"}, {"agent": "a1", "snapshots": ["s1"]}]
