@@ -692,12 +692,10 @@ class Engine:
             t = time.perf_counter()
             try:
                 self._step()
-            except Exception as exc:  # a decode failure fails the batch, not the core
+            except Exception as exc:  # a bug in a step fails its calls, not the core
                 log.exception("engine step failed")
                 for req in list(self.running):
-                    req.error = exc
-                    self._finish(req, Finish.ERROR)
-                    self._drop(req._seq)   # what its cells hold is unknown now
+                    self._fail(req, exc, drop=True)
             self.stats["busy_s"] += time.perf_counter() - t
 
     def _step(self) -> None:
@@ -706,8 +704,7 @@ class Engine:
             try:
                 req.check()
             except BaseException as exc:
-                req.error = exc
-                self._finish(req, Finish.ERROR)
+                self._fail(req, exc, drop=False)
                 continue
             if req._suspend and not req._todo:
                 self._suspend_now(req)
@@ -732,7 +729,15 @@ class Engine:
         groups = [sorted(decoding, key=lambda p: p[0]._seq.id)] if decoding else []
         groups += chunk_groups(sorted(chunks, key=lambda p: p[0]._seq.id), self.n_batch)
         for group in groups:
-            self._decode_group(group)
+            try:
+                self._decode_group(group)
+            except Exception as exc:
+                # llama.cpp failed this batch: its calls fail, and what their
+                # cells hold is unknown. The calls of the other batches (some
+                # have streamed this step's token already) go on.
+                log.exception("decoding a batch of %d calls failed", len(group))
+                for req, _ in group:
+                    self._fail(req, exc, drop=True)
         self.stats["steps"] += 1
 
     def _decode_group(self, planned: list[tuple[Request, list[int]]]) -> None:
@@ -759,30 +764,39 @@ class Engine:
         self.stats["passes"] += passes([(r._seq.id, len(t)) for r, t in planned], self.n_batch)
         now = time.monotonic()
         for req, tokens in planned:
-            seq = req._seq
-            if req._todo:
-                req._todo = req._todo[len(tokens):]
-                self.stats["prefill_tokens"] += len(tokens)
-            else:
-                self.stats["decode_tokens"] += 1
-            self._extend(seq, tokens)
-            seq.last_used = now
-            if req._logit_index < 0:
-                continue
-            if len(req.completion) < req.min_tokens:
-                self._hold_back_end(req._logit_index)
-            token = req._sampler.sample(self.ctx, req._logit_index)
-            if self._ll.llama_vocab_is_eog(self.model.vocab, token):
-                self._finish(req, Finish.STOP)
-                continue
-            req.completion.append(token)
-            req._pending = token
-            if not req.on_token(token):
-                self._finish(req, Finish.CALLER)
-            elif len(req.completion) >= req.max_tokens:
-                self._finish(req, Finish.LENGTH)
-            elif len(seq.tokens) + 1 >= self.n_ctx:
-                self._finish(req, Finish.LENGTH)
+            try:
+                self._advance(req, tokens, now)
+            except Exception as exc:   # its sampler or callback: this call alone fails
+                log.exception("a call's next token failed")
+                self._fail(req, exc, drop=False)   # its cells are sound
+
+    def _advance(self, req: Request, tokens: list[int], now: float) -> None:
+        """Account ``tokens`` of ``req`` as decoded; sample its next token if
+        the batch computed its logits."""
+        seq = req._seq
+        if req._todo:
+            req._todo = req._todo[len(tokens):]
+            self.stats["prefill_tokens"] += len(tokens)
+        else:
+            self.stats["decode_tokens"] += 1
+        self._extend(seq, tokens)
+        seq.last_used = now
+        if req._logit_index < 0:
+            return
+        if len(req.completion) < req.min_tokens:
+            self._hold_back_end(req._logit_index)
+        token = req._sampler.sample(self.ctx, req._logit_index)
+        if self._ll.llama_vocab_is_eog(self.model.vocab, token):
+            self._finish(req, Finish.STOP)
+            return
+        req.completion.append(token)
+        req._pending = token
+        if not req.on_token(token):
+            self._finish(req, Finish.CALLER)
+        elif len(req.completion) >= req.max_tokens:
+            self._finish(req, Finish.LENGTH)
+        elif len(seq.tokens) + 1 >= self.n_ctx:
+            self._finish(req, Finish.LENGTH)
 
     def _hold_back_end(self, index: int) -> None:
         """Make the end-of-generation tokens impossible at batch ``index``."""
@@ -809,6 +823,15 @@ class Engine:
         # that run meanwhile.
         self._drop(seq)
         self._finish(req, Finish.SUSPENDED)
+
+    def _fail(self, req: Request, exc: BaseException, drop: bool) -> None:
+        """End ``req`` with ``exc``; ``drop`` its cells if they are unknown."""
+        if req.finish is not None:
+            return   # it ended earlier in the step
+        req.error = exc
+        self._finish(req, Finish.ERROR)
+        if drop and req._seq is not None:
+            self._drop(req._seq)
 
     def _finish(self, req: Request, how: Finish) -> None:
         req.finish = how

@@ -3,8 +3,8 @@ prefix copied from another sequence's stream decodes to the same tokens as
 one computed afresh, a prompt's cells the same however its feeding was
 split, eviction when every stream is taken, an evicted conversation's cells
 kept in RAM and restored, what is kept for an agent let go of when it
-ends, a snapshot restored into another stream, and a too-long prompt
-refused."""
+ends, a failed batch or token handler failing its own calls alone, a
+snapshot restored into another stream, and a too-long prompt refused."""
 
 from __future__ import annotations
 
@@ -286,6 +286,63 @@ def test_a_call_running_when_its_agent_is_forgotten_lets_go_when_it_stops() -> N
         assert req.done.wait(120) and req.error is None and len(req.completion) == 64
         forgotten(eng, 1)
         assert eng._retained("a") is None and not eng._gone
+    finally:
+        eng.close()
+
+
+STORY = "Write a long story about a dragon."
+
+
+def started(req: Request) -> None:
+    deadline = time.monotonic() + 60
+    while not req.completion:
+        assert time.monotonic() < deadline and not req.done.is_set(), req.error
+        time.sleep(0.002)
+
+
+def test_a_batch_llama_cpp_fails_fails_its_calls_alone(plain: Engine) -> None:
+    """Fault injection: the batch of a prompt that arrives while another
+    call decodes fails; the decoding call, whose token of that step was
+    decoded in a batch of its own, goes on to the tokens it makes alone."""
+    alone = generate(plain, "solo", tokens(plain, turn(STORY)), 32, min_tokens=32)
+    eng = make(2)
+    try:
+        a = Request("a", tokens(eng, turn(STORY)), 32, min_tokens=32)
+        eng.submit(a)
+        started(a)
+        real = eng._decode
+
+        def failing(b) -> None:
+            if b.n_tokens >= 2:   # a prompt's chunk, never a decoded token
+                raise RuntimeError("injected: llama_decode failed")
+            real(b)
+
+        eng._decode = failing
+        b = eng.run(Request("b", tokens(eng, turn("Name three rivers.")), 8))
+        eng._decode = real
+        assert b.finish is Finish.ERROR and "injected" in str(b.error)
+        assert a.done.wait(120) and a.error is None
+        assert a.completion == alone.completion
+        assert eng._retained("b") is None            # its cells were unknown: dropped
+    finally:
+        eng.close()
+
+
+def test_a_call_whose_token_handler_fails_ends_alone(plain: Engine) -> None:
+    alone = generate(plain, "solo", tokens(plain, turn(STORY)), 32, min_tokens=32)
+    eng = make(2)
+    try:
+        def broken(token: int) -> bool:
+            raise ValueError("injected: the handler failed")
+
+        a = Request("a", tokens(eng, turn(STORY)), 32, min_tokens=32)
+        b = Request("b", tokens(eng, turn("Name three rivers.")), 8, on_token=broken)
+        with eng._lock:   # admitted together: they share every step
+            eng.waiting.extend([a, b])
+            eng._lock.notify()
+        assert b.done.wait(120) and b.finish is Finish.ERROR and "injected" in str(b.error)
+        assert a.done.wait(120) and a.error is None
+        assert a.completion == alone.completion
     finally:
         eng.close()
 
