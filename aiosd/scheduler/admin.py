@@ -1,0 +1,305 @@
+"""The scheduler's operator calls (status, the call table, ps, kill,
+shutdown, the supervisor's process table, the audit log, approvals and their
+decisions) and agent.run. ``AdminCalls`` is a mixin of ``Scheduler``: its
+methods run on the scheduler's single thread and use its state."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+import libaios
+from libaios import errors, protocol
+from libaios.protocol import Message, MsgType
+
+from .agents import Agent
+from .approvals import Approval
+from .calls import Call, CallState
+from .peers import Session
+
+#: The kernel services besides the LLM cores: worker name -> kind.
+SERVICES = {"memory": "memory", "storage": "storage", "tools": "tool"}
+
+
+class AdminCalls:
+    """The operator calls and agent.run of ``Scheduler``."""
+
+    # -- approvals -------------------------------------------------------------
+
+    def _hold(self, call: Call, op: str, detail: str, now: float) -> None:
+        """Keep ``call`` until a person approves or denies it, or time runs out."""
+        call.state = CallState.PENDING
+        approval = self.approvals.request(call, op, detail, now, self.config.access.approval_timeout)
+        info = approval.to_dict(now)
+        self.publish(f"approval.{approval.id}.requested", info)
+        self._audit("approval.requested", info)
+
+    def on_approvals(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        now = time.time()
+        rows = [a.to_dict(now) for a in self.approvals.pending.values()]
+        self.send_client(identity, protocol.reply(msg.id, {"approvals": rows}))
+
+    def on_decide(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        assert session is not None
+        if not session.operator or session.internal:
+            raise errors.PermissionDenied("only an operator (aiosctl) may decide approvals")
+        approval_id = msg.body.get("id")
+        approval = self.approvals.take(approval_id) if isinstance(approval_id, str) else None
+        if approval is None:
+            raise errors.NotFound(f"no pending approval {approval_id!r}: see `aiosctl approvals`")
+        now = time.time()
+        granted = msg.type is MsgType.ADMIN_APPROVE
+        self._settle(approval, granted, f"by {session.name}", now)
+        self.send_client(identity, protocol.reply(msg.id, {"id": approval.id, "approved": granted}))
+
+    def _settle(self, approval: Approval, granted: bool, why: str, now: float) -> None:
+        call = approval.call
+        verdict = "approved" if granted else "denied"
+        info = {**approval.to_dict(now), "why": why}
+        self.publish(f"approval.{approval.id}.{verdict}", info)
+        self._audit(f"approval.{verdict}", info)
+        if call.kid not in self.calls:
+            return  # its caller is gone
+        call.wait_s += now - call.queued_at
+        if granted:
+            call.approved = True
+            call.state = CallState.QUEUED
+            call.queued_at = now
+            self.queues[call.resource].push(call)
+            self.dispatch()
+        else:
+            call.state = CallState.QUEUED  # so finish() accounts the wait, not service
+            call.queued_at = now
+            self.fail(call, errors.PermissionDenied(
+                f"{call.type.value} needs approval ({approval.op}) and was {verdict} {why}"
+            ), now)
+
+    # -- audit ------------------------------------------------------------------
+
+    def _audit(self, event: str, record: dict[str, Any]) -> None:
+        """Publish an access decision and append it to the audit log in storage."""
+        record = {"event": event, "time": time.time(), **record}
+        self.publish(f"audit.{event}", record)
+        if not self._can_ever_serve("storage"):
+            return
+        now = time.time()
+        call = Call(
+            kid=protocol.new_id(), client=None, client_call_id="", agent="kernel",
+            type=MsgType.AUDIT_APPEND, resource="storage", body={"record": record},
+            deadline=now + self.config.kernel.call_timeout, submitted=now, queued_at=now,
+            approved=True,
+        )
+        self.calls[call.kid] = call
+        self.queues["storage"].push(call)
+
+    def on_audit(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        assert session is not None
+        if not session.operator:
+            raise errors.PermissionDenied("the audit log is for operators (aiosctl audit)")
+        now = time.time()
+        call = Call(
+            kid=protocol.new_id(), client=identity, client_call_id=msg.id,
+            agent=session.account, type=MsgType.AUDIT_LIST, resource="storage",
+            body={k: v for k, v in msg.body.items() if k in ("after", "limit", "agent")},
+            deadline=msg.deadline or now + 30, submitted=now, queued_at=now, approved=True,
+        )
+        self.calls[call.kid] = call
+        self.queues["storage"].push(call)
+        self.dispatch()
+
+    def on_agent_run(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        body = msg.body
+        path = body.get("path")
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise errors.InvalidArgument("agent.run: 'path' must be an absolute path to a Python file")
+        if not os.path.isfile(path):
+            raise errors.NotFound(f"agent.run: no agent file at {path}")
+        args = body.get("args", [])
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise errors.InvalidArgument("agent.run: 'args' must be a list of strings")
+        env = body.get("env", {})
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise errors.InvalidArgument("agent.run: 'env' must map strings to strings")
+        assert session is not None
+        requested = body.get("name")
+        name = requested or Path(path).stem
+        if not isinstance(name, str) or not name:
+            raise errors.InvalidArgument("agent.run: 'name' must be a string of 1-64 characters")
+        if not session.operator:
+            # An agent's sub-agents are named under it, so that none takes
+            # another agent's name, and with it that agent's data.
+            prefix = f"{session.name}."
+            if not requested:
+                name = prefix + name
+            elif not name.startswith(prefix):
+                raise errors.PermissionDenied(
+                    f"agent.run: a sub-agent of {session.name} is named {prefix}NAME, "
+                    f"not {name!r}")
+        if len(name) > 64:
+            raise errors.InvalidArgument("agent.run: 'name' must be a string of 1-64 characters")
+        cwd = body.get("cwd")
+        if cwd is not None and (not isinstance(cwd, str) or not os.path.isdir(cwd)):
+            raise errors.InvalidArgument(f"agent.run: 'cwd' {cwd!r} is not a directory")
+        try:
+            agent = self.agents.launch(path, args, name, cwd, env)
+        except OSError as exc:
+            raise errors.InvalidArgument(f"agent.run: cannot start {path}: {exc.strerror}") from None
+        for fd in agent.pipes:
+            self.poller.register(fd, zmq.POLLIN)
+        self.publish(f"agent.{agent.id}.started", {"agent": agent.id, "pid": agent.pid, "path": path})
+        info = {"agent": agent.id, "pid": agent.pid, "name": agent.name}
+        if body.get("wait"):
+            agent.watchers.append((identity, msg.id))
+            self.send_client(identity, protocol.partial(msg.id, {"event": "started", **info}))
+        else:
+            self.send_client(identity, protocol.reply(msg.id, info))
+
+    def on_status(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        status = self.status()
+        if msg.body.get("calls"):
+            status["calls"] = self.call_table()
+        self.send_client(identity, protocol.reply(msg.id, status))
+
+    def call_table(self) -> list[dict[str, Any]]:
+        """Every call in the kernel now, for `aiosctl top`."""
+        now = time.time()
+        rows = []
+        for call in self.calls.values():
+            if call.client is None:
+                continue  # the kernel's own bookkeeping
+            state = call.state.value
+            if call.state is CallState.QUEUED and call.affinity:
+                state = "suspended"
+            running_for = now - call.dispatched if call.state is CallState.RUNNING else 0.0
+            rows.append({
+                "call": call.kid[-8:], "agent": call.agent, "type": call.type.value, "state": state,
+                "worker": call.worker or call.affinity, "tokens": call.tokens + call.turn_tokens,
+                "preemptions": call.preemptions,
+                "wait_s": round(call.wait_s + (now - call.queued_at if call.state in (
+                    CallState.QUEUED, CallState.PENDING) else 0.0), 3),
+                "service_s": round(call.service_s + running_for, 3),
+            })
+        return rows
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        cores = []
+        for core in self.config.llm.cores:
+            worker = self.workers.get(core.name)
+            proc = next((p for p in self.procs if p.get("name") == core.name), {})
+            state = "ready" if worker else ("failed" if proc.get("state") == "fatal" else "starting")
+            entry = {"name": core.name, "backend": core.backend, "state": state,
+                     "proc": proc or None}
+            if worker:
+                entry.update(worker.to_dict())
+            cores.append(entry)
+        services = []
+        for name, kind in SERVICES.items():
+            worker = self.workers.get(name)
+            proc = next((p for p in self.procs if p.get("name") == name), {})
+            state = "ready" if worker else ("failed" if proc.get("state") == "fatal" else "starting")
+            entry = {"name": name, "kind": kind, "state": state}
+            if worker:
+                entry.update(worker.to_dict())
+            services.append(entry)
+        return {
+            "version": libaios.__version__,
+            "pid": os.getpid(),
+            "supervisor_pid": self.supervisor_pid,
+            "runtime_dir": str(self.runtime_dir),
+            "started": self.started,
+            "uptime_s": round(now - self.started, 3),
+            # ready: nothing is still starting (every core and service serves
+            # or has failed for good), and (under a supervisor) the process
+            # table has arrived, so what status shows is complete;
+            # healthy: and nothing failed
+            "ready": all(c["state"] != "starting" for c in cores + services)
+            and (bool(self.procs) or not self.supervisor_token),
+            "healthy": all(c["state"] == "ready" for c in cores + services),
+            "stopping": self.stopping,
+            "policy": self.config.scheduler.policy,
+            "cores": cores,
+            "services": services,
+            "approvals": len(self.approvals.pending),
+            "procs": self.procs,
+            "queues": {name: len(q) for name, q in self.queues.items()},
+            "tools_running": {k: v for k, v in self.tool_running.items() if v},
+            "preemptions": self.preemptions,
+            "running": sum(len(w.inflight) for w in self.workers.values()),
+            "agents": sum(1 for a in self.agents.agents.values() if a.alive),
+        }
+
+    def on_ps(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        now = time.time()
+        rows = []
+        for agent in self.agents.agents.values():
+            row = agent.to_dict(now)
+            row["queued"] = sum(
+                1 for c in self.calls.values() if c.agent == agent.id and c.state is CallState.QUEUED
+            )
+            row["running"] = sum(
+                1 for c in self.calls.values() if c.agent == agent.id and c.state is CallState.RUNNING
+            )
+            rows.append(row)
+        self.send_client(identity, protocol.reply(msg.id, {"agents": rows}))
+
+    def _find_agent(self, ref: Any) -> Agent:
+        if isinstance(ref, str):
+            agent = self.agents.get(ref)
+            if agent is not None:
+                return agent
+        matches = [
+            a for a in self.agents.agents.values()
+            if a.alive and (a.name == ref or (isinstance(ref, int) and a.pid == ref)
+                            or (isinstance(ref, str) and ref.isdigit() and a.pid == int(ref)))
+        ]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise errors.InvalidArgument(
+                f"{ref!r} names {len(matches)} agents: give one id ({', '.join(a.id for a in matches)})"
+            )
+        raise errors.NotFound(f"no agent {ref!r}: see `aiosctl ps`")
+
+    def on_kill(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        agent = self._find_agent(msg.body.get("agent"))
+        if not agent.launched:
+            raise errors.InvalidArgument(
+                f"agent {agent.id} was started by hand (pid {agent.pid}); the kernel only kills "
+                "agents it launched"
+            )
+        if not agent.alive:
+            raise errors.NotFound(f"agent {agent.id} has already ended ({agent.state.value})")
+        self.agents.kill(agent, time.time())
+        self.forget_agent(agent.id)
+        self.send_client(identity, protocol.reply(msg.id, {"agent": agent.id, "pid": agent.pid}))
+
+    def on_shutdown(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        assert session is not None
+        self.send_client(identity, protocol.reply(msg.id, {"stopping": True}))
+        if session.name == "supervisor" and session.operator and self.supervisor_token:
+            self.stopping = True  # the supervisor's ladder, first rung
+        elif self.supervisor_pid:
+            os.kill(self.supervisor_pid, signal.SIGTERM)
+        else:
+            self.stopping = True
+
+    def on_procs(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        assert session is not None
+        if session.name != "supervisor" or not session.internal:
+            raise errors.PermissionDenied("admin.procs comes from the supervisor only")
+        procs = msg.body.get("procs")
+        if isinstance(procs, list):
+            old = {p.get("name"): p.get("state") for p in self.procs}
+            self.procs = procs
+            for proc in procs:
+                if old.get(proc.get("name")) != proc.get("state"):
+                    self.publish(f"proc.{proc.get('name')}.{proc.get('state')}", proc)
+        self.send_client(identity, protocol.reply(msg.id, {}))

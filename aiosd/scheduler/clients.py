@@ -1,0 +1,304 @@
+"""The scheduler's client messages: routing a client's frames to a handler,
+hello (binding a connection to an agent or an operator), whoami, and taking
+in a system call (its checks, its namespace, its queue). ``ClientCalls`` is a
+mixin of ``Scheduler``: its methods run on the scheduler's single thread and
+use its state."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import zmq
+
+import libaios
+from libaios import errors, protocol
+from libaios.protocol import ErrorCode, Message, MsgType
+
+from ..llm import request as chat_request
+from . import access
+from .calls import Call
+from .peers import Session
+
+# the scheduler logs under one name, whichever of its modules a method is in
+log = logging.getLogger(__name__)
+
+
+def _resources() -> dict[MsgType, str]:
+    table = {MsgType.LLM_CHAT: "llm", MsgType.SYS_NULL: "llm",
+             MsgType.TOOL_LIST: "tool", MsgType.TOOL_CALL: "tool"}
+    for mtype in MsgType:
+        family = mtype.value.split(".")[0]
+        if family == "memory":
+            table[mtype] = "memory"
+        elif family in ("storage", "block", "audit"):
+            table[mtype] = "storage"
+    return table
+
+
+#: The resource (queue, worker kind) each schedulable call type runs on.
+RESOURCES: dict[MsgType, str] = _resources()
+#: Calls only operators (aiosctl) and the kernel's own processes may make.
+OPERATOR_ONLY = frozenset({
+    MsgType.ADMIN_STATUS, MsgType.ADMIN_PS, MsgType.ADMIN_KILL, MsgType.ADMIN_SHUTDOWN,
+    MsgType.ADMIN_PROCS, MsgType.ADMIN_APPROVALS, MsgType.ADMIN_APPROVE, MsgType.ADMIN_DENY,
+    MsgType.ADMIN_AUDIT,
+})
+#: Longest deadline accepted for a call, seconds from now.
+MAX_DEADLINE = 24 * 3600.0
+
+
+class ClientCalls:
+    """The client-message handlers of ``Scheduler``."""
+
+    # -- client messages -----------------------------------------------------
+
+    def on_client_frames(self, raw: list[zmq.Frame]) -> None:
+        frames = [f.bytes for f in raw]
+        identity = frames[0]
+        self._peer_frame = raw[-1]
+        try:
+            _, payload = protocol.split_envelope(frames)
+        except protocol.ProtocolError as exc:
+            self.send_client(identity, protocol.error(None, exc.code, exc.message))
+            return
+        try:
+            msg = protocol.decode(payload)
+        except protocol.ProtocolError as exc:
+            self.send_client(identity, protocol.error(protocol.peek_id(payload), exc.code, exc.message))
+            return
+        handler = self.client_handlers.get(msg.type)
+        if handler is None:
+            self.send_client(
+                identity,
+                protocol.error(msg.id, ErrorCode.UNKNOWN_TYPE, f"{msg.type.value!r} is not a system call"),
+            )
+            return
+        session = self.sessions.get(identity)
+        if session is None and msg.type is not MsgType.HELLO:
+            self.send_client(
+                identity,
+                protocol.error(msg.id, ErrorCode.UNAUTHENTICATED, "this connection has not said hello"),
+            )
+            return
+        if msg.type in OPERATOR_ONLY and not (session is not None and session.operator):
+            self.reply_error(identity, msg.id, errors.PermissionDenied(
+                f"{msg.type.value} is for operators (aiosctl), not for agents"))
+            return
+        if self.stopping and msg.type is not MsgType.ADMIN_STATUS:
+            self.reply_error(identity, msg.id, errors.ShuttingDown("aiosd is shutting down"))
+            return
+        try:
+            handler(session, identity, msg)
+        except errors.AIOSError as exc:
+            self.reply_error(identity, msg.id, exc)
+        except Exception as exc:  # a bug must cost one call, not the kernel
+            log.exception("handling %s failed", msg.type.value)
+            self.reply_error(identity, msg.id, errors.InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def on_hello(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        body = msg.body
+        name = body.get("name") or "agent"
+        if not isinstance(name, str) or len(name) > 64:
+            raise errors.InvalidArgument("hello: 'name' must be a string of at most 64 characters")
+        token = body.get("token")
+        pid = body.get("pid") if isinstance(body.get("pid"), int) else None
+        if session is not None:  # a second hello on one connection changes nothing
+            self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
+            return
+        peer_uid, peer_pid = (peer_credentials(self._peer_frame) if self._peer_frame is not None
+                              else (None, None))
+        if peer_pid is not None:
+            pid = peer_pid  # what the OS says, not what the client wrote
+        if token and token == self.supervisor_token:
+            # The supervisor and the kernel's own workers.
+            session = Session(identity, name, operator=True, internal=True)
+            if name == "supervisor":
+                session.name = "supervisor"
+        elif token:
+            agent = self.agents.by_token(token) if isinstance(token, str) else None
+            if agent is None or not agent.alive:
+                self._audit("hello.denied", {"name": name, "pid": pid, "why": "bad credential"})
+                raise errors.Unauthenticated("hello: the agent credential is not valid")
+            if peer_pid is not None and not self.agents.is_process_of(agent, peer_pid):
+                self._audit("hello.denied", {"name": agent.name, "pid": pid,
+                                             "why": "credential used by another process"})
+                raise errors.Unauthenticated(
+                    f"hello: the credential of {agent.id} was presented by pid {peer_pid}, "
+                    "which is not that agent's process"
+                )
+            session = Session(identity, agent.name, operator=False, agent=agent)
+        else:
+            session = self._hello_without_credential(identity, name, pid, bool(body.get("operator")),
+                                                     peer_uid, peer_pid)
+        self.sessions[identity] = session
+        self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
+
+    def _hello_without_credential(self, identity: bytes, name: str, pid: int | None,
+                                  operator: bool, peer_uid: int | None,
+                                  peer_pid: int | None) -> Session:
+        """Bind a connection that brought no credential. Who it is comes from
+        what the OS says of the peer, never from what it wrote: a process of
+        an agent the kernel launched is that agent; an operator must be of
+        the daemon's user (or root); a hand-started agent names itself, but
+        never with the name of a live agent the kernel launched."""
+        of_agent, owner = (self.agents.agent_tree(peer_pid) if peer_pid is not None
+                           else (False, None))
+        if of_agent:
+            if operator or owner is None:
+                self._audit("hello.denied", {"name": name, "pid": pid,
+                                             "agent": owner.id if owner else None,
+                                             "why": "a process of an agent the kernel launched"})
+                raise errors.PermissionDenied(
+                    f"hello: pid {peer_pid} belongs to agent {owner.id}, which the kernel "
+                    "launched; an agent cannot be an operator" if owner else
+                    f"hello: pid {peer_pid} descends from an agent the kernel launched, but no "
+                    "longer from a running one's process; it may not connect")
+            # it cannot shed its identity by leaving out its credential
+            return Session(identity, owner.name, operator=False, agent=owner)
+        if not self.rules.may_connect(peer_uid):
+            self._audit("hello.denied", {"name": name, "uid": peer_uid, "why": "uid"})
+            raise errors.PermissionDenied(
+                f"hello: processes of uid {peer_uid} may not connect (access.allow_uids)"
+            )
+        if operator:
+            if not self.rules.may_operate(peer_uid):
+                self._audit("hello.denied", {"name": name, "uid": peer_uid,
+                                             "why": "operator from another user"})
+                raise errors.PermissionDenied(
+                    f"hello: only processes of the daemon's user (uid {self.rules.daemon_uid}) "
+                    f"or root may be operators; this one is uid {peer_uid}")
+            return Session(identity, name, operator=True)
+        if "." in name:
+            raise errors.InvalidArgument(
+                f"hello: {name!r}: a name with '.' is a sub-agent's, which only the kernel "
+                "launches; choose a name without one (libaios.connect(name=...) or "
+                "AIOS_AGENT_NAME)")
+        holder = self.agents.live_launched(name)
+        if holder is not None:
+            self._audit("hello.denied", {"name": name, "pid": pid, "holder": holder.id,
+                                         "why": "the name of a launched agent"})
+            raise errors.PermissionDenied(
+                f"hello: the name {name!r} belongs to agent {holder.id} (pid {holder.pid}), "
+                "which the kernel launched; choose another name (libaios.connect(name=...) "
+                "or AIOS_AGENT_NAME)")
+        agent = self.agents.register(name, pid)
+        self.publish(f"agent.{agent.id}.connected", {"agent": agent.id, "pid": pid})
+        return Session(identity, name, operator=False, agent=agent)
+
+    def _whoami(self, session: Session) -> dict[str, Any]:
+        agent = session.agent
+        return {
+            "agent": session.account,
+            "name": session.name,
+            "operator": session.operator,
+            "launched": bool(agent and agent.launched),
+            "pid": agent.pid if agent else None,
+            "groups": self.rules.groups_of(session.name),
+            "kernel_version": libaios.__version__,
+        }
+
+    def on_whoami(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        assert session is not None
+        self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
+
+    def on_schedulable(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        assert session is not None
+        body = msg.body
+        who = session.principal
+        namespace = None
+        if msg.type in access.NAMESPACED:
+            namespace = self._namespace_of(session, msg.type, body)
+        elif msg.type in access.INTERNAL and session.internal:
+            namespace = body.get("as_namespace") if isinstance(body.get("as_namespace"), str) else None
+        tool = None
+        destructive_tool = None
+        if msg.type is MsgType.LLM_CHAT:
+            chat_request.parse(body)  # reject bad input before it queues
+        elif msg.type is MsgType.TOOL_CALL:
+            tool = body.get("name")
+            if not isinstance(tool, str) or not tool:
+                raise errors.InvalidArgument("tool.call: 'name' must be the name of a tool")
+            if not isinstance(body.get("arguments", {}), dict):
+                raise errors.InvalidArgument("tool.call: 'arguments' must be a map")
+            namespace = who.name  # file tools work in the caller's own storage
+            if self.tool_info.get(tool, {}).get("destructive"):
+                destructive_tool = tool
+        decision = self.rules.check(who, msg.type, namespace, destructive_tool)
+        if (namespace is not None and namespace != who.name or not decision.allowed
+                or decision.preapproved):
+            event = ("denied" if not decision.allowed
+                     else "preapproved" if decision.preapproved else "allowed")
+            self._audit(f"access.{event}",
+                        {"agent": who.agent, "name": who.name, "call": msg.type.value,
+                         "namespace": namespace, "why": decision.reason})
+        if not decision.allowed:
+            raise errors.PermissionDenied(f"{msg.type.value}: {decision.reason}")
+        resource = RESOURCES[msg.type]
+        queue = self.queues[resource]
+        if len(queue) >= self.config.kernel.max_queue:
+            raise errors.Overloaded(
+                f"{len(queue)} calls already wait for {resource}; try again later"
+            )
+        if not self._can_ever_serve(resource):
+            raise errors.Unavailable(f"no {resource} worker can run: see `aiosctl status`")
+        now = time.time()
+        deadline = msg.deadline if msg.deadline is not None else now + self.config.kernel.call_timeout
+        deadline = min(deadline, now + MAX_DEADLINE)
+        call = Call(
+            kid=protocol.new_id(), client=identity, client_call_id=msg.id,
+            agent=session.account, type=msg.type, resource=resource, body=body,
+            deadline=deadline, submitted=now, queued_at=now, namespace=namespace,
+            caller={"agent": who.agent, "name": who.name,
+                    "groups": self.rules.groups_of(who.name)},
+            tool=tool,
+            # the kernel's own calls and operators need no approval; callers
+            # whose group pre-approves overwrites are spared that question
+            approved=who.internal or who.operator
+            or self.rules.preapproved(who, "storage.overwrite"),
+        )
+        self.calls[call.kid] = call
+        if session.agent is not None and session.agent.usage.first_call is None:
+            session.agent.usage.first_call = now
+        if decision.approval:
+            self._hold(call, decision.approval, f"{msg.type.value} in {namespace or who.name}", now)
+            return
+        if destructive_tool is not None:
+            call.approved = True
+        queue.push(call)
+        self.dispatch()
+
+    def _namespace_of(self, session: Session, mtype: MsgType, body: dict[str, Any]) -> str | None:
+        """Whose data a memory or storage call acts on: the caller's own,
+        unless it names another agent ('agent'); the kernel's own processes
+        act for an agent with 'as_namespace'. An operator's statistics over
+        every agent ('agent': '*') have no namespace."""
+        if session.internal and isinstance(body.get("as_namespace"), str):
+            return body["as_namespace"]
+        target = body.get("agent")
+        if target == "*" and session.operator and mtype in (MsgType.MEMORY_STATS,
+                                                             MsgType.STORAGE_STATS):
+            return None
+        if target is None:
+            if session.operator and not session.internal:
+                raise errors.InvalidArgument("an operator must name the agent whose data to use ('agent')")
+            return session.name
+        if not isinstance(target, str) or not target or len(target) > 64:
+            raise errors.InvalidArgument("'agent' must be the name of an agent")
+        return target
+
+
+def peer_credentials(frame: zmq.Frame) -> tuple[int | None, int | None]:
+    """(uid, pid) of the process at the other end of an ipc connection, as
+    the operating system reports it (libzmq appends uid:gid:pid to the
+    Peer-Address of ipc peers); (None, None) for other transports."""
+    try:
+        address = frame.get("Peer-Address")
+    except (zmq.ZMQError, KeyError, TypeError):
+        return None, None
+    parts = str(address).rsplit(":", 3)
+    if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
+        return None, None
+    return int(parts[1]), int(parts[3])
+

@@ -1,0 +1,189 @@
+"""The scheduler's worker messages: a worker's frames, READY, heartbeats,
+partial and final results, a worker's slot let go, a worker lost, and
+whether any worker of a kind can serve at all. ``WorkerMessages`` is a mixin
+of ``Scheduler``: its methods run on the scheduler's single thread and use
+its state."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from libaios import errors, protocol
+from libaios.protocol import ErrorCode, Message, MsgType
+
+from . import access
+from .calls import Call, CallState
+from .peers import Worker
+
+# the scheduler logs under one name, whichever of its modules a method is in
+log = logging.getLogger(__name__)
+
+
+class WorkerMessages:
+    """The worker-message handlers of ``Scheduler``."""
+
+    # -- worker messages -----------------------------------------------------
+
+    def on_worker_frames(self, frames: list[bytes]) -> None:
+        try:
+            routing, payload = protocol.split_envelope(frames)
+            msg = protocol.decode(payload)
+        except protocol.ProtocolError as exc:
+            log.warning("undecodable message from worker %r: %s", frames[0][:32], exc.message)
+            return
+        handler = self.worker_handlers.get(msg.type)
+        if handler is None:
+            log.warning("worker %r sent %s, which workers do not send", routing[0], msg.type.value)
+            return
+        handler(routing[0], msg)
+
+    def on_worker_ready(self, wid: bytes, msg: Message) -> None:
+        body = msg.body
+        name = wid.decode(errors="replace")
+        old = self.workers.get(name)
+        if old is not None:
+            if old.pid == body.get("pid"):
+                old.last_seen = time.time()
+                return
+            self.worker_lost(old, "it was restarted")
+        now = time.time()
+        try:
+            worker = Worker(
+                name=name, kind=str(body["kind"]), capacity=max(1, int(body["capacity"])),
+                pid=int(body["pid"]), types=frozenset(map(str, body.get("types", []))),
+                info=dict(body.get("info") or {}), last_seen=now, registered=now,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("worker %s sent a bad READY: %s", name, exc)
+            return
+        self.workers[name] = worker
+        if worker.kind == "tool":
+            self.tool_info = dict(worker.info.get("tools") or {})
+        log.info("worker %s ready (pid %d, capacity %d)", name, worker.pid, worker.capacity)
+        self.publish(f"worker.{name}.ready", worker.to_dict())
+        self.dispatch()
+
+    def on_worker_heartbeat(self, wid: bytes, msg: Message) -> None:
+        worker = self.workers.get(wid.decode(errors="replace"))
+        if worker is None:
+            # We do not know it (we restarted, or dropped it): ask it to
+            # register again.
+            self.workers_sock.send_multipart(
+                [wid, *protocol.encode(protocol.error(None, ErrorCode.UNAUTHENTICATED, "register"))]
+            )
+            return
+        worker.last_seen = time.time()
+        stats = msg.body.get("stats")
+        if isinstance(stats, dict):
+            worker.stats = stats
+
+    def on_worker_result(self, wid: bytes, msg: Message) -> None:
+        worker = self.workers.get(wid.decode(errors="replace"))
+        if worker is None or msg.re is None:
+            return
+        worker.last_seen = time.time()
+        call = worker.inflight.get(msg.re)
+        if call is None:
+            return  # the answer to a call already settled
+        if msg.type is MsgType.PARTIAL:
+            if "_progress" in msg.body:  # how far the call got: for the policy, not the caller
+                call.turn_tokens = int(msg.body["_progress"])
+                self._preempt()
+            elif call.state is CallState.RUNNING:
+                call.streamed = True
+                self.send_client(call.client, protocol.partial(call.client_call_id, msg.body))
+            return
+        self._release(worker, call)
+        worker.served += 1
+        now = time.time()
+        if call.state is not CallState.RUNNING:
+            self.calls.pop(call.kid, None)
+        elif msg.type is MsgType.REPLY and msg.body.get("finish_reason") == "suspended":
+            # Preempted at a token boundary: back in the queue, to resume
+            # from its snapshot on this core.
+            call.service_s += now - call.dispatched
+            call.tokens += call.turn_tokens
+            call.preemptions += 1
+            self.preemptions += 1
+            call.body = {**call.body, "resume": msg.body["snapshot"]}
+            call.affinity = worker.name
+            call.state = CallState.QUEUED
+            call.worker = None
+            call.queued_at = now
+            self.queues[call.resource].requeue_suspended(call)
+        elif msg.type is MsgType.REPLY:
+            self.finish(call, protocol.reply(call.client_call_id, msg.body), now)
+        elif msg.body.get("code") == ErrorCode.APPROVAL_REQUIRED and not call.approved:
+            # The worker found the call destructive (an overwrite): ask.
+            call.service_s += now - call.dispatched
+            details = msg.body.get("details") or {}
+            op = str(details.get("op", call.type.value))
+            who = access.Principal(call.agent, call.caller.get("name", ""))
+            if self.rules.preapproved(who, op):
+                self._audit("access.preapproved",
+                            {"agent": call.agent, "name": who.name, "call": call.type.value,
+                             "namespace": call.namespace, "why": f"{op} pre-approved"})
+                call.approved = True
+                call.state = CallState.QUEUED
+                call.queued_at = now
+                self.queues[call.resource].requeue(call)
+            else:
+                call.queued_at = now
+                self._hold(call, op, str(msg.body.get("message", "")), now)
+        else:
+            envelope = Message(MsgType.ERROR, protocol.new_id(), msg.body, re=call.client_call_id)
+            self.finish(call, envelope, now)
+        self.dispatch()
+
+    def _release(self, worker: Worker, call: Call) -> None:
+        """``call`` no longer holds a slot of ``worker`` (nor of its tool)."""
+        worker.inflight.pop(call.kid, None)
+        if call.tool is not None and self.tool_running.get(call.tool):
+            self.tool_running[call.tool] -= 1
+
+    def worker_lost(self, worker: Worker, why: str) -> None:
+        """Forget ``worker``; run its calls again elsewhere, or fail them."""
+        if self.workers.get(worker.name) is worker:
+            del self.workers[worker.name]
+        log.warning("worker %s lost: %s", worker.name, why)
+        self.publish(f"worker.{worker.name}.lost", {"name": worker.name, "why": why})
+        now = time.time()
+        for call in list(worker.inflight.values()):
+            self._release(worker, call)
+            if call.state is not CallState.RUNNING:
+                self.calls.pop(call.kid, None)
+                continue
+            call.service_s += now - call.dispatched
+            if call.streamed or call.attempts > self.config.kernel.max_redispatch:
+                # Streamed text cannot be taken back; past the redispatch
+                # budget the caller decides whether to try again.
+                self.fail(call, errors.WorkerLost(
+                    f"{worker.name} stopped while running this call ({why}); it may be retried"
+                ), now)
+                continue
+            call.state = CallState.QUEUED
+            call.worker = None
+            call.queued_at = now
+            self.queues[call.resource].requeue(call)
+        # Snapshots of suspended calls died with the core: those calls start
+        # over (nothing of theirs reached the caller unless they streamed).
+        for call in list(self.calls.values()):
+            if call.affinity == worker.name and call.state is CallState.QUEUED:
+                if call.streamed:
+                    self.queues[call.resource].remove(call)
+                    self.fail(call, errors.WorkerLost(
+                        f"{worker.name} stopped while this call was suspended ({why}); retry"), now)
+                else:
+                    call.affinity = None
+                    call.body = {k: v for k, v in call.body.items() if k != "resume"}
+        self.dispatch()
+
+    def _can_ever_serve(self, resource: str) -> bool:
+        if any(w.kind == resource for w in self.workers.values()):
+            return True
+        # No worker yet: fine while one is starting; not when all have failed.
+        kinds = [p for p in self.procs if p.get("kind") == resource]
+        if not self.procs:
+            return True  # the process table has not arrived yet
+        return any(p.get("state") != "fatal" for p in kinds)
