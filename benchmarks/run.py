@@ -263,7 +263,8 @@ def rates() -> dict[str, Any]:
 
 
 def _rates(flash_attn: bool) -> tuple[float, float]:
-    from aiosd.llm.engine import Engine, Request
+    from aiosd.llm.engine import Engine
+    from aiosd.llm.generation import Request
     from aiosd.llm.llamacpp import embedded_model_path
 
     eng = Engine(str(embedded_model_path()), n_ctx=1024, slots=64, seqs=64,

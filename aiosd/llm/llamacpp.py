@@ -159,7 +159,7 @@ class LlamaCppBackend:
         """Generate the answer to ``req`` for agent ``key``. ``resume`` names
         a snapshot of this core to continue from; ``suspend`` (an Event) asks
         for the generation to stop at the next token and be snapshotted."""
-        from .engine import Finish, Request
+        from .generation import Finish, Request
 
         tokens, stops = self._prompt_tokens(req)
         limit = min(self.engine.n_ctx, self.model.n_ctx_train())

@@ -16,7 +16,7 @@ from typing import Any
 
 from libaios import paths
 
-from .engine import Snapshot
+from .generation import Snapshot
 
 
 def snapshot_dir(core: str) -> Path:

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from aiosd.llm.engine import Engine, Finish, Request
+from aiosd.llm.engine import Engine
+from aiosd.llm.generation import Finish, Request
 from aiosd.llm.llamacpp import embedded_model_path
 
 pytestmark = pytest.mark.integration

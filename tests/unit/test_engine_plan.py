@@ -8,7 +8,7 @@ import pytest
 
 from types import SimpleNamespace
 
-from aiosd.llm.engine import MAX_SEQS, chunk_groups, passes, prompt_chunk, sequences_for
+from aiosd.llm.batching import MAX_SEQS, chunk_groups, passes, prompt_chunk, sequences_for
 
 MIB = 2**20
 TOKEN = 23040   # KV bytes a token costs in the embedded model

@@ -110,7 +110,7 @@ def test_stop_scanner() -> None:
 
 
 def test_snapshots_spill_past_their_bound_and_are_dropped_unread(tmp_path) -> None:
-    from aiosd.llm.engine import Snapshot
+    from aiosd.llm.generation import Snapshot
     from aiosd.llm.snapshots import SnapshotStore
 
     def snap(n: int) -> Snapshot:
