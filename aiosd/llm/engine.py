@@ -237,11 +237,16 @@ class Engine(Streams):
                 while self.waiting and len(self.running) < self.slots:
                     req = self.waiting[0]
                     try:
-                        if not self._admit(req):
-                            break
+                        req.check()   # cancelled while it waited: it takes no stream
                     except Exception as exc:
-                        log.exception("admitting a call failed")
                         req.error = exc
+                    else:
+                        try:
+                            if not self._admit(req):
+                                break
+                        except Exception as exc:
+                            log.exception("admitting a call failed")
+                            req.error = exc
                     self.waiting.pop(0)
                     if req.error is not None:
                         if req._seq is not None:
@@ -422,7 +427,9 @@ class Engine(Streams):
         with self._lock:
             if req in self.running:
                 self.running.remove(req)
-        if req._sampler is not None:
-            req._sampler.close()
-            req._sampler = None
-        req.done.set()
+        try:
+            if req._sampler is not None:
+                req._sampler.close()
+                req._sampler = None
+        finally:
+            req.done.set()   # its caller waits on this, whatever happens

@@ -126,11 +126,10 @@ class Dispatch:
         self.calls.pop(call.kid, None)
         self.approvals.drop_call(call)
         if call.state is CallState.QUEUED and "resume" in call.body:
-            # suspended, and never to resume: its core drops the snapshot
+            # suspended, and never to resume
             worker = self.workers.get(call.affinity or "")
             if worker is not None:
-                self.send_worker(worker, protocol.call(
-                    MsgType.WORKER_FORGET, {"snapshots": [call.body["resume"]]}))
+                self.drop_snapshot(worker, call.body["resume"])
         if call.state is CallState.RUNNING:
             call.service_s += now - call.dispatched
         elif call.state is CallState.QUEUED:
@@ -156,6 +155,11 @@ class Dispatch:
             bucket = self.buckets.get(agent.name)
             if bucket is not None:
                 bucket.charge(used, now)
+
+    def drop_snapshot(self, worker: Worker, snapshot: str) -> None:
+        """Tell ``worker`` to drop the snapshot of a call that will never
+        resume (it stays in the core's RAM or on its disk otherwise)."""
+        self.send_worker(worker, protocol.call(MsgType.WORKER_FORGET, {"snapshots": [snapshot]}))
 
     def fail(self, call: Call, exc: errors.AIOSError, now: float) -> None:
         err = protocol.error(call.client_call_id, exc.code, exc.message, exc.retriable)

@@ -97,9 +97,13 @@ class WorkerMessages:
         self._release(worker, call)
         worker.served += 1
         now = time.time()
+        suspended = msg.type is MsgType.REPLY and msg.body.get("finish_reason") == "suspended"
         if call.state is not CallState.RUNNING:
             self.calls.pop(call.kid, None)
-        elif msg.type is MsgType.REPLY and msg.body.get("finish_reason") == "suspended":
+            if suspended and isinstance(msg.body.get("snapshot"), str):
+                # suspended as it was cancelled: the snapshot will never resume
+                self.drop_snapshot(worker, msg.body["snapshot"])
+        elif suspended:
             # Preempted at a token boundary: back in the queue, to resume
             # from its snapshot on this core.
             call.service_s += now - call.dispatched

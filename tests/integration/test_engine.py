@@ -273,6 +273,22 @@ def test_what_is_kept_for_an_agent_that_ended_is_let_go_of() -> None:
         eng.close()
 
 
+def test_a_call_cancelled_while_it_waits_takes_no_stream() -> None:
+    eng = make(1)
+    try:
+        prompt = tokens(eng, turn("Tell me about the number 1."))
+        generate(eng, "a", prompt, 8)
+
+        def cancelled() -> None:
+            raise RuntimeError("injected: the call was cancelled")
+
+        b = eng.run(Request("b", tokens(eng, turn("Name three rivers.")), 8, check=cancelled))
+        assert b.finish is Finish.ERROR and "cancelled" in str(b.error) and b._seq is None
+        assert eng.stats["evicted_seqs"] == 0 and eng._retained("a") is not None
+    finally:
+        eng.close()
+
+
 def test_a_call_running_when_its_agent_is_forgotten_lets_go_when_it_stops() -> None:
     eng = make(2, slots=1)
     try:
@@ -371,13 +387,18 @@ def test_a_snapshot_resumes_in_another_stream_even_with_a_copy_queued(plain: Eng
         assert len(baseline) > 5
 
         # a holds the system prompt; b starts from a copy of it and is
-        # cancelled before any decode, so the copy is still queued in llama.cpp
+        # cancelled at its first step, before any decode (a call cancelled
+        # before it is admitted takes no stream), so the copy is still
+        # queued in llama.cpp
         system = tokens(eng, turn("")[:-len("<|im_end|>\n<|im_start|>assistant\n")])
         generate(eng, "a", tokens(eng, turn("What is a lighthouse?")))
         question = tokens(eng, turn("Name three rivers in Europe."))
+        checks = [0]
 
         def cancel() -> None:
-            raise RuntimeError("cancelled")
+            checks[0] += 1
+            if checks[0] > 1:   # admitted, then cancelled
+                raise RuntimeError("cancelled")
 
         cancelled = eng.run(Request("b", question, 8, check=cancel))
         assert cancelled.finish is Finish.ERROR and cancelled.cached >= len(system) - 16
