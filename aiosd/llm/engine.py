@@ -231,8 +231,7 @@ class Engine(Streams):
                     self._lock.wait()
                 if self._stop:
                     for req in self.waiting + self.running:
-                        req.error = RuntimeError("the LLM core is shutting down")
-                        req.done.set()
+                        self._fail(req, RuntimeError("the LLM core is shutting down"), drop=False)
                     return
                 while self.waiting and len(self.running) < self.slots:
                     req = self.waiting[0]
@@ -249,11 +248,7 @@ class Engine(Streams):
                             req.error = exc
                     self.waiting.pop(0)
                     if req.error is not None:
-                        if req._seq is not None:
-                            self._drop(req._seq)
-                            req._seq.busy = False
-                        req.finish = Finish.ERROR
-                        req.done.set()
+                        self._fail(req, req.error, drop=True)
                         continue
                     self.running.append(req)
             t = time.perf_counter()

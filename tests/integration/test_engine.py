@@ -289,6 +289,19 @@ def test_a_call_cancelled_while_it_waits_takes_no_stream() -> None:
         eng.close()
 
 
+def test_calls_still_there_when_the_engine_closes_end_with_an_error() -> None:
+    eng = make(1)
+    running = Request("a", tokens(eng, turn(STORY)), 256, min_tokens=256)
+    waiting = Request("b", tokens(eng, turn("Name three rivers.")), 8)
+    eng.submit(running)
+    started(running)
+    eng.submit(waiting)   # the one stream is taken: it waits
+    eng.close()
+    for req in (running, waiting):
+        assert req.done.is_set() and req.finish is Finish.ERROR
+        assert "shutting down" in str(req.error)
+
+
 def test_a_call_running_when_its_agent_is_forgotten_lets_go_when_it_stops() -> None:
     eng = make(2, slots=1)
     try:
