@@ -104,20 +104,25 @@ class WorkerRuntime:
         self._stop = threading.Event()
         self._ctx = zmq.Context.instance()
         self._outbox = f"inproc://worker-outbox-{id(self)}"
-        self._local = threading.local()
+        self._push_sock: zmq.Socket | None = None
+        self._push_lock = threading.Lock()
 
     # -- threads' side -----------------------------------------------------
 
     def _push(self, frames: list[bytes]) -> None:
-        # Sockets are not thread-safe: each task thread has its own PUSH
-        # into the main loop, which alone owns the DEALER.
-        sock = getattr(self._local, "push", None)
-        if sock is None:
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 1000)
-            sock.connect(self._outbox)
-            self._local.push = sock
-        send_frames(sock, frames)
+        # One PUSH into the main loop, which alone owns the DEALER, for every
+        # thread: a call's parts are streamed from whichever thread makes
+        # them (an LLM core's engine thread) and its result from the task's
+        # thread, and a PULL fair-queues between several PUSH sockets, so
+        # with one each a result could overtake the parts sent before it.
+        # The lock serializes the socket's use (a socket is not thread-safe;
+        # one used under a lock is).
+        with self._push_lock:
+            if self._push_sock is None:
+                self._push_sock = self._ctx.socket(zmq.PUSH)
+                self._push_sock.setsockopt(zmq.LINGER, 1000)
+                self._push_sock.connect(self._outbox)
+            send_frames(self._push_sock, frames)
 
     def _execute(self, task: Task) -> Message:
         handler = self.handlers[task.type]
@@ -133,8 +138,13 @@ class WorkerRuntime:
             )
 
     def _run_task(self, task: Task) -> None:
-        self._push(protocol.encode(self._execute(task)))
-        self._tasks.pop(task.call_id, None)
+        result = protocol.encode(self._execute(task))
+        # Let go of the task before its result can reach the scheduler: a
+        # call suspended or sent back for approval comes again under the
+        # same id, and its new task must not be the one let go of.
+        if self._tasks.get(task.call_id) is task:
+            del self._tasks[task.call_id]
+        self._push(result)
 
     # -- main loop ---------------------------------------------------------
 
@@ -249,4 +259,8 @@ class WorkerRuntime:
             while outbox.poll(0):
                 sock.send_multipart(outbox.recv_multipart())
             outbox.close(0)
+            with self._push_lock:
+                if self._push_sock is not None:
+                    self._push_sock.close(0)
+                    self._push_sock = None
             sock.close()

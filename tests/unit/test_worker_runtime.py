@@ -14,6 +14,9 @@ from libaios import errors, protocol
 from libaios.protocol import ErrorCode, MsgType
 
 
+PARTS = 2000
+
+
 def null(task: Task) -> dict[str, Any]:
     return {"echo": task.body.get("x")}
 
@@ -23,6 +26,13 @@ def chat(task: Task) -> dict[str, Any]:
     if mode == "stream":
         for i in range(3):
             task.emit({"part": i})
+        return {"done": True}
+    if mode == "stream-from-thread":
+        # as an LLM core streams: the parts come from another thread
+        # (its engine's), the result from the task's own
+        emitter = threading.Thread(target=lambda: [task.emit({"part": i}) for i in range(PARTS)])
+        emitter.start()
+        emitter.join()
         return {"done": True}
     if mode == "loop":
         while True:
@@ -111,3 +121,14 @@ def test_what_the_scheduler_says_is_gone_reaches_the_handler(runtime) -> None:
     task(router, MsgType.SYS_NULL, {"x": 2})    # after a failed forget, still serving
     assert recv(router).body == {"echo": 2}
     assert forgets == [{"agent": "buggy"}, {"agent": "a1", "snapshots": ["s1"]}]
+
+
+def test_parts_streamed_from_another_thread_arrive_before_the_result(runtime) -> None:
+    router, _, _ = runtime
+    assert recv(router).type is MsgType.WORKER_READY
+    for _ in range(3):
+        kid = task(router, MsgType.LLM_CHAT, {"mode": "stream-from-thread"})
+        got = [recv(router) for _ in range(PARTS + 1)]
+        assert all(m.re == kid for m in got)
+        assert [m.type for m in got] == [MsgType.PARTIAL] * PARTS + [MsgType.REPLY]
+        assert [m.body["part"] for m in got[:-1]] == list(range(PARTS))
