@@ -302,4 +302,5 @@ class AdminCalls:
             for proc in procs:
                 if old.get(proc.get("name")) != proc.get("state"):
                     self.publish(f"proc.{proc.get('name')}.{proc.get('state')}", proc)
+            self.fail_unservable(time.time())
         self.send_client(identity, protocol.reply(msg.id, {}))

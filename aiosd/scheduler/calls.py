@@ -37,6 +37,7 @@ class Call:
     state: CallState = CallState.QUEUED
     worker: str | None = None
     attempts: int = 0         # dispatches so far
+    lost: int = 0             # times its worker was lost while it ran
     streamed: bool = False    # a partial reply already reached the caller
     queued_at: float = 0.0    # when it last entered the queue
     dispatched: float = 0.0   # when the current attempt started

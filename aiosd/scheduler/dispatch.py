@@ -15,6 +15,11 @@ from .calls import Call, CallState
 from .peers import Worker
 
 
+def _count(value: object) -> int:
+    """A token count from a worker's usage (0 if it is not one)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 class Dispatch:
     """How ``Scheduler`` runs calls on workers and ends them."""
 
@@ -25,9 +30,11 @@ class Dispatch:
         agent = self.agents.get(agent_id)
         if agent is None:
             return 0.0
-        running = sum(c.turn_tokens for c in self.calls.values()
-                      if c.agent == agent_id and c.state is CallState.RUNNING)
-        return agent.usage.prompt_tokens + agent.usage.completion_tokens + running
+        # calls not finished yet: what they generated in earlier turns (a
+        # suspended call's too) and in the turn running now
+        live = sum(c.tokens + (c.turn_tokens if c.state is CallState.RUNNING else 0)
+                   for c in self.calls.values() if c.agent == agent_id)
+        return agent.usage.prompt_tokens + agent.usage.completion_tokens + live
 
     def _name_of(self, agent_id: str) -> str:
         agent = self.agents.get(agent_id)
@@ -46,10 +53,19 @@ class Dispatch:
         queue = self.queues["llm"]
         if not len(queue):
             return
-        running = [c for w in self.workers.values() if w.kind == "llm"
-                   for c in w.inflight.values()
-                   if c.state is CallState.RUNNING and not c.suspending and c.type is MsgType.LLM_CHAT]
-        for call in queue.preempt(running, time.time()):
+        cores = [w for w in self.workers.values() if w.kind == "llm"]
+        running = [c for w in cores for c in w.inflight.values()
+                   if c.state is CallState.RUNNING and c.type is MsgType.LLM_CHAT]
+        # as many give way as the waiting calls that could run need slots
+        # (a call held back by its quota needs none), less the free slots
+        # and those already giving way
+        need = (sum(1 for c in queue if self._quota_ok(c)) - sum(max(0, w.free) for w in cores)
+                - sum(1 for c in running if c.suspending))
+        if need <= 0:
+            return
+        chosen = queue.preempt([c for c in running if not c.suspending], time.time())
+        chosen.sort(key=lambda c: -c.turn_tokens)   # the longest past its quantum first
+        for call in chosen[:need]:
             worker = self.workers.get(call.worker or "")
             if worker is None:
                 continue
@@ -148,10 +164,12 @@ class Dispatch:
         if result is None or result.type is MsgType.ERROR:
             usage.failed += 1
         elif call.type is MsgType.LLM_CHAT:
-            tokens = result.body.get("usage", {})
-            used = int(tokens.get("prompt_tokens", 0)) + int(tokens.get("completion_tokens", 0))
-            usage.prompt_tokens += int(tokens.get("prompt_tokens", 0))
-            usage.completion_tokens += int(tokens.get("completion_tokens", 0))
+            tokens = result.body.get("usage")
+            tokens = tokens if isinstance(tokens, dict) else {}
+            prompt, completion = (_count(tokens.get(k)) for k in ("prompt_tokens", "completion_tokens"))
+            used = prompt + completion
+            usage.prompt_tokens += prompt
+            usage.completion_tokens += completion
             bucket = self.buckets.get(agent.name)
             if bucket is not None:
                 bucket.charge(used, now)

@@ -85,6 +85,7 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
         self.procs: list[dict[str, Any]] = []
         self.stopping = False
         self._next_pid_check = 0.0
+        self._next_prune = 0.0
         # the last client message's frame: what the OS says of its sender is
         # read for hello only (every later message has a session)
         self._peer_frame: zmq.Frame | None = None
@@ -253,6 +254,11 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
             self.agent_ended(agent)
         if check_pids:
             procs.reap_adopted(self.agents.own_children())
+        if now >= self._next_prune:
+            # the records of agents that ended long ago (aiosctl ps keeps
+            # showing them for an hour)
+            self._next_prune = now + 60.0
+            self.agents.prune(now)
         self.agents.enforce_kills(now)
         self._preempt()
         if self.buckets:
@@ -266,8 +272,8 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
         log.warning("worker %s ignored a cancel for %ss: killing it", worker.name, CANCEL_GRACE)
         try:
             os.kill(worker.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        except OSError as exc:   # gone already, or (a bad READY) not ours
+            log.warning("could not kill worker %s (pid %d): %s", worker.name, worker.pid, exc)
         self.worker_lost(worker, "it did not let go of a cancelled call")
 
     # -- main loop --------------------------------------------------------------
@@ -276,6 +282,9 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
         now = time.time()
         for call in list(self.calls.values()):
             if call.state is not CallState.CANCELLING:
+                worker = self.workers.get(call.worker or "")
+                if worker is not None and worker.inflight.get(call.kid) is call:
+                    self._release(worker, call)   # a result that still comes is not a second reply
                 self.fail(call, errors.ShuttingDown("aiosd is shutting down"), now)
         for worker in list(self.workers.values()):
             self.send_worker(worker, protocol.call(MsgType.WORKER_SHUTDOWN))

@@ -36,7 +36,25 @@ class WorkerMessages:
         if handler is None:
             log.warning("worker %r sent %s, which workers do not send", routing[0], msg.type.value)
             return
-        handler(routing[0], msg)
+        try:
+            handler(routing[0], msg)
+        except Exception:  # a worker's bad message must cost its call, not the kernel
+            log.exception("handling %s from worker %r failed", msg.type.value, routing[0])
+            self._bad_worker_message(routing[0], msg)
+
+    def _bad_worker_message(self, wid: bytes, msg: Message) -> None:
+        """A worker's result could not be handled: its call, if it is still
+        waiting for one, ends with an error rather than waiting forever."""
+        if msg.type is MsgType.PARTIAL or msg.re is None:
+            return
+        call = self.calls.get(msg.re)
+        if call is None or call.state is not CallState.RUNNING:
+            return
+        worker = self.workers.get(wid.decode(errors="replace"))
+        if worker is not None and worker.inflight.get(call.kid) is call:
+            self._release(worker, call)
+        self.fail(call, errors.InternalError(f"the kernel could not read the result of this call from "
+                                        f"worker {wid.decode(errors='replace')}"), time.time())
 
     def on_worker_ready(self, wid: bytes, msg: Message) -> None:
         body = msg.body
@@ -54,15 +72,55 @@ class WorkerMessages:
                 pid=int(body["pid"]), types=frozenset(map(str, body.get("types", []))),
                 info=dict(body.get("info") or {}), last_seen=now, registered=now,
             )
+            if worker.pid <= 0:
+                raise ValueError(f"pid {worker.pid} is not a process")
+            tools = dict(worker.info.get("tools") or {}) if worker.kind == "tool" else None
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("worker %s sent a bad READY: %s", name, exc)
             return
         self.workers[name] = worker
-        if worker.kind == "tool":
-            self.tool_info = dict(worker.info.get("tools") or {})
+        if tools is not None:
+            self.tool_info = tools
+        self._adopt(worker, body.get("running"), now)
         log.info("worker %s ready (pid %d, capacity %d)", name, worker.pid, worker.capacity)
         self.publish(f"worker.{name}.ready", worker.to_dict())
         self.dispatch()
+
+    def _adopt(self, worker: Worker, running: object, now: float) -> None:
+        """A worker registering again (it was taken for lost: its heartbeats
+        were late) may still be running calls. One still waiting to run
+        again is its call again rather than run twice (a storage write or a
+        tool would act twice); the others are cancelled there."""
+        if not isinstance(running, list):
+            return
+        for kid in running:
+            if not isinstance(kid, str):
+                continue
+            call = self.calls.get(kid)
+            if (call is not None and call.state is CallState.QUEUED and call.attempts
+                    and "resume" not in call.body and worker.free > 0
+                    and call.resource == worker.kind and self.queues[call.resource].remove(call)):
+                call.wait_s += now - call.queued_at
+                call.state = CallState.RUNNING
+                call.worker = worker.name
+                call.dispatched = now
+                worker.inflight[kid] = call
+                if call.tool is not None:
+                    self.tool_running[call.tool] = self.tool_running.get(call.tool, 0) + 1
+                log.info("call %s still runs on %s: it stays there", kid, worker.name)
+            else:
+                self.send_worker(worker, protocol.call(MsgType.WORKER_CANCEL, {"call": kid}))
+
+    def fail_unservable(self, now: float) -> None:
+        """Queued calls of a kind no worker can ever run again (all of its
+        processes failed for good) end now, not at their deadline."""
+        for resource, queue in self.queues.items():
+            if self._can_ever_serve(resource):
+                continue
+            for call in list(queue):
+                queue.remove(call)
+                self.fail(call, errors.Unavailable(
+                    f"no {resource} worker can run: see `aiosctl status`"), now)
 
     def on_worker_heartbeat(self, wid: bytes, msg: Message) -> None:
         worker = self.workers.get(wid.decode(errors="replace"))
@@ -159,13 +217,15 @@ class WorkerMessages:
                 self.calls.pop(call.kid, None)
                 continue
             call.service_s += now - call.dispatched
-            if call.streamed or call.attempts > self.config.kernel.max_redispatch:
+            if call.streamed or call.lost >= self.config.kernel.max_redispatch:
                 # Streamed text cannot be taken back; past the redispatch
-                # budget the caller decides whether to try again.
+                # budget the caller decides whether to try again. (Resumes
+                # after a preemption are dispatches too, but not losses.)
                 self.fail(call, errors.WorkerLost(
                     f"{worker.name} stopped while running this call ({why}); it may be retried"
                 ), now)
                 continue
+            call.lost += 1
             call.state = CallState.QUEUED
             call.worker = None
             call.queued_at = now
