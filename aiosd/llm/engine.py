@@ -52,14 +52,47 @@ from .streams import Streams, _Seq
 log = logging.getLogger(__name__)
 
 
+def _meta(model: Any, key: str) -> str | None:
+    """A value of ``model``'s GGUF metadata, as text (None if absent)."""
+    import ctypes
+
+    import llama_cpp
+
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(model.model, key.encode(), buf, len(buf))
+    return buf.value.decode(errors="replace") if n >= 0 else None
+
+
 def kv_bytes_per_token(model: Any) -> int:
-    """KV cache bytes one token costs in ``model`` (f16 keys and values)."""
+    """KV cache bytes one token costs in ``model`` (f16 keys and values).
+
+    A head's size is the model's own where its metadata gives one (some
+    models' heads are not n_embd / n_head wide)."""
     import llama_cpp
 
     m = model.model
     n_head = llama_cpp.llama_model_n_head(m)
     head_dim = llama_cpp.llama_model_n_embd(m) // n_head
-    return 2 * 2 * llama_cpp.llama_model_n_layer(m) * llama_cpp.llama_model_n_head_kv(m) * head_dim
+    arch = _meta(model, "general.architecture") or ""
+    sizes = []
+    for which in ("key_length", "value_length"):
+        value = _meta(model, f"{arch}.attention.{which}")
+        sizes.append(int(value) if value and value.isdigit() else head_dim)
+    return 2 * llama_cpp.llama_model_n_layer(m) * llama_cpp.llama_model_n_head_kv(m) * sum(sizes)
+
+
+def grammar_sampler(model: Any, grammar: Any) -> Any:
+    """A llama.cpp grammar sampler for ``grammar`` (a LlamaGrammar) over
+    ``model``'s vocabulary; ValueError if llama.cpp rejects the grammar
+    (it returns no sampler, and a chain given none would crash)."""
+    import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar._grammar.encode(),
+                                                   grammar._root.encode())
+    if not sampler:
+        raise ValueError("llama.cpp cannot use the grammar made for this answer "
+                         "(a rule it cannot parse, or left recursion)")
+    return sampler
 
 
 def end_of_generation(vocab: Any) -> list[int]:
@@ -158,7 +191,9 @@ class Engine(Streams):
 
     def submit(self, req: Request) -> None:
         error = None
-        if req.resume is None and not req.prompt:
+        if self._stop:
+            error = RuntimeError("the LLM core is shutting down")
+        elif req.resume is None and not req.prompt:
             error = ValueError("the prompt is empty: there is nothing to continue from")
         elif req.resume is None and len(req.prompt) >= self.n_ctx:
             error = ValueError(f"the prompt is {len(req.prompt)} tokens; a sequence holds "
@@ -169,6 +204,11 @@ class Engine(Streams):
             req.done.set()
             return
         with self._lock:
+            if self._stop:   # closed since the check above: the loop is gone
+                req.error = RuntimeError("the LLM core is shutting down")
+                req.finish = Finish.ERROR
+                req.done.set()
+                return
             self.waiting.append(req)
             self._lock.notify()
 
@@ -191,6 +231,11 @@ class Engine(Streams):
             self._stop = True
             self._lock.notify()
         self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            # still inside llama.cpp: freeing what it uses would crash the
+            # process; the thread ends with its step, and the process exits
+            log.error("the engine did not stop within 10 s; its context is left to the process's end")
+            return
         self.batch.close()
         self.ctx.close()
         self.model.close()
@@ -233,24 +278,30 @@ class Engine(Streams):
                     for req in self.waiting + self.running:
                         self._fail(req, RuntimeError("the LLM core is shutting down"), drop=False)
                     return
-                while self.waiting and len(self.running) < self.slots:
-                    req = self.waiting[0]
+                # Admission (copying cells, restoring a conversation or a
+                # snapshot) runs outside the lock: callers' threads and the
+                # worker's heartbeat (describe) take it and must not wait.
+                # Only this thread takes calls off the queue, so its head
+                # stays the head.
+                candidates = self.waiting[:max(0, self.slots - len(self.running))]
+            for req in candidates:
+                try:
+                    req.check()   # cancelled while it waited: it takes no stream
+                except Exception as exc:
+                    req.error = exc
+                else:
                     try:
-                        req.check()   # cancelled while it waited: it takes no stream
+                        if not self._admit(req):
+                            break
                     except Exception as exc:
+                        log.exception("admitting a call failed")
                         req.error = exc
-                    else:
-                        try:
-                            if not self._admit(req):
-                                break
-                        except Exception as exc:
-                            log.exception("admitting a call failed")
-                            req.error = exc
-                    self.waiting.pop(0)
-                    if req.error is not None:
-                        self._fail(req, req.error, drop=True)
-                        continue
-                    self.running.append(req)
+                with self._lock:
+                    self.waiting.remove(req)
+                    if req.error is None:
+                        self.running.append(req)
+                if req.error is not None:
+                    self._fail(req, req.error, drop=True)
             t = time.perf_counter()
             try:
                 self._step()
@@ -327,14 +378,22 @@ class Engine(Streams):
         now = time.monotonic()
         for req, tokens in planned:
             try:
-                self._advance(req, tokens, now)
+                self._account(req, tokens, now)
+            except Exception as exc:
+                # what the sequence records may disagree with its cells now
+                log.exception("recording a call's decoded tokens failed")
+                self._fail(req, exc, drop=True)
+                continue
+            if req._logit_index < 0:
+                continue
+            try:
+                self._next_token(req)
             except Exception as exc:   # its sampler or callback: this call alone fails
                 log.exception("a call's next token failed")
                 self._fail(req, exc, drop=False)   # its cells are sound
 
-    def _advance(self, req: Request, tokens: list[int], now: float) -> None:
-        """Account ``tokens`` of ``req`` as decoded; sample its next token if
-        the batch computed its logits."""
+    def _account(self, req: Request, tokens: list[int], now: float) -> None:
+        """Record ``tokens`` of ``req`` as decoded into its sequence."""
         seq = req._seq
         if req._todo:
             req._todo = req._todo[len(tokens):]
@@ -343,9 +402,14 @@ class Engine(Streams):
             self.stats["decode_tokens"] += 1
         self._extend(seq, tokens)
         seq.last_used = now
-        if req._logit_index < 0:
-            return
-        if len(req.completion) < req.min_tokens:
+
+    def _next_token(self, req: Request) -> None:
+        """Sample ``req``'s next token from the logits the batch computed."""
+        seq = req._seq
+        if len(req.completion) < req.min_tokens and req.grammar is None:
+            # (a grammar decides itself where an answer may end: with every
+            # end held back, a finished structured answer would have no
+            # token left, and llama.cpp's grammar sampler aborts)
             self._hold_back_end(req._logit_index)
         token = req._sampler.sample(self.ctx, req._logit_index)
         if self._ll.llama_vocab_is_eog(self.model.vocab, token):
@@ -379,7 +443,12 @@ class Engine(Streams):
     def _sampler(self, req: Request) -> Any:
         s = self._internals.LlamaSampler()
         if req.grammar is not None:
-            s.add_grammar(self.model, req.grammar)
+            try:
+                grammar = grammar_sampler(self.model, req.grammar)
+            except ValueError:
+                s.close()
+                raise
+            self._ll.llama_sampler_chain_add(s.sampler, grammar)
         if req.temperature <= 0:
             s.add_greedy()
         else:

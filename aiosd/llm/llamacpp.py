@@ -146,12 +146,20 @@ class LlamaCppBackend:
         schema = structured.output_schema(req)
         if schema is None:
             return None
+        import llama_cpp
         from llama_cpp import LlamaGrammar
 
+        from .engine import grammar_sampler
+
         try:
-            return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+            grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
         except Exception as exc:  # the converter raises plain exceptions
             raise InvalidArgument(f"llm.chat: the schema cannot be turned into a grammar: {exc}") from None
+        try:   # refused here, with a clear error, rather than at admission
+            llama_cpp.llama_sampler_free(grammar_sampler(self.engine.model, grammar))
+        except ValueError as exc:
+            raise InvalidArgument(f"llm.chat: the schema cannot be turned into a grammar: {exc}") from None
+        return grammar
 
     def chat(self, req: ChatRequest, emit: Emit, check: Callable[[], None], key: str = "",
              resume: str | None = None, suspend: Any = None,

@@ -297,7 +297,7 @@ class Streams:
         if not self._copying:
             return
         b = self.batch.batch
-        b.token[0] = self.model.token_bos()
+        b.token[0] = max(0, self.model.token_bos())   # any token: some vocabularies have no BOS
         b.pos[0] = len(seq.tokens)
         b.n_seq_id[0] = 1
         b.seq_id[0][0] = seq.id

@@ -296,10 +296,22 @@ def test_calls_still_there_when_the_engine_closes_end_with_an_error() -> None:
     eng.submit(running)
     started(running)
     eng.submit(waiting)   # the one stream is taken: it waits
+    late = Request("c", tokens(eng, turn("Name three rivers.")), 8)
     eng.close()
-    for req in (running, waiting):
+    eng.submit(late)      # after the close: answered at once, not left waiting
+    for req in (running, waiting, late):
         assert req.done.is_set() and req.finish is Finish.ERROR
         assert "shutting down" in str(req.error)
+
+
+def test_a_grammar_llama_cpp_cannot_parse_fails_its_call_not_the_core(plain: Engine) -> None:
+    from llama_cpp import LlamaGrammar
+
+    bad = LlamaGrammar.from_string('root ::= root "a"', verbose=False)   # left recursion
+    req = plain.run(Request("g", tokens(plain, turn("Say yes.")), 8, grammar=bad))
+    assert req.finish is Finish.ERROR and "grammar" in str(req.error)
+    ok = generate(plain, "after", tokens(plain, turn("Say yes.")), 4)
+    assert ok.error is None and ok.completion
 
 
 def test_a_call_running_when_its_agent_is_forgotten_lets_go_when_it_stops() -> None:
@@ -358,6 +370,18 @@ def test_a_batch_llama_cpp_fails_fails_its_calls_alone(plain: Engine) -> None:
         eng.close()
 
 
+def fails_beside_a_story(eng: Engine, b: Request, alone: Request) -> None:
+    """Run ``b`` (made to fail) beside a story; ``b`` ends with the injected
+    error, and the story makes the tokens it makes alone."""
+    a = Request("a", tokens(eng, turn(STORY)), 32, min_tokens=32)
+    with eng._lock:   # admitted together: they share every step
+        eng.waiting.extend([a, b])
+        eng._lock.notify()
+    assert b.done.wait(120) and b.finish is Finish.ERROR and "injected" in str(b.error)
+    assert a.done.wait(120) and a.error is None
+    assert a.completion == alone.completion
+
+
 def test_a_call_whose_token_handler_fails_ends_alone(plain: Engine) -> None:
     alone = generate(plain, "solo", tokens(plain, turn(STORY)), 32, min_tokens=32)
     eng = make(2)
@@ -365,14 +389,30 @@ def test_a_call_whose_token_handler_fails_ends_alone(plain: Engine) -> None:
         def broken(token: int) -> bool:
             raise ValueError("injected: the handler failed")
 
-        a = Request("a", tokens(eng, turn(STORY)), 32, min_tokens=32)
         b = Request("b", tokens(eng, turn("Name three rivers.")), 8, on_token=broken)
-        with eng._lock:   # admitted together: they share every step
-            eng.waiting.extend([a, b])
-            eng._lock.notify()
-        assert b.done.wait(120) and b.finish is Finish.ERROR and "injected" in str(b.error)
-        assert a.done.wait(120) and a.error is None
-        assert a.completion == alone.completion
+        fails_beside_a_story(eng, b, alone)
+    finally:
+        eng.close()
+
+
+def test_a_call_whose_tokens_cannot_be_recorded_ends_alone_and_its_cells_go(plain: Engine) -> None:
+    """Fault injection: recording b's decoded tokens into its sequence
+    fails; what the sequence says it holds may then disagree with its
+    cells, so they are dropped, and the call beside it goes on."""
+    alone = generate(plain, "solo", tokens(plain, turn(STORY)), 32, min_tokens=32)
+    eng = make(2)
+    try:
+        real = eng._extend
+        b = Request("b", tokens(eng, turn("Name three rivers.")), 8)
+
+        def failing(seq, toks) -> None:
+            if b._seq is seq and b.completion:
+                raise RuntimeError("injected: the prefix tree failed")
+            real(seq, toks)
+
+        eng._extend = failing
+        fails_beside_a_story(eng, b, alone)
+        assert eng._retained("b") is None            # its cells were unknown: dropped
     finally:
         eng.close()
 
