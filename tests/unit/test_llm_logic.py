@@ -119,13 +119,81 @@ def test_snapshots_spill_past_their_bound_and_are_dropped_unread(tmp_path) -> No
 
     store = SnapshotStore(ram_bytes=100, spill_dir=tmp_path / "snaps")
     first, second = store.put(snap(80)), store.put(snap(80))   # the first spills
-    assert store.describe() == {"in_ram": 1, "ram_bytes": 80, "on_disk": 1, "spilled": 1}
+    assert store.describe() == {"in_ram": 1, "ram_bytes": 80, "on_disk": 1, "spilled": 1,
+                                "spill_failures": 0}
     assert len(list((tmp_path / "snaps").iterdir())) == 1
     store.drop(first)
     store.drop(second)
     store.drop("unknown")
-    assert store.describe() == {"in_ram": 0, "ram_bytes": 0, "on_disk": 0, "spilled": 1}
+    assert store.describe() == {"in_ram": 0, "ram_bytes": 0, "on_disk": 0, "spilled": 1,
+                                "spill_failures": 0}
     assert not list((tmp_path / "snaps").iterdir())
     assert store.take(first) is None
     third = store.put(snap(10))
     assert store.take(third).nbytes == 10 and store.take(third) is None
+
+
+def _snapshot(n: int):
+    from aiosd.llm.generation import Snapshot
+
+    return Snapshot(key="a", state=bytes(n), tokens=[1], pending=None, completion=[],
+                    prompt_len=1, cached=0)
+
+
+def test_a_snapshot_that_cannot_be_spilled_stays_in_ram(tmp_path) -> None:
+    from aiosd.llm.snapshots import SnapshotStore
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")   # the spill directory cannot be made under a file
+    store = SnapshotStore(ram_bytes=100, spill_dir=blocker / "snaps")
+    first, second = store.put(_snapshot(80)), store.put(_snapshot(70))
+    assert store.describe() == {"in_ram": 2, "ram_bytes": 150, "on_disk": 0, "spilled": 0,
+                                "spill_failures": 1}
+    assert store.take(first).nbytes == 80 and store.take(second).nbytes == 70
+    assert store.describe()["ram_bytes"] == 0
+
+
+def test_a_snapshot_being_spilled_can_be_taken_or_dropped_without_waiting(tmp_path) -> None:
+    import pickle
+    import threading
+
+    from aiosd.llm import snapshots
+    from aiosd.llm.snapshots import SnapshotStore
+
+    writing, release = threading.Event(), threading.Event()
+
+    class SlowPickle:   # stands in for pickle in the store: the write waits to be released
+        HIGHEST_PROTOCOL = pickle.HIGHEST_PROTOCOL
+        load = staticmethod(pickle.load)
+
+        @staticmethod
+        def dump(obj, fh, protocol):
+            writing.set()
+            release.wait(10)
+            pickle.dump(obj, fh, protocol=protocol)
+
+    store = SnapshotStore(ram_bytes=100, spill_dir=tmp_path / "snaps")
+    for outcome in ("taken", "dropped"):
+        writing.clear()
+        release.clear()
+        first = store.put(_snapshot(80))
+        original = snapshots.pickle
+        snapshots.pickle = SlowPickle
+        try:
+            putter = threading.Thread(target=store.put, args=(_snapshot(80),))
+            putter.start()
+            assert writing.wait(10)
+            # the store's lock is free while the file is written
+            if outcome == "taken":
+                assert store.take(first).nbytes == 80
+            else:
+                store.drop(first)
+            assert store.describe()["in_ram"] == 1
+            release.set()
+            putter.join(10)
+        finally:
+            snapshots.pickle = original
+        # the file written for a snapshot that is gone is removed, never indexed
+        assert store.describe()["on_disk"] == 0 and store.take(first) is None
+        assert not list((tmp_path / "snaps").iterdir())
+        store.clear()
