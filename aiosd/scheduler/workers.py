@@ -50,11 +50,12 @@ class WorkerMessages:
         call = self.calls.get(msg.re)
         if call is None or call.state is not CallState.RUNNING:
             return
-        worker = self.workers.get(wid.decode(errors="replace"))
+        name = wid.decode(errors="replace")
+        worker = self.workers.get(name)
         if worker is not None and worker.inflight.get(call.kid) is call:
             self._release(worker, call)
-        self.fail(call, errors.InternalError(f"the kernel could not read the result of this call from "
-                                        f"worker {wid.decode(errors='replace')}"), time.time())
+        self.fail(call, errors.InternalError(
+            f"the kernel could not read the result of this call from worker {name}"), time.time())
 
     def on_worker_ready(self, wid: bytes, msg: Message) -> None:
         body = msg.body
