@@ -128,9 +128,21 @@ class FairPolicy(FifoPolicy):
         self.priority = priority
         self.clock = clock
 
-    def _key(self, call: Call) -> tuple[float, int]:
-        # each priority step is worth 1,000 tokens of service
-        return (self.service(call.agent) - 1000.0 * self.priority(call.agent), call.seq)
+    def _keys(self) -> Callable[[Call], tuple[float, int]]:
+        """The order of calls for one decision. An agent's standing is
+        worked out once per decision: it depends on the agent alone, and
+        working it out looks at every call in the kernel."""
+        standing: dict[str, float] = {}
+
+        def key(call: Call) -> tuple[float, int]:
+            value = standing.get(call.agent)
+            if value is None:
+                # each priority step is worth 1,000 tokens of service
+                value = standing[call.agent] = (self.service(call.agent)
+                                                - 1000.0 * self.priority(call.agent))
+            return (value, call.seq)
+
+        return key
 
     def pop(self, runnable: Callable[[Call], bool] | None = None) -> Call | None:
         candidates = [c for c in self.waiting if runnable is None or runnable(c)]
@@ -138,16 +150,17 @@ class FairPolicy(FifoPolicy):
             return None
         now = self.clock()
         starved = [c for c in candidates if now - c.queued_at >= self.starvation_s]
-        chosen = min(starved, key=lambda c: c.queued_at) if starved else min(candidates, key=self._key)
+        chosen = min(starved, key=lambda c: c.queued_at) if starved else min(candidates, key=self._keys())
         self.waiting.remove(chosen)
         return chosen
 
     def preempt(self, running: Sequence[Call], now: float) -> list[Call]:
         if not self.waiting:
             return []
-        best_waiting = min(self._key(c)[0] for c in self.waiting)
+        key = self._keys()
+        best_waiting = min(key(c)[0] for c in self.waiting)
         return [c for c in running
-                if c.turn_tokens >= self.quantum and self._key(c)[0] > best_waiting]
+                if c.turn_tokens >= self.quantum and key(c)[0] > best_waiting]
 
 
 POLICIES = ("fifo", "rr", "fair")

@@ -124,6 +124,24 @@ def test_fair_serves_the_least_served_agent_and_guards_against_starvation() -> N
     assert prio.pop() is heavy
 
 
+def test_fair_works_out_each_agent_s_service_once_per_decision() -> None:
+    # an agent's service scans every call in the kernel: a queue of many
+    # calls from few agents must not scan it once per call
+    asked: list[str] = []
+    fair = policy.make("fair", quantum=8, service=lambda a: asked.append(a) or len(a))
+    calls = [call(n) for n in range(200)]
+    for n, c in enumerate(calls):
+        c.agent = "flooder" if n % 2 else "a"
+        fair.push(c)
+    assert fair.pop() is calls[0]          # "a" has the least service
+    assert sorted(asked) == ["a", "flooder"]
+    asked.clear()
+    running = call(300)
+    running.agent, running.turn_tokens = "flooder", 8
+    assert fair.preempt([running], 0.0) == [running]
+    assert sorted(asked) == ["a", "flooder"]
+
+
 def test_token_bucket_throttles_and_refills() -> None:
     from aiosd.scheduler.quota import TokenBucket
 
