@@ -132,6 +132,7 @@ class ClientCalls:
         else:
             session = self._hello_without_credential(identity, name, pid, bool(body.get("operator")),
                                                      peer_uid, peer_pid)
+        session.pid = peer_pid
         self.sessions[identity] = session
         self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
 

@@ -53,6 +53,7 @@ class Session:
     operator: bool
     agent: Agent | None = None
     internal: bool = False    # one of the kernel's own processes
+    pid: int | None = None    # the peer's process, as the OS reports it
 
     @property
     def account(self) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import psutil
 import zmq
 
 from libaios import errors, paths, protocol
@@ -203,6 +204,14 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
             self.agents.disconnect(session.agent, time.time())
             self.forget_agent(session.agent.id)
 
+    def _prune_operator_sessions(self) -> None:
+        """An operator's connection (one per aiosctl run) leaves no trace
+        when it closes: its session goes once its process is gone."""
+        for identity, session in list(self.sessions.items()):
+            if (session.agent is None and not session.internal and session.pid is not None
+                    and not psutil.pid_exists(session.pid)):
+                self.client_gone(identity)
+
     def agent_ended(self, agent: Agent) -> None:
         self.forget_agent(agent.id)
         for identity, session in list(self.sessions.items()):
@@ -259,6 +268,7 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
             # showing them for an hour)
             self._next_prune = now + 60.0
             self.agents.prune(now)
+            self._prune_operator_sessions()
         self.agents.enforce_kills(now)
         self._preempt()
         if self.buckets:

@@ -328,3 +328,18 @@ def test_only_as_many_calls_give_way_as_the_waiting_calls_need(tmp_path) -> None
     finally:
         for sock in (sched.clients, sched.workers_sock, sched.events):
             sock.close(0)
+
+
+def test_an_operator_session_goes_once_its_process_is_gone(sched) -> None:
+    import os
+    import subprocess
+    import time
+
+    from aiosd.scheduler.peers import Session
+
+    gone = subprocess.Popen(["true"])   # a process that has ended: its pid is free
+    gone.wait()
+    sched.sessions[b"gone"] = Session(b"gone", "aiosctl", operator=True, pid=gone.pid)
+    sched.sessions[b"here"] = Session(b"here", "aiosctl", operator=True, pid=os.getpid())
+    sched.tick(time.time())
+    assert b"gone" not in sched.sessions and b"here" in sched.sessions
