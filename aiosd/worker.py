@@ -137,8 +137,22 @@ class WorkerRuntime:
                 task.call_id, ErrorCode.INTERNAL, f"{self.name}: {type(exc).__name__}: {exc}"
             )
 
+    def _result(self, task: Task) -> list[bytes]:
+        """The frames of ``task``'s result; a result too large for the
+        scheduler to take becomes an error that says so (the scheduler
+        would drop it, and its caller would wait for its deadline)."""
+        frames = protocol.encode(self._execute(task))
+        if len(frames[-1]) > protocol.MAX_BODY_BYTES:
+            log.warning("%s: the result of %s is %d bytes, over the limit", self.name,
+                        task.type.value, len(frames[-1]))
+            frames = protocol.encode(protocol.error(
+                task.call_id, ErrorCode.TOO_LARGE,
+                f"{task.type.value}: the result is {len(frames[-1])} bytes, over the limit of "
+                f"{protocol.MAX_BODY_BYTES}; ask for less at a time (a smaller limit, a page)"))
+        return frames
+
     def _run_task(self, task: Task) -> None:
-        result = protocol.encode(self._execute(task))
+        result = self._result(task)
         # Let go of the task before its result can reach the scheduler: a
         # call suspended or sent back for approval comes again under the
         # same id, and its new task must not be the one let go of.
@@ -180,7 +194,7 @@ class WorkerRuntime:
                 ),
             )
             if call_type in self.inline:
-                send_frames(sock, protocol.encode(self._execute(task)))
+                send_frames(sock, self._result(task))
                 return
             self._tasks[call_id] = task
             pool.submit(self._run_task, task)

@@ -34,6 +34,8 @@ def chat(task: Task) -> dict[str, Any]:
         emitter.start()
         emitter.join()
         return {"done": True}
+    if mode == "huge":
+        return {"data": b"x" * (protocol.MAX_BODY_BYTES + 1)}
     if mode == "loop":
         while True:
             task.check()
@@ -132,3 +134,12 @@ def test_parts_streamed_from_another_thread_arrive_before_the_result(runtime) ->
         assert all(m.re == kid for m in got)
         assert [m.type for m in got] == [MsgType.PARTIAL] * PARTS + [MsgType.REPLY]
         assert [m.body["part"] for m in got[:-1]] == list(range(PARTS))
+
+
+def test_a_result_too_large_for_the_scheduler_is_an_error_that_says_so(runtime) -> None:
+    router, _, _ = runtime
+    assert recv(router).type is MsgType.WORKER_READY
+    kid = task(router, MsgType.LLM_CHAT, {"mode": "huge"})
+    rep = recv(router)
+    assert rep.re == kid and rep.type is MsgType.ERROR
+    assert rep.body["code"] == ErrorCode.TOO_LARGE and "ask for less" in rep.body["message"]
