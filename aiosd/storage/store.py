@@ -37,6 +37,8 @@ SEP = b"\x00"
 KINDS = ("key", "file")
 MAX_NAME = 1024
 MAX_GROWTHS = 16
+#: a page of block.scan stops past this many bytes (well under a message's limit)
+SCAN_PAGE_BYTES = 8 * 2**20
 
 
 def _u64(n: int) -> bytes:
@@ -150,9 +152,17 @@ class Store:
 
     # -- keys and files ----------------------------------------------------------------
 
-    @staticmethod
-    def _name_key(ns: str, kind: str, name: str) -> bytes:
-        return SEP.join((ns.encode(), kind.encode(), name.encode()))
+    def _name_key(self, ns: str, kind: str, name: str) -> bytes:
+        key = SEP.join((ns.encode(), kind.encode(), name.encode()))
+        # a version's key adds a separator and 8 bytes; LMDB's keys are short
+        room = self.env.max_key_size() - len(key) - 9
+        if room < 0:
+            what = "key" if kind == "key" else "path"
+            raise InvalidArgument(
+                f"the {what} {name[:40]!r}{'...' if len(name) > 40 else ''} is "
+                f"{len(name.encode())} bytes in UTF-8; in namespace {ns} a {what} may have at "
+                f"most {len(name.encode()) + room}")
+        return key
 
     def _head(self, txn: lmdb.Transaction, nk: bytes) -> int:
         raw = txn.get(nk, db=self.heads)
@@ -269,20 +279,23 @@ class Store:
         return self._write(txn_fn)
 
     def _names(self, ns: str, kind: str, prefix: str) -> list[tuple[str, int]]:
+        return self._read(lambda txn: self._names_in(txn, ns, kind, prefix))
+
+    def _names_in(self, txn: lmdb.Transaction, ns: str, kind: str,
+                  prefix: str) -> list[tuple[str, int]]:
+        """The names of ``kind`` under ``prefix`` in ``ns``, read in ``txn``
+        (a second transaction inside one would wait on a growing map that
+        waits on the first: a deadlock)."""
         start = self._name_key(ns, kind, prefix)
         base = self._name_key(ns, kind, "")
-
-        def txn_fn(txn: lmdb.Transaction) -> list[tuple[str, int]]:
-            out = []
-            cur = txn.cursor(db=self.heads)
-            if cur.set_range(start):
-                for k, v in cur:
-                    if not k.startswith(start):
-                        break
-                    out.append((k[len(base):].decode(), _from_u64(v)))
-            return out
-
-        return self._read(txn_fn)
+        out = []
+        cur = txn.cursor(db=self.heads)
+        if cur.set_range(start):
+            for k, v in cur:
+                if not k.startswith(start):
+                    break
+                out.append((k[len(base):].decode(), _from_u64(v)))
+        return out
 
     def list(self, ns: str, prefix: Any = "") -> dict[str, Any]:
         prefix = _text(prefix, "prefix", empty=True)
@@ -332,8 +345,8 @@ class Store:
             if ns is not None:
                 return {"namespace": ns, "bytes": self._used(txn, ns),
                         "quota_bytes": self.quota_bytes,
-                        "keys": len(self._names(ns, "key", "")),
-                        "files": len(self._names(ns, "file", ""))}
+                        "keys": len(self._names_in(txn, ns, "key", "")),
+                        "files": len(self._names_in(txn, ns, "file", ""))}
             per = {k.decode(): _from_u64(v) for k, v in txn.cursor(db=self.usage)}
             return {"namespaces": per, "bytes": sum(per.values()),
                     "quota_bytes": self.quota_bytes, "map_size": self.env.info()["map_size"],
@@ -371,13 +384,17 @@ class Store:
 
         def txn_fn(txn: lmdb.Transaction) -> dict[str, Any]:
             out = []
+            size = 0
             cur = txn.cursor(db=self.blocks)
             found = cur.set_range(after + b"\x00") if after else cur.first()
             last = None
-            while found and len(out) < limit:
+            # a page stops at SCAN_PAGE_BYTES too (at least one block): a
+            # reply over the message limit would never reach the caller
+            while found and len(out) < limit and (not out or size + len(cur.value()) <= SCAN_PAGE_BYTES):
                 k, v = cur.item()
                 ns, _, bid = k.partition(SEP)
                 out.append({"ns": ns.decode(), "id": bid.decode(), "data": bytes(v)})
+                size += len(v) + len(k)
                 last = k
                 found = cur.next()
             return {"blocks": out, "next": last if found else None}

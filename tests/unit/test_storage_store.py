@@ -120,6 +120,33 @@ def test_blocks_and_audit(tmp_path: Path) -> None:
     assert [r["seq"] for r in s.audit_list(after=1)["records"]] == [2]
 
 
+def test_a_page_of_blocks_stays_under_the_message_limit(tmp_path: Path) -> None:
+    from aiosd.storage.store import SCAN_PAGE_BYTES
+
+    s = store(tmp_path, map_size=1 << 26)
+    big = SCAN_PAGE_BYTES // 2 + 1
+    for i in range(3):
+        s.block_put("n", f"b{i}", bytes(big))
+    s.block_put("n", "b3", b"small")
+    pages, after = [], None
+    while True:
+        page = s.block_scan(after=after, limit=1000)
+        pages.append([b["id"] for b in page["blocks"]])
+        after = page["next"]
+        if after is None:
+            break
+    assert pages == [["b0"], ["b1"], ["b2", "b3"]]   # every block, none twice
+
+
+def test_a_name_too_long_for_the_store_is_refused_by_name(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    with pytest.raises(InvalidArgument, match="in UTF-8"):
+        s.put("n", "k" * 600, b"v")
+    with pytest.raises(InvalidArgument, match="path"):
+        s.write_file("n", "é" * 300, b"v")
+    assert s.stats("n")["keys"] == 0 and s.stats("n")["files"] == 0
+
+
 def test_an_acknowledged_write_survives_kill_9(tmp_path: Path) -> None:
     code = ("import sys; from pathlib import Path; from aiosd.storage.store import Store; "
             "s = Store(Path(sys.argv[1]), 1 << 20, 1 << 20, 3); s.put('a', 'k', 'kept'); "
