@@ -36,6 +36,14 @@ ITEM_OVERHEAD = 128
 MAX_TEXT = 1024 * 1024
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Metadata equality for filters: a boolean matches only a boolean
+    (Python's True == 1 would match the number 1)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    return a == b
+
+
 class BlockStore(Protocol):
     def put(self, ns: str, block_id: str, data: bytes) -> None: ...
     def get(self, ns: str, block_id: str) -> bytes: ...
@@ -175,6 +183,7 @@ class MemoryManager:
         item.handle = space.trie.insert(record["text"])
         self._resident += 1
         self.faults += 1
+        self._touch(ns, item)   # resident again: the replacer must know it, whatever comes next
         return record["text"]
 
     def _view(self, ns: str, space: Space, item: Item, **extra: Any) -> dict[str, Any]:
@@ -202,8 +211,8 @@ class MemoryManager:
 
     def update(self, ns: str, item_id: Any, text: Any = None, metadata: Any = None) -> dict[str, Any]:
         space, item = self._item(ns, item_id)
-        new_text = self._text(text) if text is not None else self._text_of(ns, space, item)
         new_meta = self._metadata(metadata) if metadata is not None else item.metadata
+        new_text = self._text(text) if text is not None else self._text_of(ns, space, item)
         updated = Item(item.id, new_meta, item.created, self.clock(), len(new_text.encode()),
                        item.handle)
         self._persist(ns, updated, new_text)
@@ -230,13 +239,18 @@ class MemoryManager:
 
     @staticmethod
     def _matches(item: Item, filters: dict[str, Any] | None) -> bool:
-        return not filters or all(item.metadata.get(k) == v for k, v in filters.items())
+        return not filters or all(k in item.metadata and _same(item.metadata[k], v)
+                                  for k, v in filters.items())
 
     def _filters(self, filters: Any) -> dict[str, Any] | None:
         if filters is None:
             return None
         if not isinstance(filters, dict):
             raise InvalidArgument("memory: 'filters' must be a map of metadata values")
+        for key, value in filters.items():
+            if not isinstance(value, (str, int, float, bool)):
+                raise InvalidArgument(f"memory: filters.{key} must be a string, a number or a "
+                                      "boolean, as metadata values are")
         return filters
 
     def list(self, ns: str, filters: Any = None, limit: Any = None, offset: Any = None) -> list[dict[str, Any]]:

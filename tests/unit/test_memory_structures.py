@@ -125,6 +125,39 @@ def test_search_list_update_delete_and_errors() -> None:
     assert m.list("nobody") == [] and m.search("nobody", "x") == []
 
 
+def test_filters_match_like_types_and_only_present_keys() -> None:
+    m = manager(FakeStore(), budget=1 << 20)
+    flag = m.add("x", "a flag", {"f": True})["id"]
+    one = m.add("x", "a one", {"f": 1})["id"]
+    m.add("x", "no f at all")
+    assert [i["id"] for i in m.list("x", {"f": True})] == [flag]
+    assert [i["id"] for i in m.list("x", {"f": 1.0})] == [one]
+    with pytest.raises(InvalidArgument, match="filters.f"):
+        m.list("x", {"f": [1]})
+
+
+def test_an_update_that_fails_leaves_nothing_in_ram_untracked() -> None:
+    store = FakeStore()
+    m = manager(store, budget=2048)
+    ids = [m.add("x", f"note {i} " + "word " * 60)["id"] for i in range(40)]
+    assert m.evictions > 0
+    evicted = next(i for i in ids if m._space("x").items[i].handle is None)
+    with pytest.raises(InvalidArgument):   # bad metadata: refused before the text is read
+        m.update("x", evicted, metadata={"bad": [1]})
+    assert m._space("x").items[evicted].handle is None
+
+    def failing_put(ns: str, block_id: str, data: bytes) -> None:
+        raise OSError("storage is gone")
+
+    store.put = failing_put
+    with pytest.raises(OSError):
+        m.update("x", evicted, metadata={"ok": 1})   # the text is read in, the write fails
+    del store.put
+    for i in ids:   # the budget holds: what was read in can be evicted again
+        m.get("x", i)
+        assert m.usage <= m.budget
+
+
 def test_prefix_compression_and_a_restart_from_the_store() -> None:
     store = FakeStore()
     m = manager(store, budget=1 << 20)
