@@ -361,7 +361,20 @@ class Store:
         if not isinstance(data, bytes):
             raise InvalidArgument("block.put: 'data' must be bytes")
         key = ns.encode() + SEP + block_id.encode()
-        self._write(lambda txn: txn.put(key, data, db=self.blocks))
+
+        def txn_fn(txn: lmdb.Transaction) -> None:
+            # a memory item counts against its agent's quota, as its keys and files do
+            old = txn.get(key, db=self.blocks)
+            delta = len(data) - (len(old) if old is not None else 0)
+            used = self._used(txn, ns)
+            if delta > 0 and used + delta > self.quota_bytes:
+                raise QuotaExceeded(
+                    f"storage: {ns} would hold {used + delta} bytes with this memory item; its "
+                    f"quota is {self.quota_bytes} (storage.quota_bytes)")
+            txn.put(key, data, db=self.blocks)
+            self._add_usage(txn, ns, delta)
+
+        self._write(txn_fn)
         return {}
 
     def block_get(self, ns: str, block_id: Any) -> dict[str, Any]:
@@ -373,7 +386,15 @@ class Store:
 
     def block_delete(self, ns: str, block_id: Any) -> dict[str, Any]:
         block_id = _text(block_id, "block_id", 128)
-        self._write(lambda txn: txn.delete(ns.encode() + SEP + block_id.encode(), db=self.blocks))
+        key = ns.encode() + SEP + block_id.encode()
+
+        def txn_fn(txn: lmdb.Transaction) -> None:
+            old = txn.get(key, db=self.blocks)
+            if old is not None:
+                txn.delete(key, db=self.blocks)
+                self._add_usage(txn, ns, -len(old))
+
+        self._write(txn_fn)
         return {}
 
     def block_scan(self, after: Any = None, limit: Any = 1000) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def test_blocks_and_audit(tmp_path: Path) -> None:
 def test_a_page_of_blocks_stays_under_the_message_limit(tmp_path: Path) -> None:
     from aiosd.storage.store import SCAN_PAGE_BYTES
 
-    s = store(tmp_path, map_size=1 << 26)
+    s = store(tmp_path, map_size=1 << 26, quota=1 << 26)
     big = SCAN_PAGE_BYTES // 2 + 1
     for i in range(3):
         s.block_put("n", f"b{i}", bytes(big))
@@ -136,6 +136,23 @@ def test_a_page_of_blocks_stays_under_the_message_limit(tmp_path: Path) -> None:
         if after is None:
             break
     assert pages == [["b0"], ["b1"], ["b2", "b3"]]   # every block, none twice
+
+
+def test_memory_items_count_against_the_quota(tmp_path: Path) -> None:
+    s = store(tmp_path, quota=1000)
+    s.put("n", "k", b"x" * 400)
+    used = s.stats("n")["bytes"]
+    s.block_put("n", "b1", b"y" * 300)
+    assert s.stats("n")["bytes"] == used + 300
+    with pytest.raises(QuotaExceeded, match="memory item"):
+        s.block_put("n", "b2", b"z" * 600)
+    s.block_put("n", "b1", b"y" * 100)          # smaller in place: charged the difference
+    assert s.stats("n")["bytes"] == used + 100
+    s.block_delete("n", "b1")
+    s.block_delete("n", "b1")                   # gone already: nothing to give back
+    assert s.stats("n")["bytes"] == used
+    with pytest.raises(NotFound):
+        s.block_get("n", "b2")                  # the refused write left nothing
 
 
 def test_a_name_too_long_for_the_store_is_refused_by_name(tmp_path: Path) -> None:
