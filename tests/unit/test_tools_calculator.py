@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 
@@ -78,6 +77,7 @@ def test_whole_floats_become_integers_and_constants() -> None:
     ("sqrt(x=4)", "not allowed"),
     ("sqrt()", "argument"),
     ("1 + 1" * 300, "longer than"),
+    ("round(5, -10 ** 9)", "at most 4000 digits"),
 ])
 def test_refusals_are_invalid_arguments(expression: str, message: str) -> None:
     with pytest.raises(InvalidArgument) as info:
@@ -86,12 +86,12 @@ def test_refusals_are_invalid_arguments(expression: str, message: str) -> None:
     assert message in info.value.message
 
 
-def test_big_powers_are_refused_quickly() -> None:
-    start = time.monotonic()
-    for expr in ("9 ** 9 ** 9", "99 ** 99 ** 99", "2 ** 2 ** 2 ** 2 ** 2 ** 2"):
+@pytest.mark.timeout(60)   # computed rather than refused, these would take hours
+def test_big_powers_are_refused_before_they_are_computed() -> None:
+    for expr in ("9 ** 9 ** 9", "99 ** 99 ** 99", "2 ** 2 ** 2 ** 2 ** 2 ** 2",
+                 "round(5, -10 ** 8)"):
         with pytest.raises(InvalidArgument):
             evaluate(expr)
-    assert time.monotonic() - start < 1.0
     # cheap even when the exponent is huge, as long as the result is small
     assert evaluate("1 ** 1000000000") == 1 and evaluate("(-1) ** 1000001") == -1
     assert evaluate("0 ** 1000000000") == 0
