@@ -116,6 +116,14 @@ libc.syscall.restype = ctypes.c_long
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                        ctypes.c_ulong]
 
+# -- dies with the tool worker -------------------------------------------------
+# It runs in a session of its own, out of reach of a kill of the worker's
+# group: if the worker dies, nothing else would end it.
+if libc.prctl(1, 9, 0, 0, 0) != 0:                           # PR_SET_PDEATHSIG, SIGKILL
+    fail("cannot set the parent-death signal")
+if os.getppid() != cfg["parent"]:                            # the worker died already
+    os._exit(125)
+
 # -- no new privileges, no capabilities ---------------------------------------
 if libc.prctl(38, 1, 0, 0, 0) != 0:                          # PR_SET_NO_NEW_PRIVS
     fail("cannot set no_new_privs")
@@ -190,6 +198,19 @@ if cfg["seccomp"]:
         prog += [(0x15, 0, 1, nr), (0x06, 0, 0, DENY)]
     for nr in cfg["enosys"]:                                 # clone3: libc falls back to clone
         prog += [(0x15, 0, 1, nr), (0x06, 0, 0, 0x00050000 | 38)]
+    me = os.getpid()                                         # no fork: it stays the same
+    for nr in cfg["self_only"]:                              # kill(pid, ..), prlimit64(pid, ..):
+        prog += [(0x15, 0, 5, nr),                           #   if A == nr:
+                 (0x20, 0, 0, 16),                           #     A = low word of arg 0
+                 (0x15, 2, 0, 0),                            #     0: itself (its group): allow
+                 (0x15, 1, 0, me),                           #     its own pid: allow
+                 (0x06, 0, 0, DENY),                         #     anyone else: deny
+                 (0x06, 0, 0, ALLOW)]
+    prog += [(0x15, 0, 3, cfg["prctl"]),                     # prctl(PR_SET_PDEATHSIG, ..):
+             (0x20, 0, 0, 16),                               #   the death signal set above
+             (0x15, 0, 1, 1),                                #   stays
+             (0x06, 0, 0, DENY),
+             (0x20, 0, 0, 0)]                                # A = syscall number again
     prog += [(0x15, 0, 3, cfg["clone"]),                     # clone(flags, ...):
              (0x20, 0, 0, 16),                               #   A = low word of flags
              (0x45, 1, 0, 0x00010000),                       #   CLONE_THREAD: a thread, allow
@@ -235,6 +256,23 @@ _X86_64_DENY = {
     "perf_event_open": 298, "setns": 308, "process_vm_readv": 310,
     "process_vm_writev": 311, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425,
     "io_uring_enter": 426, "io_uring_register": 427, "fchmodat2": 452,
+    # another process's priority, I/O priority or memory; truncate by path
+    # (Landlock governs it only from ABI 3); signals through a pidfd
+    "setpriority": 141, "ioprio_set": 251, "migrate_pages": 256, "move_pages": 279,
+    "truncate": 76, "pidfd_send_signal": 424, "process_madvise": 440,
+}
+#: calls that name a process by their first argument: allowed on the
+#: sandbox itself only (Landlock scopes signals only from ABI 6, and never
+#: resource limits: prlimit64 could cut the daemon's own limits)
+_X86_64_SELF_ONLY = {
+    "kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
+    "prlimit64": 302, "pidfd_open": 434, "sched_setaffinity": 203, "sched_setparam": 142,
+    "sched_setscheduler": 144, "sched_setattr": 314,
+}
+_AARCH64_SELF_ONLY = {
+    "kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
+    "prlimit64": 261, "pidfd_open": 434, "sched_setaffinity": 122, "sched_setparam": 118,
+    "sched_setscheduler": 119, "sched_setattr": 274,
 }
 _AARCH64_DENY = {
     "socket": 198, "ptrace": 117, "fchmod": 52, "fchmodat": 53, "fchownat": 54,
@@ -244,14 +282,17 @@ _AARCH64_DENY = {
     "perf_event_open": 241, "setns": 268, "process_vm_readv": 270,
     "process_vm_writev": 271, "bpf": 280, "userfaultfd": 282, "io_uring_setup": 425,
     "io_uring_enter": 426, "io_uring_register": 427, "fchmodat2": 452,
+    "setpriority": 140, "ioprio_set": 30, "migrate_pages": 238, "move_pages": 239,
+    "truncate": 45, "pidfd_send_signal": 424, "process_madvise": 440,
 }
 #: per architecture: AUDIT_ARCH, the x32 syscall bit (0: none), the denied
-#: calls, the calls answered ENOSYS (clone3), and clone's number
+#: calls, the calls answered ENOSYS (clone3), clone's and prctl's numbers,
+#: and the calls allowed on the sandbox's own process only
 _SECCOMP = {
     "x86_64": {"arch": 0xC000003E, "x32_bit": 0x40000000, "deny": _X86_64_DENY,
-               "enosys": [435], "clone": 56},
+               "enosys": [435], "clone": 56, "prctl": 157, "self_only": _X86_64_SELF_ONLY},
     "aarch64": {"arch": 0xC00000B7, "x32_bit": 0, "deny": _AARCH64_DENY,
-                "enosys": [435], "clone": 220},
+                "enosys": [435], "clone": 220, "prctl": 167, "self_only": _AARCH64_SELF_ONLY},
 }
 
 
@@ -299,12 +340,14 @@ def _settings(scratch: str, status_fd: int, limits: SandboxConfig, seccomp: bool
         "cpu": int(limits.cpu_seconds), "mem": int(limits.memory_mb) * 1024 * 1024,
         "fsize": max(int(limits.output_bytes), SCRATCH_FILE_BYTES), "nofile": MAX_OPEN_FILES,
         "read": [*dirs, *READ_DIRS, *READ_FILES], "rw": list(RW_FILES), "seccomp": seccomp,
+        "parent": os.getpid(),
     }
     if seccomp:
         table = _SECCOMP[_machine()]
         cfg.update(arch=table["arch"], x32_bit=table["x32_bit"],
                    deny=sorted(table["deny"].values()), enosys=table["enosys"],
-                   clone=table["clone"])
+                   clone=table["clone"], prctl=table["prctl"],
+                   self_only=sorted(table["self_only"].values()))
     return cfg
 
 

@@ -187,6 +187,65 @@ def test_cannot_signal_outside() -> None:
 
 
 @confined
+@pytest.mark.parametrize("code", [
+    "import os; os.kill(-1, 0)",                                    # every process of the user
+    "import os, signal; os.kill(-os.getppid(), signal.SIGTERM)",    # the worker's group
+    "import os, resource; resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (3, 3))",
+    "import os; os.sched_setaffinity(os.getppid(), {0})",
+    "import os; os.setpriority(os.PRIO_USER, 0, 19)",
+    "import os; os.truncate('main.py', 0)",
+    "import ctypes; ctypes.CDLL(None, use_errno=True).prctl(1, 0, 0, 0, 0) == 0 or "
+    "(_ for _ in ()).throw(PermissionError('prctl'))",              # unset the death signal
+])
+def test_cannot_touch_other_processes(code: str) -> None:
+    assert denied(run(code)), code
+
+
+@confined
+def test_it_can_still_signal_and_limit_itself() -> None:
+    r = run("import os, signal, resource, threading\n"
+            "signal.signal(signal.SIGUSR1, lambda *a: print('got it'))\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)\n"
+            "resource.prlimit(0, resource.RLIMIT_NOFILE, (20, 20))\n"
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE))")
+    assert r["exit_code"] == 0, r["stderr"]
+    assert r["stdout"].splitlines() == ["got it", "got it", "(20, 20)"]
+
+
+@confined
+def test_the_sandbox_dies_with_the_tool_worker(tmp_path: Path) -> None:
+    """A worker SIGKILLed while its sandbox runs (the sandbox has a session
+    of its own, out of reach of a kill of the worker's group): the
+    sandbox goes too."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    worker = subprocess.Popen([sys.executable, "-c",
+                               "from aiosd.config import SandboxConfig\n"
+                               "from aiosd.tools.sandbox import run_python\n"
+                               "run_python('import time\\ntime.sleep(60)', SandboxConfig("
+                               "cpu_seconds=5, memory_mb=256, wall_seconds=60.0, "
+                               "output_bytes=2048))"])
+    try:
+        deadline = time.monotonic() + 30
+        children: list = []
+        while not children and time.monotonic() < deadline:
+            children = psutil.Process(worker.pid).children()
+            time.sleep(0.05)
+        assert children, "the sandbox did not start"
+        box = children[0]
+        time.sleep(1.0)   # confined and running the code by now
+        worker.kill()
+        worker.wait()
+        box.wait(timeout=30)   # psutil.TimeoutExpired if it outlived its worker
+    finally:
+        worker.kill()
+
+
+@confined
 def test_no_sockets_at_all() -> None:
     for code in ("import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)",
                  "import socket; socket.socket(socket.AF_UNIX).connect('/run/aios/kernel.sock')",
