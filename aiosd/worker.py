@@ -131,7 +131,7 @@ class WorkerRuntime:
         except errors.AIOSError as exc:
             return protocol.error(task.call_id, exc.code, exc.message, exc.retriable,
                                   details=exc.details)
-        except Exception as exc:  # a handler bug must not take the worker down
+        except BaseException as exc:  # a handler bug (even a SystemExit) must not take the worker down
             log.exception("%s %s failed", self.name, task.type.value)
             return protocol.error(
                 task.call_id, ErrorCode.INTERNAL, f"{self.name}: {type(exc).__name__}: {exc}"

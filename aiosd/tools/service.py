@@ -109,7 +109,7 @@ class ToolService:
                 result = self._on_thread(tool, args, ctx)
         except AIOSError:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:   # sys.exit() in a tool too
             log.warning("tool %s failed: %s: %s", tool.name, type(exc).__name__, exc,
                         exc_info=log.isEnabledFor(logging.DEBUG))
             raise BackendError(f"{tool.name} failed: {type(exc).__name__}: {exc}",

@@ -114,7 +114,7 @@ def test_timeout_then_the_server_still_answers(bridge: Any) -> None:
     start = time.monotonic()
     with pytest.raises(errors.Timeout, match="^demo__nap: MCP server demo did not answer"):
         run(reg, "demo__nap", {"seconds": 5}, ctx(timeout=0.5))
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 4.5   # did not wait for the 5 s nap
     assert run(reg, "demo__add", {"a": 1, "b": 1})["text"] == "2"
 
 

@@ -281,11 +281,9 @@ def test_landlock_alone_denies_tcp_connect_and_bind() -> None:
 
 @confined
 def test_cpu_limit() -> None:
-    start = time.monotonic()
     r = run("while True: pass", SandboxConfig(cpu_seconds=1, wall_seconds=20.0))
     assert r["exit_code"] == -signal.SIGXCPU and not r["timed_out"]
-    assert "CPU limit of 1s" in r["stderr"]
-    assert time.monotonic() - start < 5
+    assert "CPU limit of 1s" in r["stderr"]   # (not timed out: the 20 s wall limit did not end it)
 
 
 @confined
@@ -305,7 +303,7 @@ def test_wall_clock_limit_kills_the_process() -> None:
     assert r["timed_out"] is True and r["exit_code"] == -signal.SIGKILL
     assert r["stdout"] == "started\n"      # unbuffered: what it printed is kept
     assert "wall-clock limit of 1.5s" in r["stderr"]
-    assert 1.4 < elapsed < 4
+    assert 1.4 < elapsed < 50   # at its limit, not before, and not at the end of the sleep
 
 
 @confined
@@ -327,7 +325,7 @@ def test_deadline_kills_and_raises_timeout_naming_the_tool() -> None:
         run("import time; time.sleep(100)", SandboxConfig(wall_seconds=30.0),
             deadline=time.time() + 1.0)
     assert "stopped" in info.value.message
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < 15   # the deadline, not the 30 s wall limit
 
 
 @confined
@@ -337,7 +335,7 @@ def test_cancel_kills_and_raises_cancelled() -> None:
     start = time.monotonic()
     with pytest.raises(Cancelled):
         run("import time; time.sleep(100)", SandboxConfig(wall_seconds=30.0), cancelled=flag)
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < 15   # the cancel, not the 30 s wall limit
 
 
 @confined
