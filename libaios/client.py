@@ -159,6 +159,16 @@ class Client:
                 "operator": self.operator}
         self.identity = self._roundtrip(MsgType.HELLO, body, min(self.timeout, 10.0))
 
+    def _current(self) -> None:
+        """Connect, or connect again if the kernel was replaced since (a
+        restarted scheduler binds a new socket file): a new connection
+        says hello to the new kernel, and the calls that follow are not
+        taken for calls of the old one."""
+        if (self._sock is not None and self._inode is not None
+                and self._socket_inode() != self._inode):
+            self.close()
+        self.connect()
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close(0)
@@ -220,13 +230,14 @@ class Client:
     ) -> dict[str, Any]:
         """Make one system call and return its final reply's body."""
         timeout = self.timeout if timeout is None else timeout
-        self.connect()
+        self._current()
         try:
             return self._roundtrip(mtype, body or {}, timeout)
         except errors.Unauthenticated:
-            # The kernel restarted and forgot this connection: introduce
-            # ourselves again and retry once.
-            self._hello()
+            # The kernel restarted and forgot this connection: connect to
+            # it afresh, introduce ourselves again and retry once.
+            self.close()
+            self.connect()
             return self._roundtrip(mtype, body or {}, timeout)
 
     def stream(
@@ -234,7 +245,7 @@ class Client:
     ) -> Stream:
         """Make a call whose answer streams; iterate the returned :class:`Stream`."""
         timeout = self.timeout if timeout is None else timeout
-        self.connect()
+        self._current()
         msg = protocol.call(mtype, body or {}, timeout)
         return Stream(self._replies(msg, timeout))
 

@@ -207,8 +207,12 @@ def test_scheduler_killed_is_restarted_and_clients_carry_on(make_daemon) -> None
         assert c.null()["core"] == "core0"
         os.kill(sched["pid"], signal.SIGKILL)
         d.wait_for(lambda s: s["ready"] and s["pid"] != sched["pid"], what="a new scheduler")
-        # the same client introduces itself again transparently
+        # the same client introduces itself again transparently, for calls
+        # long enough to watch the kernel while they wait, and for streams
         assert c.chat("Say hi.", max_tokens=4).usage["completion_tokens"] > 0
+        long = c.chat("Tell a long story.", max_tokens=800, min_tokens=800)   # seconds
+        assert long.usage["completion_tokens"] == 800
+        assert "".join(c.chat("Say hi.", max_tokens=8, stream=True))
     procs = {p["name"]: p for p in d.status()["procs"]}
     assert procs["scheduler"]["restarts"] == 1
     assert procs["core0"]["restarts"] == 0  # the core re-registered; it was not restarted
