@@ -13,15 +13,14 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
 from . import errors, protocol
-from .client import DEFAULT_TIMEOUT, ChatResult, chat_body, no_reply, resolve
-from .protocol import MsgType
+from .client import DEFAULT_TIMEOUT, ChatResult, chat_body, kernel_socket_id, no_reply, resolve
+from .protocol import ErrorCode, MsgType
 
 
 class AsyncClient:
@@ -47,20 +46,21 @@ class AsyncClient:
         # call id -> where its replies go: a queue for a stream, a future
         # for a call that only wants its final reply
         self._waiting: dict[str, asyncio.Queue[protocol.Message] | asyncio.Future[protocol.Message]] = {}
+        #: the kernel socket file's inode at connect: a restarted kernel binds a new one
+        self._inode: tuple[int, int] | None = None
+        self._watch: asyncio.Task | None = None
 
     async def connect(self) -> AsyncClient:
         if self._sock is not None:
             return self
-        if self.endpoint.startswith("ipc://") and not Path(self.endpoint[6:]).exists():
-            raise errors.NotRunning(
-                f"aiosd is not running: no kernel socket at {self.endpoint[6:]} "
-                "(start it with `aiosctl start`, or set AIOS_RUNTIME_DIR)"
-            )
+        self._inode = kernel_socket_id(self.endpoint)   # NotRunning if there is no kernel socket
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         self._sock = sock
         self._reader = asyncio.create_task(self._read())
+        if self._inode is not None:
+            self._watch = asyncio.create_task(self._watch_kernel())
         try:
             body = {"name": self.name, "pid": os.getpid(), "token": self.token,
                     "operator": self.operator}
@@ -71,16 +71,56 @@ class AsyncClient:
         return self
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._reader = None
+        for task in (self._reader, self._watch):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._reader = self._watch = None
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
+        # calls still out on this connection will never be answered on it
+        self._fail_waiting(ErrorCode.CANCELLED, "the client was closed while this call was out")
+
+    def _fail_waiting(self, code: ErrorCode, message: str) -> None:
+        for call_id, waiter in list(self._waiting.items()):
+            rep = protocol.error(call_id, code, message, retriable=True)
+            if isinstance(waiter, asyncio.Queue):
+                waiter.put_nowait(rep)
+            elif not waiter.done():
+                waiter.set_result(rep)
+
+    def _kernel_replaced(self) -> bool:
+        try:
+            return self._inode is not None and kernel_socket_id(self.endpoint) != self._inode
+        except errors.NotRunning:
+            return True
+
+    async def _watch_kernel(self) -> None:
+        """Calls out when the kernel goes or is replaced can never be
+        answered: they fail at once (retriable) rather than at their deadline."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self._waiting and self._kernel_replaced():
+                self._fail_waiting(ErrorCode.WORKER_LOST,
+                                   "aiosd restarted while this call was in flight; retry it")
+                return   # the next call connects afresh
+
+    async def _reconnect(self) -> None:
+        self._fail_waiting(ErrorCode.WORKER_LOST,
+                           "aiosd restarted while this call was in flight; retry it")
+        await self.close()
+        await self.connect()
+
+    async def _current(self) -> None:
+        """Connect, or connect afresh if the kernel was replaced since."""
+        if self._sock is not None and self._kernel_replaced():
+            await self._reconnect()
+        if self._sock is None:
+            await self.connect()
 
     async def __aenter__(self) -> AsyncClient:
         return await self.connect()
@@ -118,8 +158,7 @@ class AsyncClient:
 
     async def _replies(self, msg: protocol.Message, timeout: float) -> AsyncIterator[protocol.Message]:
         """Send ``msg``; yield its partial replies, then its final reply."""
-        if self._sock is None:
-            await self.connect()
+        await self._current()
         assert self._sock is not None
         queue: asyncio.Queue[protocol.Message] = asyncio.Queue()
         self._waiting[msg.id] = queue
@@ -145,9 +184,18 @@ class AsyncClient:
         """Make one system call and return its final reply's body (partial
         replies, should the call stream, are passed over)."""
         timeout = self.timeout if timeout is None else timeout
+        if mtype is not MsgType.HELLO:
+            await self._current()
+            try:
+                return await self._call(mtype, body, timeout)
+            except errors.Unauthenticated:
+                # the kernel restarted and does not know this connection
+                await self._reconnect()
+        return await self._call(mtype, body, timeout)
+
+    async def _call(self, mtype: MsgType, body: dict[str, Any] | None,
+                    timeout: float) -> dict[str, Any]:
         msg = protocol.call(mtype, body or {}, timeout)
-        if self._sock is None:
-            await self.connect()
         assert self._sock is not None
         # One future per call, resolved by the reader (or failed by a timer
         # at the deadline): the cheapest wait asyncio has, which matters to

@@ -87,6 +87,24 @@ class Stream:
         self.result = yield from self._parts
 
 
+def kernel_socket_id(endpoint: str) -> tuple[int, int] | None:
+    """The identity of the kernel's ipc socket file: its inode and the time
+    it was made (a restarted kernel makes a new file, and a file system may
+    give it the old one's inode number). None for other transports;
+    NotRunning if there is no socket file."""
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = Path(endpoint[len("ipc://"):])
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise errors.NotRunning(
+            f"aiosd is not running: no kernel socket at {path} "
+            "(start it with `aiosctl start`, or set AIOS_RUNTIME_DIR)"
+        ) from None
+    return st.st_ino, st.st_ctime_ns
+
+
 class Client:
     """A connection to ``aiosd``.
 
@@ -111,7 +129,7 @@ class Client:
         self.identity: dict[str, Any] = {}
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
-        self._inode: int | None = None
+        self._inode: tuple[int, int] | None = None
         #: memory, storage and tool system calls: ``client.memory.add(...)``
         self.memory = Memory(self.call)
         self.storage = Storage(self.call)
@@ -119,18 +137,9 @@ class Client:
 
     # -- connection ------------------------------------------------------
 
-    def _socket_inode(self) -> int | None:
-        """The inode of the kernel's ipc socket file; None for other transports."""
-        if not self.endpoint.startswith("ipc://"):
-            return None
-        path = Path(self.endpoint[len("ipc://"):])
-        try:
-            return path.stat().st_ino
-        except FileNotFoundError:
-            raise errors.NotRunning(
-                f"aiosd is not running: no kernel socket at {path} "
-                "(start it with `aiosctl start`, or set AIOS_RUNTIME_DIR)"
-            ) from None
+    def _socket_inode(self) -> tuple[int, int] | None:
+        """Which kernel socket file is there now (see :func:`kernel_socket_id`)."""
+        return kernel_socket_id(self.endpoint)
 
     def _check_kernel(self) -> None:
         """Raise if the kernel this client talked to is gone or was replaced:

@@ -216,3 +216,31 @@ def test_scheduler_killed_is_restarted_and_clients_carry_on(make_daemon) -> None
     procs = {p["name"]: p for p in d.status()["procs"]}
     assert procs["scheduler"]["restarts"] == 1
     assert procs["core0"]["restarts"] == 0  # the core re-registered; it was not restarted
+
+
+def test_async_clients_carry_on_after_the_scheduler_restarts(make_daemon) -> None:
+    """A call out when the scheduler dies fails at once as retriable (not
+    at its deadline), and the same client's next calls reach the new one."""
+    import asyncio
+
+    from libaios import aio
+
+    d: Daemon = make_daemon()
+    sched = next(p for p in d.status()["procs"] if p["name"] == "scheduler")
+
+    async def main() -> None:
+        async with aio.connect(d.endpoint, name="async", timeout=300) as aios:
+            assert (await aios.null())["core"] == "core0"
+            out = asyncio.ensure_future(aios.chat("Tell a long story.", **LONG))
+            await asyncio.sleep(0.5)
+            os.kill(sched["pid"], signal.SIGKILL)
+            with pytest.raises(errors.WorkerLost) as info:
+                await asyncio.wait_for(out, 120)   # its own deadline is 300 s
+            assert info.value.retriable
+            await asyncio.to_thread(d.wait_for, lambda s: s["ready"] and s["pid"] != sched["pid"],
+                                    what="a new scheduler")
+            reply = await aios.chat("Say hi.", max_tokens=4)
+            assert reply.usage["completion_tokens"] > 0
+            assert (await aios.null())["core"] == "core0"
+
+    asyncio.run(main())
