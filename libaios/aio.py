@@ -148,8 +148,15 @@ class AsyncClient:
         try:
             _, payload = protocol.split_envelope(frames)
             rep = protocol.decode(payload)
-        except protocol.ProtocolError:
-            return
+        except protocol.ProtocolError as exc:
+            # the call it answers, if that can be read, fails with the reason
+            # (as the sync client's would) rather than waiting for its deadline
+            call_id = protocol.peek_id(frames[frames.index(b"") + 1:] if b"" in frames else [],
+                                       "re")
+            if call_id is None or call_id not in self._waiting:
+                return
+            rep = protocol.error(call_id, ErrorCode.BAD_FRAME,
+                                 f"undecodable reply from aiosd: {exc.message}")
         waiter = self._waiting.get(rep.re or "")
         if isinstance(waiter, asyncio.Queue):
             waiter.put_nowait(rep)

@@ -304,17 +304,18 @@ def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     return frames[:delim], frames[delim + 1:]
 
 
-def peek_id(payload: list[bytes]) -> str | None:
-    """Best effort: the id of a message whose full decoding failed, so the
-    error reply can still be matched by the caller."""
+def peek_id(payload: list[bytes], field: str = "id") -> str | None:
+    """Best effort: the id of a message whose full decoding failed (or,
+    with ``field="re"``, of the call it answers), so that the error can
+    still be matched to its call."""
     if not payload or len(payload[0]) > MAX_HEADER_BYTES:
         return None
     try:
         head = msgpack.unpackb(payload[0], raw=False, ext_hook=_refuse_ext)
     except Exception:  # anything undecodable simply has no id to answer
         return None
-    if isinstance(head, dict) and isinstance(head.get("id"), str) and len(head["id"]) <= 64:
-        return head["id"]
+    if isinstance(head, dict) and isinstance(head.get(field), str) and len(head[field]) <= 64:
+        return head[field]
     return None
 
 
