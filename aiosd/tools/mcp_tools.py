@@ -279,6 +279,7 @@ class McpBridge:
             try:
                 result = self._submit(self._call(server, tool, args), timeout, ctx.cancelled)
             except FutureTimeout:
+                self._recheck(server)
                 raise Timeout(f"{public}: MCP server {server.config.name} did not answer "
                               f"in time ({timeout:.3g}s)") from None
             except Cancelled:
@@ -286,6 +287,21 @@ class McpBridge:
             return plain_result(public, result)
 
         return call
+
+    def _recheck(self, server: _Server) -> None:
+        """After a call timed out: a server that does not answer a ping
+        either is hung, and is started again on the next call (else every
+        call would time out for as long as it hangs)."""
+        async def recheck() -> None:
+            if server.session is not None and not await self._alive(server):
+                log.warning("MCP server %s does not answer: it will be started again on the "
+                            "next call", server.config.name)
+                server.session = None
+                if server.stop is not None:
+                    server.stop.set()
+
+        if not self._closed:
+            asyncio.run_coroutine_threadsafe(recheck(), self.loop)
 
     def close(self) -> None:
         """Stop every server and the event loop."""

@@ -35,5 +35,12 @@ def nap(seconds: float) -> str:
     return "rested"
 
 
+@server.tool()
+async def freeze(seconds: float) -> str:
+    """Hang the whole server (its event loop), then answer (for a hung server)."""
+    time.sleep(seconds)
+    return "thawed"
+
+
 if __name__ == "__main__":
     server.run("stdio")
