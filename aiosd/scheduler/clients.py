@@ -243,7 +243,7 @@ class ClientCalls:
                 f"{len(queue)} calls already wait for {resource}; try again later"
             )
         if not self._can_ever_serve(resource):
-            raise errors.Unavailable(f"no {resource} worker can run: see `aiosctl status`")
+            raise self._unservable(resource)
         now = time.time()
         deadline = msg.deadline if msg.deadline is not None else now + self.config.kernel.call_timeout
         deadline = min(deadline, now + MAX_DEADLINE)

@@ -119,17 +119,22 @@ class Dispatch:
                     worker = self.workers[call.affinity]
                 self._start(call, worker)
 
-    def _start(self, call: Call, worker: Worker) -> None:
-        now = time.time()
+    def _occupy(self, call: Call, worker: Worker, now: float) -> None:
+        """``call`` runs on ``worker`` from ``now``, holding one of its slots
+        (and of its tool's); ``_release`` is the reverse."""
         call.wait_s += now - call.queued_at
         call.state = CallState.RUNNING
         call.worker = worker.name
-        call.attempts += 1
         call.dispatched = now
         worker.inflight[call.kid] = call
-        worker.last_dispatch = now
         if call.tool is not None:
             self.tool_running[call.tool] = self.tool_running.get(call.tool, 0) + 1
+
+    def _start(self, call: Call, worker: Worker) -> None:
+        now = time.time()
+        self._occupy(call, worker, now)
+        call.attempts += 1
+        worker.last_dispatch = now
         call.turn_tokens = 0
         call.suspending = False
         task = Message(MsgType.WORKER_TASK, protocol.new_id(), call.task_body(),

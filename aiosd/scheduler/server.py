@@ -292,9 +292,7 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
         now = time.time()
         for call in list(self.calls.values()):
             if call.state is not CallState.CANCELLING:
-                worker = self.workers.get(call.worker or "")
-                if worker is not None and worker.inflight.get(call.kid) is call:
-                    self._release(worker, call)   # a result that still comes is not a second reply
+                self._release_held(call)   # a result that still comes is not a second reply
                 self.fail(call, errors.ShuttingDown("aiosd is shutting down"), now)
         for worker in list(self.workers.values()):
             self.send_worker(worker, protocol.call(MsgType.WORKER_SHUTDOWN))

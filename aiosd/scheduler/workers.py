@@ -50,12 +50,10 @@ class WorkerMessages:
         call = self.calls.get(msg.re)
         if call is None or call.state is not CallState.RUNNING:
             return
-        name = wid.decode(errors="replace")
-        worker = self.workers.get(name)
-        if worker is not None and worker.inflight.get(call.kid) is call:
-            self._release(worker, call)
-        self.fail(call, errors.InternalError(
-            f"the kernel could not read the result of this call from worker {name}"), time.time())
+        self._release_held(call)
+        self.fail(call, errors.InternalError("the kernel could not read the result of this "
+                                             f"call from worker {wid.decode(errors='replace')}"),
+                  time.time())
 
     def on_worker_ready(self, wid: bytes, msg: Message) -> None:
         body = msg.body
@@ -101,13 +99,7 @@ class WorkerMessages:
             if (call is not None and call.state is CallState.QUEUED and call.attempts
                     and "resume" not in call.body and worker.free > 0
                     and call.resource == worker.kind and self.queues[call.resource].remove(call)):
-                call.wait_s += now - call.queued_at
-                call.state = CallState.RUNNING
-                call.worker = worker.name
-                call.dispatched = now
-                worker.inflight[kid] = call
-                if call.tool is not None:
-                    self.tool_running[call.tool] = self.tool_running.get(call.tool, 0) + 1
+                self._occupy(call, worker, now)
                 log.info("call %s still runs on %s: it stays there", kid, worker.name)
             else:
                 self.send_worker(worker, protocol.call(MsgType.WORKER_CANCEL, {"call": kid}))
@@ -120,8 +112,11 @@ class WorkerMessages:
                 continue
             for call in list(queue):
                 queue.remove(call)
-                self.fail(call, errors.Unavailable(
-                    f"no {resource} worker can run: see `aiosctl status`"), now)
+                self.fail(call, self._unservable(resource), now)
+
+    @staticmethod
+    def _unservable(resource: str) -> errors.Unavailable:
+        return errors.Unavailable(f"no {resource} worker can run: see `aiosctl status`")
 
     def on_worker_heartbeat(self, wid: bytes, msg: Message) -> None:
         worker = self.workers.get(wid.decode(errors="replace"))
@@ -204,6 +199,13 @@ class WorkerMessages:
         worker.inflight.pop(call.kid, None)
         if call.tool is not None and self.tool_running.get(call.tool):
             self.tool_running[call.tool] -= 1
+
+    def _release_held(self, call: Call) -> None:
+        """Release ``call``'s slot if its worker still counts it as running
+        (a result that still comes for it is then passed over)."""
+        worker = self.workers.get(call.worker or "")
+        if worker is not None and worker.inflight.get(call.kid) is call:
+            self._release(worker, call)
 
     def worker_lost(self, worker: Worker, why: str) -> None:
         """Forget ``worker``; run its calls again elsewhere, or fail them."""
