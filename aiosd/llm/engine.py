@@ -191,26 +191,21 @@ class Engine(Streams):
 
     def submit(self, req: Request) -> None:
         error = None
-        if self._stop:
-            error = RuntimeError("the LLM core is shutting down")
-        elif req.resume is None and not req.prompt:
+        if req.resume is None and not req.prompt:
             error = ValueError("the prompt is empty: there is nothing to continue from")
         elif req.resume is None and len(req.prompt) >= self.n_ctx:
             error = ValueError(f"the prompt is {len(req.prompt)} tokens; a sequence holds "
                                f"{self.n_ctx}")
-        if error is not None:
-            req.error = error
-            req.finish = Finish.ERROR
-            req.done.set()
-            return
         with self._lock:
-            if self._stop:   # closed since the check above: the loop is gone
-                req.error = RuntimeError("the LLM core is shutting down")
-                req.finish = Finish.ERROR
-                req.done.set()
+            if error is None and self._stop:   # closed: the loop is gone
+                error = RuntimeError("the LLM core is shutting down")
+            if error is None:
+                self.waiting.append(req)
+                self._lock.notify()
                 return
-            self.waiting.append(req)
-            self._lock.notify()
+        req.error = error
+        req.finish = Finish.ERROR
+        req.done.set()
 
     def run(self, req: Request) -> Request:
         """Submit ``req`` and wait until it finishes (or is suspended)."""

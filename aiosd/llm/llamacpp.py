@@ -151,13 +151,12 @@ class LlamaCppBackend:
 
         from .engine import grammar_sampler
 
-        try:
+        try:  # the converter raises plain exceptions
             grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-        except Exception as exc:  # the converter raises plain exceptions
-            raise InvalidArgument(f"llm.chat: the schema cannot be turned into a grammar: {exc}") from None
-        try:   # refused here, with a clear error, rather than at admission
+            # one llama.cpp cannot parse is refused here, with a clear error,
+            # rather than at admission
             llama_cpp.llama_sampler_free(grammar_sampler(self.engine.model, grammar))
-        except ValueError as exc:
+        except Exception as exc:
             raise InvalidArgument(f"llm.chat: the schema cannot be turned into a grammar: {exc}") from None
         return grammar
 

@@ -49,6 +49,11 @@ def _from_u64(b: bytes) -> int:
     return struct.unpack(">Q", b)[0]
 
 
+def _block_key(ns: str, block_id: str) -> bytes:
+    """A memory block's key: its namespace, then its id."""
+    return ns.encode() + SEP + block_id.encode()
+
+
 def _text(value: Any, what: str, limit: int = MAX_NAME, empty: bool = False) -> str:
     if not isinstance(value, str) or (not value and not empty) or len(value) > limit or "\x00" in value:
         raise InvalidArgument(f"{what} must be a string of {'0' if empty else '1'}-{limit} "
@@ -172,6 +177,13 @@ class Store:
         raw = txn.get(ns.encode(), db=self.usage)
         return _from_u64(raw) if raw else 0
 
+    def _check_quota(self, txn: lmdb.Transaction, ns: str, delta: int, what: str = "") -> None:
+        """Raise if ``ns`` would hold more than its quota with ``delta`` bytes more."""
+        used = self._used(txn, ns)
+        if used + delta > self.quota_bytes:
+            raise QuotaExceeded(f"storage: {ns} would hold {used + delta} bytes{what}; its quota "
+                                f"is {self.quota_bytes} (storage.quota_bytes)")
+
     def _add_usage(self, txn: lmdb.Transaction, ns: str, delta: int) -> None:
         txn.put(ns.encode(), _u64(max(0, self._used(txn, ns) + delta)), db=self.usage)
 
@@ -201,12 +213,7 @@ class Store:
             versions = self._versions(txn, nk)
             dropped = versions[: max(0, len(versions) + 1 - self.max_versions)]
             freed = sum(rec["n"] for _, rec in dropped)
-            used = self._used(txn, ns)
-            if used - freed + size > self.quota_bytes:
-                raise QuotaExceeded(
-                    f"storage: {ns} would hold {used - freed + size} bytes; its quota is "
-                    f"{self.quota_bytes} (storage.quota_bytes)"
-                )
+            self._check_quota(txn, ns, size - freed)
             for version, _ in dropped:
                 txn.delete(nk + SEP + _u64(version), db=self.objects)
             version = head + 1
@@ -360,17 +367,14 @@ class Store:
         block_id = _text(block_id, "block_id", 128)
         if not isinstance(data, bytes):
             raise InvalidArgument("block.put: 'data' must be bytes")
-        key = ns.encode() + SEP + block_id.encode()
+        key = _block_key(ns, block_id)
 
         def txn_fn(txn: lmdb.Transaction) -> None:
             # a memory item counts against its agent's quota, as its keys and files do
             old = txn.get(key, db=self.blocks)
             delta = len(data) - (len(old) if old is not None else 0)
-            used = self._used(txn, ns)
-            if delta > 0 and used + delta > self.quota_bytes:
-                raise QuotaExceeded(
-                    f"storage: {ns} would hold {used + delta} bytes with this memory item; its "
-                    f"quota is {self.quota_bytes} (storage.quota_bytes)")
+            if delta > 0:
+                self._check_quota(txn, ns, delta, " with this memory item")
             txn.put(key, data, db=self.blocks)
             self._add_usage(txn, ns, delta)
 
@@ -379,14 +383,14 @@ class Store:
 
     def block_get(self, ns: str, block_id: Any) -> dict[str, Any]:
         block_id = _text(block_id, "block_id", 128)
-        data = self._read(lambda txn: txn.get(ns.encode() + SEP + block_id.encode(), db=self.blocks))
+        data = self._read(lambda txn: txn.get(_block_key(ns, block_id), db=self.blocks))
         if data is None:
             raise NotFound(f"block.get: no block {block_id!r} of {ns}")
         return {"data": bytes(data)}
 
     def block_delete(self, ns: str, block_id: Any) -> dict[str, Any]:
         block_id = _text(block_id, "block_id", 128)
-        key = ns.encode() + SEP + block_id.encode()
+        key = _block_key(ns, block_id)
 
         def txn_fn(txn: lmdb.Transaction) -> None:
             old = txn.get(key, db=self.blocks)

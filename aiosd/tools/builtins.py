@@ -29,16 +29,17 @@ _BINARY: dict[type, Callable[[Any, Any], Any]] = {
     ast.Pow: operator.pow,
 }
 _UNARY: dict[type, Callable[[Any], Any]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+#: round()'s digits, either way (beyond, a float is unchanged or 0 anyway)
+MAX_ROUND_DIGITS = 4000
+
+
 def _round(value: Any, ndigits: Any = None) -> Any:
     # round(5, -10**9) would work out 10**(10**9) first: hours, holding the worker
-    if ndigits is not None and isinstance(ndigits, int) and abs(ndigits) > MAX_ROUND_DIGITS:
+    if isinstance(ndigits, int) and abs(ndigits) > MAX_ROUND_DIGITS:
         raise InvalidArgument(f"calculator: round takes at most {MAX_ROUND_DIGITS} digits, "
                               f"not {ndigits}")
     return round(value, ndigits)
 
-
-#: round()'s digits, either way (beyond, a float is unchanged or 0 anyway)
-MAX_ROUND_DIGITS = 4000
 
 _FUNCS: dict[str, Callable[..., Any]] = {
     "sqrt": math.sqrt, "exp": math.exp, "log": math.log, "log2": math.log2,

@@ -231,9 +231,7 @@ class McpBridge:
             # An error from a live server is the tool's; from a dead one
             # (the SDK says "Connection closed") it is the server's.
             if not await self._alive(server):
-                server.session = None
-                if server.stop is not None:
-                    server.stop.set()
+                self._drop_session(server)
                 raise Unavailable(f"MCP server {server.config.name} went away during the "
                                   f"call ({exc}); it will be started again on the next "
                                   "call") from None
@@ -288,6 +286,13 @@ class McpBridge:
 
         return call
 
+    @staticmethod
+    def _drop_session(server: _Server) -> None:
+        """Take ``server`` for gone: its next call starts it again."""
+        server.session = None
+        if server.stop is not None:
+            server.stop.set()
+
     def _recheck(self, server: _Server) -> None:
         """After a call timed out: a server that does not answer a ping
         either is hung, and is started again on the next call (else every
@@ -296,9 +301,7 @@ class McpBridge:
             if server.session is not None and not await self._alive(server):
                 log.warning("MCP server %s does not answer: it will be started again on the "
                             "next call", server.config.name)
-                server.session = None
-                if server.stop is not None:
-                    server.stop.set()
+                self._drop_session(server)
 
         if not self._closed:
             asyncio.run_coroutine_threadsafe(recheck(), self.loop)
