@@ -19,7 +19,8 @@ import zmq
 import zmq.asyncio
 
 from . import errors, protocol
-from .client import DEFAULT_TIMEOUT, ChatResult, chat_body, kernel_socket_id, no_reply, resolve
+from .client import (DEFAULT_TIMEOUT, RESTARTED, ChatResult, chat_body, kernel_socket_id,
+                     no_reply, resolve)
 from .protocol import ErrorCode, MsgType
 
 
@@ -105,13 +106,11 @@ class AsyncClient:
         while True:
             await asyncio.sleep(1.0)
             if self._waiting and self._kernel_replaced():
-                self._fail_waiting(ErrorCode.WORKER_LOST,
-                                   "aiosd restarted while this call was in flight; retry it")
+                self._fail_waiting(ErrorCode.WORKER_LOST, RESTARTED)
                 return   # the next call connects afresh
 
     async def _reconnect(self) -> None:
-        self._fail_waiting(ErrorCode.WORKER_LOST,
-                           "aiosd restarted while this call was in flight; retry it")
+        self._fail_waiting(ErrorCode.WORKER_LOST, RESTARTED)
         await self.close()
         await self.connect()
 
@@ -147,12 +146,14 @@ class AsyncClient:
     def _deliver(self, frames: list[bytes]) -> None:
         try:
             _, payload = protocol.split_envelope(frames)
+        except protocol.ProtocolError:
+            return
+        try:
             rep = protocol.decode(payload)
         except protocol.ProtocolError as exc:
             # the call it answers, if that can be read, fails with the reason
             # (as the sync client's would) rather than waiting for its deadline
-            call_id = protocol.peek_id(frames[frames.index(b"") + 1:] if b"" in frames else [],
-                                       "re")
+            call_id = protocol.peek_id(payload, "re")
             if call_id is None or call_id not in self._waiting:
                 return
             rep = protocol.error(call_id, ErrorCode.BAD_FRAME,

@@ -87,6 +87,10 @@ class Stream:
         self.result = yield from self._parts
 
 
+#: what a call in flight when the kernel went away fails with
+RESTARTED = "aiosd restarted while this call was in flight; retry it"
+
+
 def kernel_socket_id(endpoint: str) -> tuple[int, int] | None:
     """The identity of the kernel's ipc socket file: its inode and the time
     it was made (a restarted kernel makes a new file, and a file system may
@@ -137,21 +141,22 @@ class Client:
 
     # -- connection ------------------------------------------------------
 
-    def _socket_inode(self) -> tuple[int, int] | None:
-        """Which kernel socket file is there now (see :func:`kernel_socket_id`)."""
-        return kernel_socket_id(self.endpoint)
+    def _kernel_replaced(self) -> bool:
+        """Whether the kernel socket file is another than the one this
+        client connected to (NotRunning if there is none)."""
+        return self._inode is not None and kernel_socket_id(self.endpoint) != self._inode
 
     def _check_kernel(self) -> None:
         """Raise if the kernel this client talked to is gone or was replaced:
         a call in flight then can never be answered."""
-        if self._inode is not None and self._socket_inode() != self._inode:
-            raise errors.WorkerLost("aiosd restarted while this call was in flight; retry it")
+        if self._kernel_replaced():
+            raise errors.WorkerLost(RESTARTED)
 
     def connect(self) -> Client:
         """Open the socket and introduce this process to the kernel."""
         if self._sock is not None:
             return self
-        self._inode = self._socket_inode()
+        self._inode = kernel_socket_id(self.endpoint)
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
@@ -173,8 +178,7 @@ class Client:
         restarted scheduler binds a new socket file): a new connection
         says hello to the new kernel, and the calls that follow are not
         taken for calls of the old one."""
-        if (self._sock is not None and self._inode is not None
-                and self._socket_inode() != self._inode):
+        if self._sock is not None and self._kernel_replaced():
             self.close()
         self.connect()
 
