@@ -153,89 +153,84 @@ def test_token_bucket_throttles_and_refills() -> None:
     assert b.level <= 100.0
 
 
-def test_a_worker_result_the_scheduler_cannot_read_ends_its_call_not_the_kernel(tmp_path) -> None:
+def test_a_worker_result_the_scheduler_cannot_read_ends_its_call_not_the_kernel(sched) -> None:
     """Fault injection: a core's answers that break the scheduler's handling
     (a suspension without its snapshot, a usage that is not a map, a
     progress count that is not a number) cost the call, answered with an
     internal error, and the scheduler goes on."""
-    import os
     import time
 
-    from aiosd.config import load
     from aiosd.scheduler.calls import CallState
-    from aiosd.scheduler.peers import Worker
-    from aiosd.scheduler.server import Scheduler
-    from libaios import protocol
-    from libaios.protocol import ErrorCode
 
-    sched = Scheduler(load(None), tmp_path)
-    sent: list[tuple[bytes | None, protocol.Message]] = []
-    sched.send_client = lambda identity, msg: sent.append((identity, msg))
-    sched.send_worker = lambda worker, msg: True
-    try:
-        now = time.time()
-        worker = Worker(name="core0", kind="llm", capacity=4, pid=os.getpid(), types=frozenset(),
-                        info={}, last_seen=now, registered=now)
-        sched.workers["core0"] = worker
-        for n, (mtype, body) in enumerate([
-            (MsgType.REPLY, {"finish_reason": "suspended"}),
-            (MsgType.REPLY, {"text": "hi", "usage": "lots"}),
-            (MsgType.PARTIAL, {"_progress": "many"}),
-        ]):
-            c = Call(f"k{n}", b"client", f"c{n}", "a1", MsgType.LLM_CHAT, "llm", {}, None, now)
-            sched.calls[c.kid] = c
-            sched._start(c, worker)
-            msg = protocol.Message(mtype, protocol.new_id(), body, re=c.kid)
-            sched.on_worker_frames([b"core0", *protocol.encode(msg)])
-            if mtype is MsgType.PARTIAL:   # a progress note it cannot read is ignored
-                assert c.state is CallState.RUNNING and not sent
-                continue
-            assert c.kid not in sched.calls and c.kid not in worker.inflight
-            identity, reply = sent.pop()
-            assert identity == b"client" and reply.re == c.client_call_id
-            if n == 0:
-                assert reply.type is MsgType.ERROR and reply.body["code"] == ErrorCode.INTERNAL
-                assert "core0" in reply.body["message"]
-            else:   # answered; the usage it could not read counts nothing
-                assert reply.type is MsgType.REPLY
-    finally:
-        for sock in (sched.clients, sched.workers_sock, sched.events):
-            sock.close(0)
+    sent = sched.sent_clients
+    now = time.time()
+    worker = _core(sched, capacity=4)
+    for n, (mtype, body) in enumerate([
+        (MsgType.REPLY, {"finish_reason": "suspended"}),
+        (MsgType.REPLY, {"text": "hi", "usage": "lots"}),
+        (MsgType.PARTIAL, {"_progress": "many"}),
+    ]):
+        c = Call(f"k{n}", b"client", f"c{n}", "a1", MsgType.LLM_CHAT, "llm", {}, None, now)
+        sched.calls[c.kid] = c
+        sched._start(c, worker)
+        msg = protocol.Message(mtype, protocol.new_id(), body, re=c.kid)
+        sched.on_worker_frames([b"core0", *protocol.encode(msg)])
+        if mtype is MsgType.PARTIAL:   # a progress note it cannot read is ignored
+            assert c.state is CallState.RUNNING and not sent
+            continue
+        assert c.kid not in sched.calls and c.kid not in worker.inflight
+        identity, reply = sent.pop()
+        assert identity == b"client" and reply.re == c.client_call_id
+        if n == 0:
+            assert reply.type is MsgType.ERROR and reply.body["code"] == ErrorCode.INTERNAL
+            assert "core0" in reply.body["message"]
+        else:   # answered; the usage it could not read counts nothing
+            assert reply.type is MsgType.REPLY
 
 
-def test_records_of_agents_that_ended_long_ago_are_let_go_of(tmp_path) -> None:
+def test_records_of_agents_that_ended_long_ago_are_let_go_of(sched) -> None:
     import time
+
+    now = time.time()
+    old, recent, live = (sched.agents.register(name, None) for name in ("old", "recent", "live"))
+    sched.agents.disconnect(old, now - 7200)
+    sched.agents.disconnect(recent, now - 60)
+    sched.tick(now)
+    assert sched.agents.get(old.id) is None
+    assert sched.agents.get(recent.id) is recent and sched.agents.get(live.id) is live
+
+
+@pytest.fixture
+def make_sched(tmp_path):
+    """Schedulers whose sockets are never bound: what they send is recorded
+    (``sent_clients``, ``sent_workers``); ``scheduler`` overrides settings
+    of the default config's scheduler section."""
+    from dataclasses import replace
 
     from aiosd.config import load
     from aiosd.scheduler.server import Scheduler
 
-    sched = Scheduler(load(None), tmp_path)
-    try:
-        now = time.time()
-        old, recent, live = (sched.agents.register(name, None) for name in ("old", "recent", "live"))
-        sched.agents.disconnect(old, now - 7200)
-        sched.agents.disconnect(recent, now - 60)
-        sched.tick(now)
-        assert sched.agents.get(old.id) is None
-        assert sched.agents.get(recent.id) is recent and sched.agents.get(live.id) is live
-    finally:
+    made = []
+
+    def make(**scheduler):
+        config = load(None)
+        config = replace(config, scheduler=replace(config.scheduler, **scheduler))
+        sched = Scheduler(config, tmp_path)
+        sched.sent_clients, sched.sent_workers = [], []
+        sched.send_client = lambda identity, msg: sched.sent_clients.append((identity, msg))
+        sched.send_worker = lambda worker, msg: sched.sent_workers.append((worker.name, msg)) or True
+        made.append(sched)
+        return sched
+
+    yield make
+    for sched in made:
         for sock in (sched.clients, sched.workers_sock, sched.events):
             sock.close(0)
 
 
 @pytest.fixture
-def sched(tmp_path):
-    """A scheduler whose sockets are never bound: what it sends is recorded."""
-    from aiosd.config import load
-    from aiosd.scheduler.server import Scheduler
-
-    sched = Scheduler(load(None), tmp_path)
-    sched.sent_clients, sched.sent_workers = [], []
-    sched.send_client = lambda identity, msg: sched.sent_clients.append((identity, msg))
-    sched.send_worker = lambda worker, msg: sched.sent_workers.append((worker.name, msg)) or True
-    yield sched
-    for sock in (sched.clients, sched.workers_sock, sched.events):
-        sock.close(0)
+def sched(make_sched):
+    return make_sched()
 
 
 def _core(sched, name: str = "core0", capacity: int = 2):
@@ -302,32 +297,20 @@ def test_calls_waiting_for_a_kind_no_worker_can_ever_run_end_at_once(sched) -> N
     assert replies and replies[0].body["code"] == ErrorCode.UNAVAILABLE
 
 
-def test_only_as_many_calls_give_way_as_the_waiting_calls_need(tmp_path) -> None:
-    from aiosd.config import load
-    from aiosd.scheduler.server import Scheduler
-
-    from dataclasses import replace
-
-    config = load(None)
-    config = replace(config, scheduler=replace(config.scheduler, policy="rr", quantum_tokens=8))
-    sched = Scheduler(config, tmp_path)
-    sent: list = []
-    sched.send_worker = lambda worker, msg: sent.append(msg) or True
-    try:
-        _core(sched, capacity=3)
-        running = [_queued(sched, n) for n in range(3)]
-        sched.dispatch()
-        for n, c in enumerate(running):
-            c.turn_tokens = 10 + n   # all past their quantum
-        _queued(sched, 9, agent="a2")
-        sched._preempt()
-        suspends = [m.body["call"] for m in sent if m.type is MsgType.WORKER_SUSPEND]
-        assert suspends == ["k2"]            # one waits: one gives way, the longest
-        sched._preempt()                     # already giving way: no more
-        assert [m.body["call"] for m in sent if m.type is MsgType.WORKER_SUSPEND] == ["k2"]
-    finally:
-        for sock in (sched.clients, sched.workers_sock, sched.events):
-            sock.close(0)
+def test_only_as_many_calls_give_way_as_the_waiting_calls_need(make_sched) -> None:
+    sched = make_sched(policy="rr", quantum_tokens=8)
+    _core(sched, capacity=3)
+    running = [_queued(sched, n) for n in range(3)]
+    sched.dispatch()
+    for n, c in enumerate(running):
+        c.turn_tokens = 10 + n   # all past their quantum
+    _queued(sched, 9, agent="a2")
+    sched._preempt()
+    suspends = [m.body["call"] for _, m in sched.sent_workers if m.type is MsgType.WORKER_SUSPEND]
+    assert suspends == ["k2"]            # one waits: one gives way, the longest
+    sched._preempt()                     # already giving way: no more
+    assert [m.body["call"] for _, m in sched.sent_workers
+            if m.type is MsgType.WORKER_SUSPEND] == ["k2"]
 
 
 def test_an_operator_session_goes_once_its_process_is_gone(sched) -> None:
