@@ -49,6 +49,16 @@ def _from_u64(b: bytes) -> int:
     return struct.unpack(">Q", b)[0]
 
 
+def _prefixed(txn: lmdb.Transaction, db: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The keys and values of ``db`` that begin with ``prefix``, in key order."""
+    cur = txn.cursor(db=db)
+    if cur.set_range(prefix):
+        for k, v in cur:
+            if not k.startswith(prefix):
+                return
+            yield k, v
+
+
 def _block_key(ns: str, block_id: str) -> bytes:
     """A memory block's key: its namespace, then its id."""
     return ns.encode() + SEP + block_id.encode()
@@ -189,14 +199,8 @@ class Store:
 
     def _versions(self, txn: lmdb.Transaction, nk: bytes) -> list[tuple[int, dict[str, Any]]]:
         prefix = nk + SEP
-        out = []
-        cur = txn.cursor(db=self.objects)
-        if cur.set_range(prefix):
-            for k, v in cur:
-                if not k.startswith(prefix):
-                    break
-                out.append((_from_u64(k[len(prefix):]), msgpack.unpackb(v, raw=False)))
-        return out
+        return [(_from_u64(k[len(prefix):]), msgpack.unpackb(v, raw=False))
+                for k, v in _prefixed(txn, self.objects, prefix)]
 
     def _store(self, ns: str, kind: str, name: str, value: Any, size: int, approved: bool,
                op: str = "storage.overwrite") -> dict[str, Any]:
@@ -295,14 +299,7 @@ class Store:
         waits on the first: a deadlock)."""
         start = self._name_key(ns, kind, prefix)
         base = self._name_key(ns, kind, "")
-        out = []
-        cur = txn.cursor(db=self.heads)
-        if cur.set_range(start):
-            for k, v in cur:
-                if not k.startswith(start):
-                    break
-                out.append((k[len(base):].decode(), _from_u64(v)))
-        return out
+        return [(k[len(base):].decode(), _from_u64(v)) for k, v in _prefixed(txn, self.heads, start)]
 
     def list(self, ns: str, prefix: Any = "") -> dict[str, Any]:
         prefix = _text(prefix, "prefix", empty=True)
