@@ -47,7 +47,8 @@ class AsyncClient:
         # call id -> where its replies go: a queue for a stream, a future
         # for a call that only wants its final reply
         self._waiting: dict[str, asyncio.Queue[protocol.Message] | asyncio.Future[protocol.Message]] = {}
-        #: the kernel socket file's inode at connect: a restarted kernel binds a new one
+        #: the kernel socket file's identity at connect (kernel_socket_id): a
+        #: restarted kernel binds a new file
         self._inode: tuple[int, int] | None = None
         self._watch: asyncio.Task | None = None
 
