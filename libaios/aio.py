@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +23,13 @@ from . import errors, protocol
 from .client import (DEFAULT_TIMEOUT, RESTARTED, ChatResult, chat_body, kernel_socket_id,
                      no_reply, resolve)
 from .protocol import ErrorCode, MsgType
+from .wire import send_frames
+
+#: Seconds for which one look at the kernel socket file holds: a client
+#: making thousands of calls a second looks once per interval, not once per
+#: call (a replaced kernel is still found before the next call: restarting
+#: one takes longer than this).
+RECHECK_S = 0.05
 
 
 class AsyncClient:
@@ -43,6 +51,9 @@ class AsyncClient:
         self.identity: dict[str, Any] = {}
         self._ctx = zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
+        #: the same socket without asyncio's bookkeeping, for sends that
+        #: need not wait
+        self._raw: zmq.Socket | None = None
         self._reader: asyncio.Task | None = None
         # call id -> where its replies go: a queue for a stream, a future
         # for a call that only wants its final reply
@@ -50,6 +61,7 @@ class AsyncClient:
         #: the kernel socket file's identity at connect (kernel_socket_id): a
         #: restarted kernel binds a new file
         self._inode: tuple[int, int] | None = None
+        self._recheck_at = 0.0
         self._watch: asyncio.Task | None = None
 
     async def connect(self) -> AsyncClient:
@@ -60,6 +72,8 @@ class AsyncClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         self._sock = sock
+        self._raw = zmq.Socket.shadow(sock.underlying)
+        self._recheck_at = time.monotonic() + RECHECK_S
         self._reader = asyncio.create_task(self._read())
         if self._inode is not None:
             self._watch = asyncio.create_task(self._watch_kernel())
@@ -83,7 +97,7 @@ class AsyncClient:
         self._reader = self._watch = None
         if self._sock is not None:
             self._sock.close(0)
-            self._sock = None
+            self._sock = self._raw = None
         # calls still out on this connection will never be answered on it
         self._fail_waiting(ErrorCode.CANCELLED, "the client was closed while this call was out")
 
@@ -117,8 +131,10 @@ class AsyncClient:
 
     async def _current(self) -> None:
         """Connect, or connect afresh if the kernel was replaced since."""
-        if self._sock is not None and self._kernel_replaced():
-            await self._reconnect()
+        if self._sock is not None and time.monotonic() >= self._recheck_at:
+            self._recheck_at = time.monotonic() + RECHECK_S
+            if self._kernel_replaced():
+                await self._reconnect()
         if self._sock is None:
             await self.connect()
 
@@ -130,19 +146,23 @@ class AsyncClient:
 
     async def _read(self) -> None:
         assert self._sock is not None
-        # Replies arrive in bursts when many calls are out: after waiting
-        # for one, take the rest that have arrived from the same socket
-        # without a Future each (no recv of the asyncio socket is pending
-        # meanwhile, and its next one looks for waiting messages first).
-        raw = zmq.Socket.shadow(self._sock.underlying)
         while True:
-            frames = await self._sock.recv_multipart()
-            while True:
-                self._deliver(frames)
-                try:
-                    frames = raw.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            self._deliver(await self._sock.recv_multipart())
+            # Replies arrive in bursts when many calls are out: take the rest
+            # that have arrived without a Future each (no recv of the asyncio
+            # socket is pending meanwhile, and its next one looks for waiting
+            # messages first).
+            self._drain()
+
+    def _drain(self) -> None:
+        """Deliver every reply that has arrived, without waiting."""
+        assert self._raw is not None
+        while True:
+            try:
+                frames = self._raw.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._deliver(frames)
 
     def _deliver(self, frames: list[bytes]) -> None:
         try:
@@ -165,6 +185,23 @@ class AsyncClient:
         elif waiter is not None and rep.type is not MsgType.PARTIAL and not waiter.done():
             waiter.set_result(rep)
 
+    async def _send(self, frames: list[bytes]) -> None:
+        """Send a call's frames: at once where the socket can take them
+        (asyncio's send makes a future and schedules events for every
+        message, which is most of what a call costs this process), through
+        asyncio where it must wait (no kernel yet, or a full queue)."""
+        assert self._sock is not None and self._raw is not None
+        try:
+            send_frames(self._raw, frames, nonblocking=True)
+        except zmq.Again:
+            await self._sock.send_multipart(frames)
+            return
+        # A send may take the socket's wake-up for replies that arrived
+        # meanwhile (ZeroMQ signals readiness on an edge), and the reader
+        # waiting on asyncio would not hear of them: deliver them here.
+        if self._raw.get(zmq.EVENTS) & zmq.POLLIN:
+            self._drain()
+
     async def _replies(self, msg: protocol.Message, timeout: float) -> AsyncIterator[protocol.Message]:
         """Send ``msg``; yield its partial replies, then its final reply."""
         await self._current()
@@ -172,7 +209,7 @@ class AsyncClient:
         queue: asyncio.Queue[protocol.Message] = asyncio.Queue()
         self._waiting[msg.id] = queue
         try:
-            await self._sock.send_multipart(protocol.encode(msg))
+            await self._send(protocol.encode(msg))
             deadline = asyncio.get_running_loop().time() + timeout
             while True:
                 try:
@@ -214,7 +251,7 @@ class AsyncClient:
         self._waiting[msg.id] = reply
         timer = loop.call_later(timeout, _expire, reply)
         try:
-            await self._sock.send_multipart(protocol.encode(msg))
+            await self._send(protocol.encode(msg))
             try:
                 rep = await reply
             except TimeoutError:

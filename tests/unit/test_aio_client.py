@@ -1,11 +1,13 @@
 """The asyncio client against a stand-in kernel (a ROUTER in this process
 that answers hello and then only the calls it is told to): replies reach
-their calls when a burst of them arrives at once, and a call with no reply
-times out without disturbing the others."""
+their calls when a burst of them arrives at once or while other calls are
+being sent, and a call with no reply times out without disturbing the
+others."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import zmq
@@ -42,23 +44,37 @@ async def kernel(router: zmq.asyncio.Socket, ignore: set[int], garble: set[int])
             await router.send_multipart([frames[0], *protocol.encode(protocol.reply(msg.id, body))])
 
 
+async def echo(router: zmq.asyncio.Socket) -> None:
+    """Answer every call the moment it arrives."""
+    while True:
+        frames = await router.recv_multipart()
+        msg = protocol.decode(frames[2:])
+        body = {"agent": "a1", "name": "test"} if msg.type is MsgType.HELLO else msg.body
+        await router.send_multipart([frames[0], *protocol.encode(protocol.reply(msg.id, body))])
+
+
+async def serving(tmp_path: Path, stand_in: Callable[[zmq.asyncio.Socket], Awaitable[None]],
+                  calls: Callable[[aio.AsyncClient], Awaitable[list[object]]]) -> list[object]:
+    endpoint = f"ipc://{tmp_path}/kernel.sock"
+    router = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+    router.bind(endpoint)
+    task = asyncio.create_task(stand_in(router))
+    try:
+        async with aio.connect(endpoint, name="test") as c:
+            return await calls(c)
+    finally:
+        task.cancel()
+        router.close(0)
+
+
 def run(tmp_path: Path, ignore: set[int], calls: int, timeout: float,
         garble: frozenset[int] = frozenset()) -> list[object]:
-    async def main() -> list[object]:
-        endpoint = f"ipc://{tmp_path}/kernel.sock"
-        router = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
-        router.bind(endpoint)
-        serving = asyncio.create_task(kernel(router, ignore, set(garble)))
-        try:
-            async with aio.connect(endpoint, name="test") as c:
-                return await asyncio.gather(
-                    *(c.call(MsgType.SYS_NULL, {"n": i}, timeout) for i in range(calls)),
-                    return_exceptions=True)
-        finally:
-            serving.cancel()
-            router.close(0)
+    async def make(c: aio.AsyncClient) -> list[object]:
+        return await asyncio.gather(
+            *(c.call(MsgType.SYS_NULL, {"n": i}, timeout) for i in range(calls)),
+            return_exceptions=True)
 
-    return asyncio.run(main())
+    return asyncio.run(serving(tmp_path, lambda router: kernel(router, ignore, set(garble)), make))
 
 
 def test_a_burst_of_replies_reaches_each_call(tmp_path: Path) -> None:
@@ -66,12 +82,24 @@ def test_a_burst_of_replies_reaches_each_call(tmp_path: Path) -> None:
     assert results == [{"n": i} for i in range(200)]
 
 
+def test_calls_sent_while_replies_arrive_each_get_theirs(tmp_path: Path) -> None:
+    # 64 callers, each sending its next call as soon as its last is
+    # answered: sends (which go straight to the socket when it can take them)
+    # and replies interleave, and every reply reaches its call.
+    async def make(c: aio.AsyncClient) -> list[object]:
+        async def caller(k: int) -> list[object]:
+            return [await c.call(MsgType.SYS_NULL, {"n": k * 100 + i}, 10.0) for i in range(50)]
+        return await asyncio.gather(*(caller(k) for k in range(64)))
+
+    results = asyncio.run(serving(tmp_path, echo, make))
+    assert results == [[{"n": k * 100 + i} for i in range(50)] for k in range(64)]
+
+
 def test_a_call_without_a_reply_times_out_alone(tmp_path: Path) -> None:
     results = run(tmp_path, {3}, 8, 1.0)
     assert isinstance(results[3], errors.Timeout)
     assert str(results[3]).startswith("no reply to sys.null from aiosd at ipc://")
     assert results[:3] + results[4:] == [{"n": i} for i in range(8) if i != 3]
-
 
 
 def test_a_reply_that_cannot_be_decoded_fails_its_call_at_once(tmp_path: Path) -> None:
