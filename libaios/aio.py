@@ -63,6 +63,12 @@ class AsyncClient:
         self._inode: tuple[int, int] | None = None
         self._recheck_at = 0.0
         self._watch: asyncio.Task | None = None
+        #: connections made so far: a call that finds its connection unknown
+        #: to the kernel reconnects only if no other call has done so since
+        self._generation = 0
+        self._reconnecting = asyncio.Lock()
+        #: sends waiting on asyncio (the socket's queue was full)
+        self._sending = 0
 
     async def connect(self) -> AsyncClient:
         if self._sock is not None:
@@ -72,6 +78,7 @@ class AsyncClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         self._sock = sock
+        self._generation += 1
         self._raw = zmq.Socket.shadow(sock.underlying)
         self._recheck_at = time.monotonic() + RECHECK_S
         self._reader = asyncio.create_task(self._read())
@@ -124,17 +131,26 @@ class AsyncClient:
                 self._fail_waiting(ErrorCode.WORKER_LOST, RESTARTED)
                 return   # the next call connects afresh
 
-    async def _reconnect(self) -> None:
-        self._fail_waiting(ErrorCode.WORKER_LOST, RESTARTED)
-        await self.close()
-        await self.connect()
+    async def _reconnect(self, generation: int) -> None:
+        """Connect afresh, unless another call has done so since the
+        connection ``generation`` (the one the caller's call went out on):
+        after a restart every call in flight learns it at once."""
+        async with self._reconnecting:
+            if generation != self._generation:
+                return
+            self._fail_waiting(ErrorCode.WORKER_LOST, RESTARTED)
+            await self.close()
+            await self.connect()
 
     async def _current(self) -> None:
         """Connect, or connect afresh if the kernel was replaced since."""
+        if self._reconnecting.locked():   # wait for the new connection
+            async with self._reconnecting:
+                pass
         if self._sock is not None and time.monotonic() >= self._recheck_at:
             self._recheck_at = time.monotonic() + RECHECK_S
             if self._kernel_replaced():
-                await self._reconnect()
+                await self._reconnect(self._generation)
         if self._sock is None:
             await self.connect()
 
@@ -145,24 +161,22 @@ class AsyncClient:
         await self.close()
 
     async def _read(self) -> None:
-        assert self._sock is not None
+        assert self._sock is not None and self._raw is not None
+        # The only reader of the socket, so replies are delivered in the
+        # order they arrive (a stream's pieces before its final reply).
+        # Replies arrive in bursts when many calls are out: after waiting
+        # for one, take the rest that have arrived without a Future each
+        # (no recv of the asyncio socket is pending meanwhile, and its next
+        # one looks for waiting messages first).
+        raw = self._raw
         while True:
-            self._deliver(await self._sock.recv_multipart())
-            # Replies arrive in bursts when many calls are out: take the rest
-            # that have arrived without a Future each (no recv of the asyncio
-            # socket is pending meanwhile, and its next one looks for waiting
-            # messages first).
-            self._drain()
-
-    def _drain(self) -> None:
-        """Deliver every reply that has arrived, without waiting."""
-        assert self._raw is not None
-        while True:
-            try:
-                frames = self._raw.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._deliver(frames)
+            frames = await self._sock.recv_multipart()
+            while True:
+                self._deliver(frames)
+                try:
+                    frames = raw.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
 
     def _deliver(self, frames: list[bytes]) -> None:
         try:
@@ -185,22 +199,31 @@ class AsyncClient:
         elif waiter is not None and rep.type is not MsgType.PARTIAL and not waiter.done():
             waiter.set_result(rep)
 
-    async def _send(self, frames: list[bytes]) -> None:
+    async def _send(self, frames: list[bytes], deadline: float) -> None:
         """Send a call's frames: at once where the socket can take them
         (asyncio's send makes a future and schedules events for every
         message, which is most of what a call costs this process), through
-        asyncio where it must wait (no kernel yet, or a full queue)."""
+        asyncio where it must wait (no kernel yet, or a full queue), until
+        ``deadline`` (loop time; TimeoutError after it)."""
         assert self._sock is not None and self._raw is not None
+        if not self._sending:   # (none waits, so this one does not overtake)
+            try:
+                send_frames(self._raw, frames, nonblocking=True)
+            except zmq.Again:
+                pass
+            else:
+                # A send may take the socket's wake-up for what arrived
+                # meanwhile (ZeroMQ signals readiness on an edge): asking the
+                # asyncio socket for its events has it look again, and wake
+                # the reader if replies wait.
+                self._sock.get(zmq.EVENTS)
+                return
+        self._sending += 1
         try:
-            send_frames(self._raw, frames, nonblocking=True)
-        except zmq.Again:
-            await self._sock.send_multipart(frames)
-            return
-        # A send may take the socket's wake-up for replies that arrived
-        # meanwhile (ZeroMQ signals readiness on an edge), and the reader
-        # waiting on asyncio would not hear of them: deliver them here.
-        if self._raw.get(zmq.EVENTS) & zmq.POLLIN:
-            self._drain()
+            async with asyncio.timeout_at(deadline):
+                await self._sock.send_multipart(frames)
+        finally:
+            self._sending -= 1
 
     async def _replies(self, msg: protocol.Message, timeout: float) -> AsyncIterator[protocol.Message]:
         """Send ``msg``; yield its partial replies, then its final reply."""
@@ -208,9 +231,12 @@ class AsyncClient:
         assert self._sock is not None
         queue: asyncio.Queue[protocol.Message] = asyncio.Queue()
         self._waiting[msg.id] = queue
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
-            await self._send(protocol.encode(msg))
-            deadline = asyncio.get_running_loop().time() + timeout
+            try:
+                await self._send(protocol.encode(msg), deadline)
+            except TimeoutError:
+                raise no_reply(msg, self.endpoint, timeout) from None
             while True:
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -232,11 +258,12 @@ class AsyncClient:
         timeout = self.timeout if timeout is None else timeout
         if mtype is not MsgType.HELLO:
             await self._current()
+            generation = self._generation
             try:
                 return await self._call(mtype, body, timeout)
             except errors.Unauthenticated:
                 # the kernel restarted and does not know this connection
-                await self._reconnect()
+                await self._reconnect(generation)
         return await self._call(mtype, body, timeout)
 
     async def _call(self, mtype: MsgType, body: dict[str, Any] | None,
@@ -249,10 +276,11 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[protocol.Message] = loop.create_future()
         self._waiting[msg.id] = reply
-        timer = loop.call_later(timeout, _expire, reply)
+        deadline = loop.time() + timeout
+        timer = loop.call_at(deadline, _expire, reply)
         try:
-            await self._send(protocol.encode(msg))
             try:
+                await self._send(protocol.encode(msg), deadline)
                 rep = await reply
             except TimeoutError:
                 raise no_reply(msg, self.endpoint, timeout) from None

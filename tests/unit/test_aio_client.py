@@ -107,3 +107,96 @@ def test_a_reply_that_cannot_be_decoded_fails_its_call_at_once(tmp_path: Path) -
     assert isinstance(results[2], errors.BadFrame)
     assert "undecodable reply from aiosd" in str(results[2])
     assert results[:2] + results[3:] == [{"n": i} for i in range(4) if i != 2]
+
+
+def test_a_stream_s_pieces_arrive_in_order_while_other_calls_are_sent(tmp_path: Path) -> None:
+    async def streamer(router: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await router.recv_multipart()
+            msg = protocol.decode(frames[2:])
+            if msg.type is MsgType.LLM_CHAT:
+                for k in range(300):
+                    await router.send_multipart(
+                        [frames[0], *protocol.encode(protocol.partial(msg.id, {"text": f"{k} "}))])
+                final = protocol.reply(msg.id, {"text": "", "finish_reason": "stop"})
+                await router.send_multipart([frames[0], *protocol.encode(final)])
+                continue
+            body = {"agent": "a1", "name": "test"} if msg.type is MsgType.HELLO else msg.body
+            await router.send_multipart([frames[0], *protocol.encode(protocol.reply(msg.id, body))])
+
+    async def make(c: aio.AsyncClient) -> list[object]:
+        async def stream() -> list[object]:
+            return [piece async for piece in c.chat_stream("hi", timeout=10.0)]
+
+        async def caller(k: int) -> None:
+            for i in range(30):
+                await c.call(MsgType.SYS_NULL, {"n": i}, 10.0)
+
+        pieces, *_ = await asyncio.gather(stream(), *(caller(k) for k in range(32)))
+        return pieces
+
+    pieces = asyncio.run(serving(tmp_path, streamer, make))
+    assert pieces[:-1] == [f"{k} " for k in range(300)]
+    assert pieces[-1].finish_reason == "stop"
+
+
+def test_calls_that_find_a_restarted_kernel_reconnect_once_and_all_go_through() -> None:
+    """Over TCP (no socket file to watch), every call in flight to a kernel
+    that restarted learns it from an 'unauthenticated' answer at once: the
+    first reconnects, the others go out on its new connection rather than
+    each tearing down the last one's."""
+    async def picky(router: zmq.asyncio.Socket) -> None:
+        known: set[bytes] = set()
+        while True:
+            frames = await router.recv_multipart()
+            msg = protocol.decode(frames[2:])
+            if msg.type is MsgType.HELLO:
+                known.add(frames[0])
+                reply = protocol.reply(msg.id, {"agent": "a1", "name": "test"})
+            elif frames[0] not in known:
+                reply = protocol.error(msg.id, protocol.ErrorCode.UNAUTHENTICATED,
+                                       "this connection has not said hello")
+            else:
+                reply = protocol.reply(msg.id, msg.body)
+            await router.send_multipart([frames[0], *protocol.encode(reply)])
+
+    async def main() -> list[object]:
+        ctx = zmq.asyncio.Context.instance()
+        router = ctx.socket(zmq.ROUTER)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        task = asyncio.create_task(picky(router))
+        try:
+            async with aio.connect(f"tcp://127.0.0.1:{port}", name="test") as c:
+                assert await c.call(MsgType.SYS_NULL, {"n": -1}, 10.0) == {"n": -1}
+                task.cancel()                      # the kernel restarts
+                router.close(0)
+                router = ctx.socket(zmq.ROUTER)
+                router.bind(f"tcp://127.0.0.1:{port}")
+                task = asyncio.create_task(picky(router))
+                return await asyncio.gather(
+                    *(c.call(MsgType.SYS_NULL, {"n": i}, 10.0) for i in range(20)),
+                    return_exceptions=True)
+        finally:
+            task.cancel()
+            router.close(0)
+
+    assert asyncio.run(main()) == [{"n": i} for i in range(20)]
+
+
+def test_a_call_that_cannot_be_sent_times_out_at_its_deadline(tmp_path: Path) -> None:
+    """A kernel that stops reading: once the queues are full, calls wait to
+    be sent, and fail at their deadline rather than wait for good."""
+    async def deaf(router: zmq.asyncio.Socket) -> None:
+        frames = await router.recv_multipart()   # the hello, and nothing more
+        msg = protocol.decode(frames[2:])
+        await router.send_multipart(
+            [frames[0], *protocol.encode(protocol.reply(msg.id, {"agent": "a1", "name": "test"}))])
+        await asyncio.Event().wait()
+
+    async def make(c: aio.AsyncClient) -> list[object]:
+        return await asyncio.wait_for(asyncio.gather(
+            *(c.call(MsgType.SYS_NULL, {"n": i, "pad": "x" * 200}, 1.0) for i in range(6000)),
+            return_exceptions=True), 60.0)
+
+    results = asyncio.run(serving(tmp_path, deaf, make))
+    assert all(isinstance(r, errors.Timeout) for r in results)
