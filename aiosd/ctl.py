@@ -191,14 +191,14 @@ def status(as_json: bool) -> None:
 
 def agents_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
     table = Table("agent", "pid", "state", "calls", "prompt tok", "compl tok",
-                  "queue wait", "running", "preempted", "turnaround", title=title)
+                  "queue wait", "running", "preempted", "throttled", "turnaround", title=title)
     for row in rows:
         state = row["exit"] if row["state"] in ("exited", "killed") else row["state"]
         table.add_row(
             row["id"], str(row["pid"] or "-"), state, str(row["calls"]),
             str(row["prompt_tokens"]), str(row["completion_tokens"]),
             seconds(row["wait_s"]), seconds(row["service_s"]), str(row.get("preemptions", 0)),
-            seconds(row["turnaround_s"]),
+            str(row.get("throttled", 0)), seconds(row["turnaround_s"]),
         )
     return table
 
@@ -310,7 +310,8 @@ def top_view(status: dict[str, Any], agents: list[dict[str, Any]]) -> Any:
 
 
 @main.command()
-@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between refreshes.")
 @click.option("--once", is_flag=True, help="Print one view and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print one view as JSON and exit.")
 def top(interval: float, once: bool, as_json: bool) -> None:

@@ -179,6 +179,8 @@ class LlamaCppBackend:
         snap = self.snapshots.take(resume) if resume else None
         if resume and snap is None:
             raise BackendError(f"snapshot {resume} is not on core {self.cfg.name}", retriable=False)
+        if snap is not None and snap.key != key:
+            raise BackendError(f"snapshot {resume} is of another agent's call", retriable=False)
         if snap is not None:
             # replay what was streamed before the suspension into the scanner
             scanner.feed(b"".join(self._piece(t) for t in snap.completion))

@@ -45,6 +45,8 @@ class Usage:
     service_s: float = 0.0
     #: times its calls were suspended to let others run (rr, fair)
     preemptions: int = 0
+    #: calls held back by its token quota (llm.chat) before they ran
+    throttled: int = 0
     first_call: float | None = None
     last_done: float | None = None
 
@@ -57,6 +59,7 @@ class Usage:
             "wait_s": round(self.wait_s, 4),
             "service_s": round(self.service_s, 4),
             "preemptions": self.preemptions,
+            "throttled": self.throttled,
         }
 
 

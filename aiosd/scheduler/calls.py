@@ -54,6 +54,7 @@ class Call:
     suspending: bool = False  # asked to suspend, not yet answered
     affinity: str | None = None  # the core holding its snapshot
     preemptions: int = 0
+    throttled: bool = False   # held back by its agent's token quota at least once
 
     def task_body(self) -> dict[str, Any]:
         """What the worker is told about this call."""

@@ -48,6 +48,12 @@ class Dispatch:
         bucket = self.buckets.get(call.caller.get("name", ""))
         return bucket is None or call.type is not MsgType.LLM_CHAT or bucket.allows(time.time())
 
+    def _needs_slot(self, call: Call) -> bool:
+        """Whether a waiting call could use a slot a preempted call gives
+        up (a null call takes none; a call held back by its quota can use
+        none)."""
+        return call.type is MsgType.LLM_CHAT and self._quota_ok(call)
+
     def _preempt(self) -> None:
         """Ask the policy which running LLM calls should give way."""
         queue = self.queues["llm"]
@@ -57,13 +63,14 @@ class Dispatch:
         running = [c for w in cores for c in w.inflight.values()
                    if c.state is CallState.RUNNING and c.type is MsgType.LLM_CHAT]
         # as many give way as the waiting calls that could run need slots
-        # (a call held back by its quota needs none), less the free slots
+        # (a null call or a call held back by its quota needs none), less the free slots
         # and those already giving way
-        need = (sum(1 for c in queue if self._quota_ok(c)) - sum(max(0, w.free) for w in cores)
+        need = (sum(1 for c in queue if self._needs_slot(c)) - sum(max(0, w.free) for w in cores)
                 - sum(1 for c in running if c.suspending))
         if need <= 0:
             return
-        chosen = queue.preempt([c for c in running if not c.suspending], time.time())
+        chosen = queue.preempt([c for c in running if not c.suspending], time.time(),
+                               self._needs_slot)
         chosen.sort(key=lambda c: -c.turn_tokens)   # the longest past its quantum first
         for call in chosen[:need]:
             worker = self.workers.get(call.worker or "")
@@ -93,7 +100,10 @@ class Dispatch:
         return limit is None or self.tool_running.get(call.tool, 0) < limit
 
     def _runnable(self, call: Call) -> bool:
-        if not self._tool_free(call) or not self._quota_ok(call):
+        if not self._tool_free(call):
+            return False
+        if not self._quota_ok(call):
+            call.throttled = True
             return False
         if call.affinity is not None:
             worker = self.workers.get(call.affinity)
@@ -107,9 +117,12 @@ class Dispatch:
                 # core busy with a suspended call's snapshot waits while the
                 # calls behind it run.
                 worker = self._free_worker(resource, next(iter(queue)).type)
+                only_null = worker is None or worker.free <= 0
+                if worker is None:   # no slot for the head: null calls behind still go
+                    worker = self._free_worker(resource, MsgType.SYS_NULL)
                 if worker is None:
                     break
-                if worker.free > 0:
+                if not only_null:
                     call = queue.pop(self._runnable)
                 else:  # only null calls may go to a worker with no free slot
                     call = queue.pop(lambda c: c.type is MsgType.SYS_NULL)
@@ -165,9 +178,11 @@ class Dispatch:
         usage.wait_s += call.wait_s
         usage.service_s += call.service_s
         usage.preemptions += call.preemptions
+        usage.throttled += call.throttled
         usage.last_done = now
         if result is None or result.type is MsgType.ERROR:
             usage.failed += 1
+            self.charge_generated(call, now)
         elif call.type is MsgType.LLM_CHAT:
             tokens = result.body.get("usage")
             tokens = tokens if isinstance(tokens, dict) else {}
@@ -178,6 +193,24 @@ class Dispatch:
             bucket = self.buckets.get(agent.name)
             if bucket is not None:
                 bucket.charge(used, now)
+
+    def charge_generated(self, call: Call, now: float) -> None:
+        """An LLM call that ends without its usage (failed, timed out,
+        cancelled) is charged what it generated as far as the kernel heard
+        (its progress): those tokens were made for its agent all the same,
+        and count against the agent's quota and for the fair policy."""
+        if call.type is not MsgType.LLM_CHAT:
+            return
+        # a suspended call's turn was added to its tokens when it gave way
+        live = call.state in (CallState.RUNNING, CallState.CANCELLING)
+        generated = call.tokens + (call.turn_tokens if live else 0)
+        agent = self.agents.get(call.agent)
+        if generated <= 0 or agent is None:
+            return
+        agent.usage.completion_tokens += generated
+        bucket = self.buckets.get(agent.name)
+        if bucket is not None:
+            bucket.charge(generated, now)
 
     def drop_snapshot(self, worker: Worker, snapshot: str) -> None:
         """Tell ``worker`` to drop the snapshot of a call that will never

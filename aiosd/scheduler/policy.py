@@ -45,9 +45,12 @@ class Policy:
     def __iter__(self) -> Iterator[Call]:
         raise NotImplementedError
 
-    def preempt(self, running: Sequence[Call], now: float) -> list[Call]:
+    def preempt(self, running: Sequence[Call], now: float,
+                eligible: Callable[[Call], bool] | None = None) -> list[Call]:
         """Running calls that should be suspended now to let others run
-        (the scheduler asks only while calls wait)."""
+        (the scheduler asks only while calls wait). With ``eligible``, only
+        the waiting calls it accepts count (a call that could not take the
+        freed slot is no reason to suspend one)."""
         return []
 
     def requeue_suspended(self, call: Call) -> None:
@@ -92,6 +95,9 @@ class FifoPolicy(Policy):
     def __iter__(self) -> Iterator[Call]:
         return iter(list(self.waiting))
 
+    def _eligible(self, eligible: Callable[[Call], bool] | None) -> list[Call]:
+        return [c for c in self.waiting if eligible is None or eligible(c)]
+
 
 class RoundRobinPolicy(FifoPolicy):
     """FIFO order, but a call that has generated ``quantum`` tokens while
@@ -103,8 +109,9 @@ class RoundRobinPolicy(FifoPolicy):
         super().__init__()
         self.quantum = quantum
 
-    def preempt(self, running: Sequence[Call], now: float) -> list[Call]:
-        if not self.waiting:
+    def preempt(self, running: Sequence[Call], now: float,
+                eligible: Callable[[Call], bool] | None = None) -> list[Call]:
+        if not self._eligible(eligible):
             return []
         return [c for c in running if c.turn_tokens >= self.quantum]
 
@@ -154,11 +161,13 @@ class FairPolicy(FifoPolicy):
         self.waiting.remove(chosen)
         return chosen
 
-    def preempt(self, running: Sequence[Call], now: float) -> list[Call]:
-        if not self.waiting:
+    def preempt(self, running: Sequence[Call], now: float,
+                eligible: Callable[[Call], bool] | None = None) -> list[Call]:
+        waiting = self._eligible(eligible)
+        if not waiting:
             return []
         key = self._keys()
-        best_waiting = min(key(c)[0] for c in self.waiting)
+        best_waiting = min(key(c)[0] for c in waiting)
         return [c for c in running
                 if c.turn_tokens >= self.quantum and key(c)[0] > best_waiting]
 

@@ -163,14 +163,17 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
             else:
                 raise
 
-    def send_worker(self, worker: Worker, msg: Message) -> bool:
+    def send_worker(self, worker: Worker, msg: Message, gone_if_unreachable: bool = True) -> bool:
+        """Send ``msg`` to ``worker``; False if it cannot take it (and, with
+        ``gone_if_unreachable``, the worker is then taken for lost)."""
         try:
             send_frames(self.workers_sock, [worker.name.encode(), *protocol.encode(msg)],
                         nonblocking=True)
             return True
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                self.worker_lost(worker, "its connection is gone")
+                if gone_if_unreachable:
+                    self.worker_lost(worker, "its connection is gone")
                 return False
             raise
 
@@ -242,10 +245,14 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
                 continue
             if call.deadline is None or now <= call.deadline:
                 continue
-            timeout = errors.Timeout(
-                f"{call.type.value} did not finish before its deadline "
-                f"({'queued' if call.state is CallState.QUEUED else 'running on ' + str(call.worker)})"
-            )
+            where = f"running on {call.worker}"
+            if call.state is CallState.QUEUED:
+                where = "queued"
+                bucket = self.buckets.get(call.caller.get("name", ""))
+                if call.throttled and bucket is not None:
+                    where += (f", held back by its agent's token quota of {bucket.rate:g} "
+                              f"tokens/s (scheduler.agents[].tokens_per_s)")
+            timeout = errors.Timeout(f"{call.type.value} did not finish before its deadline ({where})")
             if call.state is CallState.QUEUED:
                 self.queues[call.resource].remove(call)
                 self.fail(call, timeout, now)

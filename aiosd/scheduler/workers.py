@@ -153,6 +153,9 @@ class WorkerMessages:
         now = time.time()
         suspended = msg.type is MsgType.REPLY and msg.body.get("finish_reason") == "suspended"
         if call.state is not CallState.RUNNING:
+            # cancelled (timed out, or its caller gone): its caller has had
+            # its answer, and its agent is charged what it generated
+            self.charge_generated(call, now)
             self.calls.pop(call.kid, None)
             if suspended and isinstance(msg.body.get("snapshot"), str):
                 # suspended as it was cancelled: the snapshot will never resume
@@ -217,6 +220,7 @@ class WorkerMessages:
         for call in list(worker.inflight.values()):
             self._release(worker, call)
             if call.state is not CallState.RUNNING:
+                self.charge_generated(call, now)
                 self.calls.pop(call.kid, None)
                 continue
             call.service_s += now - call.dispatched
@@ -235,8 +239,10 @@ class WorkerMessages:
             self.queues[call.resource].requeue(call)
         # Snapshots of suspended calls died with the core: those calls start
         # over (nothing of theirs reached the caller unless they streamed).
+        orphaned = []
         for call in list(self.calls.values()):
             if call.affinity == worker.name and call.state is CallState.QUEUED:
+                orphaned.append(call.body.get("resume"))
                 if call.streamed:
                     self.queues[call.resource].remove(call)
                     self.fail(call, errors.WorkerLost(
@@ -244,6 +250,12 @@ class WorkerMessages:
                 else:
                     call.affinity = None
                     call.body = {k: v for k, v in call.body.items() if k != "resume"}
+        if orphaned:
+            # A core taken for lost may be alive still (its heartbeat came
+            # late), and would keep those snapshots for good (if it is gone
+            # indeed, they went with it).
+            self.send_worker(worker, protocol.call(MsgType.WORKER_FORGET, {"snapshots": orphaned}),
+                             gone_if_unreachable=False)
         self.dispatch()
 
     def _can_ever_serve(self, resource: str) -> bool:

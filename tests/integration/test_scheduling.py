@@ -48,7 +48,9 @@ def test_preempted_call_resumes_to_the_same_tokens(make_daemon) -> None:
 
 
 def test_fair_policy_and_quota_keep_a_flooding_agent_in_check(make_daemon) -> None:
-    config = {"scheduler": {"policy": "fair", "quantum_tokens": 16,
+    # one slot, so that calls wait and the policy's order and the quota decide
+    config = {"llm": {"cores": [{"slots": 1}]},
+              "scheduler": {"policy": "fair", "quantum_tokens": 16,
                             "agents": [{"agent": "flood", "tokens_per_s": 50.0, "burst": 200}]}}
     d: Daemon = make_daemon(config=config)
     done: dict[str, int] = {"flood": 0, "polite": 0}
@@ -75,3 +77,9 @@ def test_fair_policy_and_quota_keep_a_flooding_agent_in_check(make_daemon) -> No
     for t in threads:
         t.join(300)
     assert done["flood"] == 18
+    # The flooding agent's calls (about 60 tokens each, made faster than
+    # its 50 tokens a second) waited for its quota once its burst was
+    # spent; the other agent has no quota and was never held back.
+    rows = d.ps()
+    assert sum(r["throttled"] for r in rows if r["name"] == "flood") > 0
+    assert [r["throttled"] for r in rows if r["name"] == "polite"] == [0]

@@ -5,6 +5,7 @@ from aiosd.scheduler import policy
 from aiosd.scheduler.access import AccessRules, Principal
 from aiosd.scheduler.approvals import ApprovalTable, summarize
 import pytest
+import zmq
 
 from aiosd.scheduler.calls import Call
 from libaios import protocol
@@ -218,7 +219,7 @@ def make_sched(tmp_path):
         sched = Scheduler(config, tmp_path)
         sched.sent_clients, sched.sent_workers = [], []
         sched.send_client = lambda identity, msg: sched.sent_clients.append((identity, msg))
-        sched.send_worker = lambda worker, msg: sched.sent_workers.append((worker.name, msg)) or True
+        sched.send_worker = lambda worker, msg, **kw: sched.sent_workers.append((worker.name, msg)) or True
         made.append(sched)
         return sched
 
@@ -326,3 +327,126 @@ def test_an_operator_session_goes_once_its_process_is_gone(sched) -> None:
     sched.sessions[b"here"] = Session(b"here", "aiosctl", operator=True, pid=os.getpid())
     sched.tick(time.time())
     assert b"gone" not in sched.sessions and b"here" in sched.sessions
+
+
+def test_a_null_call_goes_to_a_full_core_past_the_chats_that_wait(sched) -> None:
+    """A null call takes no slot: with every slot taken and chats waiting,
+    it still runs at once (and is no reason to suspend a chat)."""
+    from aiosd.scheduler.calls import CallState
+
+    worker = _core(sched, capacity=1)
+    worker.types = frozenset({"llm.chat", "sys.null"})
+    running, waiting = _queued(sched, 1), None
+    sched.dispatch()
+    waiting = _queued(sched, 2)
+    null = _queued(sched, 3)
+    null.type = MsgType.SYS_NULL
+    sched.dispatch()
+    assert running.state is CallState.RUNNING and null.state is CallState.RUNNING
+    assert waiting.state is CallState.QUEUED
+    assert [m.body["call"] for _, m in sched.sent_workers if m.type is MsgType.WORKER_TASK] == ["k1", "k3"]
+
+
+def test_calls_that_could_not_take_a_freed_slot_suspend_no_one(make_sched) -> None:
+    import time
+
+    from aiosd.scheduler.quota import TokenBucket
+
+    for name in ("rr", "fair"):
+        sched = make_sched(policy=name, quantum_tokens=8)
+        _core(sched, capacity=1)
+        one, two, three = (sched.agents.register(n, None) for n in ("one", "flood", "three"))
+        running = _queued(sched, 1, agent=one.id)
+        sched.dispatch()
+        running.turn_tokens = 50               # past its quantum, and ahead in service
+        held = _queued(sched, 2, agent=two.id)   # its agent is over its quota
+        held.caller = {"name": "flood"}
+        sched.buckets["flood"] = bucket = TokenBucket(rate=1.0, burst=10.0)
+        bucket.charge(1000, time.time())
+        sched._preempt()
+        assert not [m for _, m in sched.sent_workers if m.type is MsgType.WORKER_SUSPEND], name
+        _queued(sched, 3, agent=three.id)      # one that could run
+        sched._preempt()
+        assert [m.body["call"] for _, m in sched.sent_workers
+                if m.type is MsgType.WORKER_SUSPEND] == ["k1"], name
+
+
+def test_a_call_that_times_out_is_charged_what_it_generated(sched) -> None:
+    """A running call past its deadline is answered with a timeout; when
+    its core lets go of it, its agent is charged the tokens it generated
+    (its quota and its service under the fair policy count them)."""
+    import time
+
+    from aiosd.scheduler.calls import CallState
+    from aiosd.scheduler.quota import TokenBucket
+
+    agent = sched.agents.register("flood", None)
+    sched.buckets["flood"] = bucket = TokenBucket(rate=1.0, burst=100.0)
+    worker = _core(sched)
+    c = _queued(sched, 1, agent=agent.id)
+    c.caller = {"name": "flood"}
+    sched.dispatch()
+    progress = protocol.Message(MsgType.PARTIAL, protocol.new_id(), {"_progress": 40}, re=c.kid)
+    sched.on_worker_frames([b"core0", *protocol.encode(progress)])
+    c.deadline = time.time() - 1
+    sched.tick(time.time())
+    assert c.state is CallState.CANCELLING
+    reply = sched.sent_clients[-1][1]
+    assert reply.type is MsgType.ERROR and reply.body["code"] == ErrorCode.TIMEOUT
+    cancelled = protocol.error(c.kid, ErrorCode.CANCELLED, "cancelled")
+    sched.on_worker_frames([b"core0", *protocol.encode(cancelled)])
+    assert c.kid not in sched.calls and not worker.inflight
+    assert agent.usage.completion_tokens == 40
+    assert 59 <= bucket.level <= 61
+    assert sched._service(agent.id) == 40
+
+
+def test_a_queued_call_held_by_its_quota_says_so_when_it_times_out(sched) -> None:
+    import time
+
+    from aiosd.scheduler.quota import TokenBucket
+
+    _core(sched, capacity=1)
+    sched.buckets["flood"] = bucket = TokenBucket(rate=2.5, burst=10.0)
+    bucket.charge(1000, time.time())
+    c = _queued(sched, 1)
+    c.caller = {"name": "flood"}
+    sched.dispatch()
+    c.deadline = time.time() - 1
+    sched.tick(time.time())
+    reply = sched.sent_clients[-1][1]
+    assert reply.body["code"] == ErrorCode.TIMEOUT
+    assert "token quota of 2.5 tokens/s" in reply.body["message"]
+
+
+def test_a_core_taken_for_lost_is_told_to_drop_the_snapshots_of_calls_that_start_over(sched) -> None:
+    from aiosd.scheduler.calls import CallState
+
+    worker = _core(sched, capacity=1)
+    c = _queued(sched, 1)
+    sched.dispatch()
+    _queued(sched, 2)   # takes the slot c gives up
+    suspended = protocol.reply(c.kid, {"finish_reason": "suspended", "snapshot": "snap-1"})
+    sched.on_worker_frames([b"core0", *protocol.encode(suspended)])
+    assert c.state is CallState.QUEUED and c.affinity == "core0"
+    sched.worker_lost(worker, "no heartbeat for 2.1s")
+    assert c.affinity is None and "resume" not in c.body
+    forgets = [(name, m.body) for name, m in sched.sent_workers if m.type is MsgType.WORKER_FORGET]
+    assert forgets == [("core0", {"snapshots": ["snap-1"]})]
+
+
+def test_a_chat_cannot_name_a_snapshot_to_resume_from(sched) -> None:
+    """'resume' is the kernel's own field of a suspended call: a caller that
+    sets it gets a clear error, and nothing is queued."""
+    from aiosd.scheduler.peers import Session
+
+    _core(sched)
+    agent = sched.agents.register("a", None)
+    sched.sessions[b"a"] = Session(b"a", "a", operator=False, agent=agent)
+    chat = protocol.call(MsgType.LLM_CHAT, {"messages": [{"role": "user", "content": "hi"}],
+                                            "resume": "0123456789abcdef"})
+    sched.on_client_frames([zmq.Frame(f) for f in [b"a", *protocol.encode(chat)]])
+    identity, reply = sched.sent_clients[-1]
+    assert identity == b"a" and reply.re == chat.id
+    assert reply.body["code"] == ErrorCode.INVALID_ARGUMENT and "'resume'" in reply.body["message"]
+    assert not sched.calls and len(sched.queues["llm"]) == 0
