@@ -1,0 +1,114 @@
+"""The compute floor of the benchmark workload on this machine: what the
+model's kernels take for its tokens at the contexts the workload has, with
+no scheduling cost at all.
+
+``python -m benchmarks.floor`` prefills 32 conversations of ``--context``
+tokens each (one KV stream each, as aiosd's core keeps them), then times
+decoding steps that give each conversation 1, 2 and 4 rows, every row with
+its logits (a step of 2 or 4 rows a conversation is what checking drafted
+tokens costs). The floor at N = 32 is the workload's distinct prompt tokens
+at that prefill rate plus its generated tokens at the cost of a row in
+steps of one row a conversation: aiosd cannot finish sooner with this
+model on this machine, and the lower bound of ``benchmarks.run`` (short
+contexts, the faster of both attention kernels) sits below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+from . import workload
+
+#: conversations decoded together (the benchmark's N = 32)
+STREAMS = 32
+
+
+def measure(context: int, steps: int = 5) -> tuple[float, dict[int, float]]:
+    """Seconds per prefilled token, and seconds per decoded row for 1, 2
+    and 4 rows a conversation, at ``context`` cells."""
+    import logging
+
+    import llama_cpp
+    import llama_cpp._logger as llama_logger
+    from llama_cpp import _internals
+
+    from aiosd.llm.llamacpp import embedded_model_path
+
+    llama_logger.logger.setLevel(logging.CRITICAL)   # llama.cpp logs every context it builds
+
+    model = _internals.LlamaModel(path_model=str(embedded_model_path()),
+                                  params=llama_cpp.llama_model_default_params(), verbose=False)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = 1024 * STREAMS
+    params.n_batch = params.n_ubatch = 512
+    params.n_seq_max = STREAMS
+    params.n_threads = params.n_threads_batch = len(os.sched_getaffinity(0))
+    params.kv_unified = False      # a stream a conversation, as in aiosd
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED   # aiosd's default
+    ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
+    batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
+    memory = llama_cpp.llama_get_memory(ctx.ctx)
+    rng = random.Random(0)
+    vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
+
+    def decode(rows: list[tuple[int, int, bool]]) -> float:
+        """Decode (stream, position, logits) rows of random tokens; seconds."""
+        b = batch.batch
+        b.n_tokens = len(rows)
+        for k, (seq, pos, logits) in enumerate(rows):
+            b.token[k], b.pos[k], b.n_seq_id[k] = rng.randrange(100, vocab), pos, 1
+            b.seq_id[k][0], b.logits[k] = seq, logits
+        t = time.perf_counter()
+        if llama_cpp.llama_decode(ctx.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        return time.perf_counter() - t
+
+    try:
+        decode([(0, 0, True)])   # builds the graphs
+        llama_cpp.llama_memory_seq_rm(memory, 0, 0, -1)
+        prefill = 0.0
+        for seq in range(STREAMS):
+            for start in range(0, context, 512):
+                n = min(512, context - start)
+                prefill += decode([(seq, start + j, j == n - 1) for j in range(n)])
+        per_row: dict[int, float] = {}
+        for k in (1, 2, 4):
+            times = []
+            for _ in range(steps):
+                times.append(decode([(seq, context + j, True)
+                                     for seq in range(STREAMS) for j in range(k)]))
+                for seq in range(STREAMS):
+                    llama_cpp.llama_memory_seq_rm(memory, seq, context, -1)
+            per_row[k] = sorted(times)[len(times) // 2] / (STREAMS * k)
+        return prefill / (STREAMS * context), per_row
+    finally:
+        ctx.close()
+        model.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=450,
+                        help="cells of each conversation (the workload's run from about 300 to 700)")
+    args = parser.parse_args()
+    from .run import distinct_prompt_tokens
+
+    prefill, per_row = measure(args.context)
+    print(f"at {args.context} cells of context, {STREAMS} conversations, flash attention off:")
+    print(f"  prefill {prefill * 1e3:.2f} ms a token ({1 / prefill:.1f} tok/s)")
+    for k, cost in per_row.items():
+        print(f"  decoding {k} row(s) a conversation ({STREAMS * k} rows, all with logits): "
+              f"{cost * 1e3:.2f} ms a row, {cost * STREAMS * k * 1e3:.0f} ms a step")
+    distinct = distinct_prompt_tokens(STREAMS)
+    generated = STREAMS * workload.TURNS * workload.MAX_TOKENS
+    floor = distinct * prefill + generated * per_row[1]
+    print(f"floor at N = {STREAMS}: {distinct} distinct prompt tokens and {generated} generated: "
+          f"{floor:.1f} s; 10x sooner than direct needs direct to take {10 * floor:.0f} s or more")
+
+
+if __name__ == "__main__":
+    main()
