@@ -195,17 +195,28 @@ class Client:
 
     # -- calls -----------------------------------------------------------
 
-    def _send(self, msg: protocol.Message) -> None:
+    def _send(self, msg: protocol.Message, deadline: float, timeout: float) -> None:
+        """Send ``msg``, waiting until ``deadline`` (monotonic) at most for
+        room in the socket's queue (a kernel that stopped reading fills it)."""
         assert self._sock is not None
-        send_frames(self._sock, protocol.encode(msg))
+        frames = protocol.encode(msg)
+        while True:
+            try:
+                send_frames(self._sock, frames, nonblocking=True)
+                return
+            except zmq.Again:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise no_reply(msg, self.endpoint, timeout) from None
+                self._sock.poll(int(min(left, 1.0) * 1000) + 1, zmq.POLLOUT)
 
     def _replies(self, msg: protocol.Message, timeout: float) -> Iterator[dict[str, Any]]:
         """Send ``msg``; yield partial bodies; return the final body."""
         if self._sock is None:
             self.connect()
         assert self._sock is not None
-        self._send(msg)
         deadline = time.monotonic() + timeout
+        self._send(msg, deadline, timeout)
         while True:
             left = deadline - time.monotonic()
             # Wait in slices, so a kernel that vanished is noticed quickly.
