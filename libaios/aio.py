@@ -225,6 +225,24 @@ class AsyncClient:
         finally:
             self._sending -= 1
 
+    async def _stream(self, mtype: MsgType, body: dict[str, Any],
+                      timeout: float) -> AsyncIterator[protocol.Message]:
+        """Make a streamed call: yield its partial replies, then its final
+        one. A kernel that restarted and does not know this connection
+        answers at once that it does not: connect afresh and call again."""
+        await self._current()
+        generation = self._generation
+        replies = self._replies(protocol.call(mtype, body, timeout), timeout)
+        try:
+            first = await anext(replies)
+        except errors.Unauthenticated:
+            await self._reconnect(generation)
+            replies = self._replies(protocol.call(mtype, body, timeout), timeout)
+            first = await anext(replies)
+        yield first
+        async for rep in replies:
+            yield rep
+
     async def _replies(self, msg: protocol.Message, timeout: float) -> AsyncIterator[protocol.Message]:
         """Send ``msg``; yield its partial replies, then its final reply."""
         await self._current()
@@ -287,6 +305,8 @@ class AsyncClient:
         finally:
             timer.cancel()
             self._waiting.pop(msg.id, None)
+            if reply.done() and not reply.cancelled():
+                reply.exception()   # (seen: a call whose send gave up never waited for it)
         if rep.type is MsgType.ERROR:
             raise errors.from_envelope(rep.body)
         return rep.body
@@ -302,8 +322,8 @@ class AsyncClient:
                           timeout: float | None = None, **options: Any) -> AsyncIterator[str | ChatResult]:
         """Stream a chat: yields text pieces, then the final :class:`ChatResult`."""
         timeout = self.timeout if timeout is None else timeout
-        msg = protocol.call(MsgType.LLM_CHAT, chat_body(messages, stream=True, **options), timeout)
-        async for rep in self._replies(msg, timeout):
+        body = chat_body(messages, stream=True, **options)
+        async for rep in self._stream(MsgType.LLM_CHAT, body, timeout):
             if rep.type is MsgType.REPLY:
                 yield ChatResult.from_body(rep.body)
             elif rep.body.get("text"):

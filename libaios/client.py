@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,7 +210,8 @@ class Client:
                     raise no_reply(msg, self.endpoint, timeout) from None
                 self._sock.poll(int(min(left, 1.0) * 1000) + 1, zmq.POLLOUT)
 
-    def _replies(self, msg: protocol.Message, timeout: float) -> Iterator[dict[str, Any]]:
+    def _replies(self, msg: protocol.Message,
+                 timeout: float) -> Generator[dict[str, Any], None, dict[str, Any]]:
         """Send ``msg``; yield partial bodies; return the final body."""
         if self._sock is None:
             self.connect()
@@ -241,37 +242,40 @@ class Client:
                 raise errors.from_envelope(rep.body)
 
     def _roundtrip(self, mtype: MsgType, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-        msg = protocol.call(mtype, body, timeout)
-        gen = self._replies(msg, timeout)
+        return _final(self._replies(protocol.call(mtype, body, timeout), timeout))
+
+    def _call_replies(self, mtype: MsgType, body: dict[str, Any],
+                      timeout: float) -> Generator[dict[str, Any], None, dict[str, Any]]:
+        """Make a call: yield its partial bodies, return its final body. A
+        kernel that restarted and forgot this connection answers at once
+        that it does not know it: connect to it afresh, introduce ourselves
+        again and call once more."""
+        self._current()
+        replies = self._replies(protocol.call(mtype, body, timeout), timeout)
         try:
-            while True:
-                next(gen)
+            first = next(replies)
         except StopIteration as stop:
             return stop.value
+        except errors.Unauthenticated:
+            self.close()
+            self.connect()
+            return (yield from self._replies(protocol.call(mtype, body, timeout), timeout))
+        yield first
+        return (yield from replies)
 
     def call(
         self, mtype: MsgType, body: dict[str, Any] | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
         """Make one system call and return its final reply's body."""
         timeout = self.timeout if timeout is None else timeout
-        self._current()
-        try:
-            return self._roundtrip(mtype, body or {}, timeout)
-        except errors.Unauthenticated:
-            # The kernel restarted and forgot this connection: connect to
-            # it afresh, introduce ourselves again and retry once.
-            self.close()
-            self.connect()
-            return self._roundtrip(mtype, body or {}, timeout)
+        return _final(self._call_replies(mtype, body or {}, timeout))
 
     def stream(
         self, mtype: MsgType, body: dict[str, Any] | None = None, timeout: float | None = None
     ) -> Stream:
         """Make a call whose answer streams; iterate the returned :class:`Stream`."""
         timeout = self.timeout if timeout is None else timeout
-        self._current()
-        msg = protocol.call(mtype, body or {}, timeout)
-        return Stream(self._replies(msg, timeout))
+        return Stream(self._call_replies(mtype, body or {}, timeout))
 
     # -- system calls ------------------------------------------------------
 
@@ -315,6 +319,15 @@ class Client:
     def null(self, timeout: float | None = None) -> dict[str, Any]:
         """A system call that does nothing, through the scheduler and a worker."""
         return self.call(MsgType.SYS_NULL, {}, timeout)
+
+
+def _final(replies: Generator[dict[str, Any], None, dict[str, Any]]) -> dict[str, Any]:
+    """Run a call's replies to their end: its final reply's body."""
+    try:
+        while True:
+            next(replies)
+    except StopIteration as stop:
+        return stop.value
 
 
 class _TokenStream:

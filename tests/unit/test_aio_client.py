@@ -144,7 +144,7 @@ def test_calls_that_find_a_restarted_kernel_reconnect_once_and_all_go_through() 
     """Over TCP (no socket file to watch), every call in flight to a kernel
     that restarted learns it from an 'unauthenticated' answer at once: the
     first reconnects, the others go out on its new connection rather than
-    each tearing down the last one's."""
+    each tearing down the last one's. A streamed call reconnects too."""
     async def picky(router: zmq.asyncio.Socket) -> None:
         known: set[bytes] = set()
         while True:
@@ -160,27 +160,36 @@ def test_calls_that_find_a_restarted_kernel_reconnect_once_and_all_go_through() 
                 reply = protocol.reply(msg.id, msg.body)
             await router.send_multipart([frames[0], *protocol.encode(reply)])
 
-    async def main() -> list[object]:
+    async def main() -> tuple[list[object], list[object]]:
         ctx = zmq.asyncio.Context.instance()
-        router = ctx.socket(zmq.ROUTER)
-        port = router.bind_to_random_port("tcp://127.0.0.1")
-        task = asyncio.create_task(picky(router))
+        kernel = {"router": ctx.socket(zmq.ROUTER)}
+        port = kernel["router"].bind_to_random_port("tcp://127.0.0.1")
+        kernel["task"] = asyncio.create_task(picky(kernel["router"]))
+
+        def restart() -> None:
+            kernel["task"].cancel()
+            kernel["router"].close(0)
+            kernel["router"] = ctx.socket(zmq.ROUTER)
+            kernel["router"].bind(f"tcp://127.0.0.1:{port}")
+            kernel["task"] = asyncio.create_task(picky(kernel["router"]))
+
         try:
             async with aio.connect(f"tcp://127.0.0.1:{port}", name="test") as c:
                 assert await c.call(MsgType.SYS_NULL, {"n": -1}, 10.0) == {"n": -1}
-                task.cancel()                      # the kernel restarts
-                router.close(0)
-                router = ctx.socket(zmq.ROUTER)
-                router.bind(f"tcp://127.0.0.1:{port}")
-                task = asyncio.create_task(picky(router))
-                return await asyncio.gather(
+                restart()
+                calls = await asyncio.gather(
                     *(c.call(MsgType.SYS_NULL, {"n": i}, 10.0) for i in range(20)),
                     return_exceptions=True)
+                restart()   # and a streamed call is the first to find out
+                streamed = [piece async for piece in c.chat_stream("hi", timeout=10.0)]
+                return calls, streamed
         finally:
-            task.cancel()
-            router.close(0)
+            kernel["task"].cancel()
+            kernel["router"].close(0)
 
-    assert asyncio.run(main()) == [{"n": i} for i in range(20)]
+    calls, streamed = asyncio.run(main())
+    assert calls == [{"n": i} for i in range(20)]
+    assert len(streamed) == 1 and streamed[0].text == ""
 
 
 def test_a_call_that_cannot_be_sent_times_out_at_its_deadline(tmp_path: Path) -> None:

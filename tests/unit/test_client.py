@@ -52,5 +52,65 @@ def test_a_call_that_cannot_be_sent_times_out_at_its_deadline(tmp_path: Path) ->
     finally:
         client.close()
         router.close(0)
-        client_ctx.term()
-        kernel_ctx.term()
+        client_ctx.destroy(linger=0)
+        kernel_ctx.destroy(linger=0)
+
+
+def serve_picky(router: zmq.Socket, stop: threading.Event) -> None:
+    """A stand-in kernel that answers only connections that said hello to it."""
+    known: set[bytes] = set()
+    while not stop.is_set():
+        if not router.poll(50):
+            continue
+        frames = router.recv_multipart()
+        msg = protocol.decode(frames[2:])
+        if msg.type is MsgType.HELLO:
+            known.add(frames[0])
+            reply = protocol.reply(msg.id, {"agent": "a1", "name": "test"})
+        elif frames[0] not in known:
+            reply = protocol.error(msg.id, protocol.ErrorCode.UNAUTHENTICATED,
+                                   "this connection has not said hello")
+        else:
+            reply = protocol.reply(msg.id, {"text": "ok", "finish_reason": "stop"})
+        router.send_multipart([frames[0], *protocol.encode(reply)])
+
+
+def test_calls_and_streams_reconnect_to_a_restarted_kernel() -> None:
+    """Over TCP (no socket file to watch), a kernel that restarted answers a
+    call on the old connection that it does not know it: the client says
+    hello again and makes the call once more, a streamed one too."""
+    ctx = zmq.Context()
+    kernel: dict[str, object] = {}
+
+    def start(port: int | None) -> int:
+        router = ctx.socket(zmq.ROUTER)
+        if port is None:
+            port = router.bind_to_random_port("tcp://127.0.0.1")
+        else:
+            router.bind(f"tcp://127.0.0.1:{port}")
+        stop = threading.Event()
+        thread = threading.Thread(target=serve_picky, args=(router, stop), daemon=True)
+        thread.start()
+        kernel.update(router=router, stop=stop, thread=thread)
+        return port
+
+    def halt() -> None:
+        kernel["stop"].set()
+        kernel["thread"].join(10)
+        kernel["router"].close(0)
+
+    port = start(None)
+    client = Client(f"tcp://127.0.0.1:{port}", name="test", timeout=10.0).connect()
+    try:
+        assert client.call(MsgType.SYS_NULL)["text"] == "ok"
+        halt()
+        start(port)
+        assert client.call(MsgType.SYS_NULL)["text"] == "ok"
+        halt()
+        start(port)
+        stream = client.chat("hi", stream=True)
+        assert list(stream) == [] and stream.result.text == "ok"
+    finally:
+        client.close()
+        halt()
+        ctx.destroy(linger=0)
