@@ -285,7 +285,9 @@ class Supervisor:
                 self.manage()
                 if flags["hup"]:
                     flags["hup"] = False
-                    log.info("SIGHUP: configuration reload takes effect at the next restart")
+                    log.warning("SIGHUP: aiosd reads its configuration when it starts; check a "
+                                "changed one with `aiosd --check-config` and apply it by "
+                                "restarting aiosd (`systemctl restart aiosd`)")
                 now = time.monotonic()
                 interval = 0.2 if not self.ready else HEALTH_INTERVAL
                 if self.notifier.watchdog_interval:

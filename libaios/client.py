@@ -106,6 +106,11 @@ def kernel_socket_id(endpoint: str) -> tuple[int, int] | None:
             f"aiosd is not running: no kernel socket at {path} "
             "(start it with `aiosctl start`, or set AIOS_RUNTIME_DIR)"
         ) from None
+    except PermissionError:
+        raise errors.PermissionDenied(
+            f"cannot reach the kernel socket at {path}: its directory is not open to this "
+            "user (aiosd's runtime directory is its own user's alone)"
+        ) from None
     return st.st_ino, st.st_ctime_ns
 
 
@@ -134,6 +139,7 @@ class Client:
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._inode: tuple[int, int] | None = None
+        self._streaming = False   # a stream is being read (see _open_stream)
         #: memory, storage and tool system calls: ``client.memory.add(...)``
         self.memory = Memory(self.call)
         self.storage = Storage(self.call)
@@ -268,6 +274,7 @@ class Client:
     ) -> dict[str, Any]:
         """Make one system call and return its final reply's body."""
         timeout = self.timeout if timeout is None else timeout
+        self._check_no_stream(mtype)
         return _final(self._call_replies(mtype, body or {}, timeout))
 
     def stream(
@@ -275,7 +282,25 @@ class Client:
     ) -> Stream:
         """Make a call whose answer streams; iterate the returned :class:`Stream`."""
         timeout = self.timeout if timeout is None else timeout
-        return Stream(self._call_replies(mtype, body or {}, timeout))
+        self._check_no_stream(mtype)
+        return Stream(self._open_stream(self._call_replies(mtype, body or {}, timeout)))
+
+    def _open_stream(self, replies: Generator[dict[str, Any], None, dict[str, Any]]
+                     ) -> Generator[dict[str, Any], None, dict[str, Any]]:
+        """A stream's replies. While it is being read, another call on this
+        client would take its replies (one socket, one reader): that call is
+        refused instead."""
+        self._streaming = True
+        try:
+            return (yield from replies)
+        finally:
+            self._streaming = False
+
+    def _check_no_stream(self, mtype: MsgType) -> None:
+        if self._streaming:
+            raise errors.Conflict(
+                f"{mtype.value}: a streamed call is being read on this client; read it to its "
+                "end (or close it) first, or make this call on another client")
 
     # -- system calls ------------------------------------------------------
 

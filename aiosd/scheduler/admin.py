@@ -17,7 +17,7 @@ import libaios
 from libaios import errors, protocol
 from libaios.protocol import Message, MsgType
 
-from .agents import Agent
+from .agents import Agent, agent_name_ok
 from .approvals import Approval
 from .calls import Call, CallState
 from .peers import Session
@@ -142,8 +142,9 @@ class AdminCalls:
                 raise errors.PermissionDenied(
                     f"agent.run: a sub-agent of {session.name} is named {prefix}NAME, "
                     f"not {name!r}")
-        if len(name) > 64:
-            raise errors.InvalidArgument("agent.run: 'name' must be a string of 1-64 characters")
+        if not agent_name_ok(name):
+            raise errors.InvalidArgument("agent.run: 'name' must be a string of 1-64 characters, "
+                                         "none of them a control character")
         cwd = body.get("cwd")
         if cwd is not None and (not isinstance(cwd, str) or not os.path.isdir(cwd)):
             raise errors.InvalidArgument(f"agent.run: 'cwd' {cwd!r} is not a directory")

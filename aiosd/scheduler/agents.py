@@ -33,6 +33,14 @@ class AgentState(enum.Enum):
     DISCONNECTED = "disconnected"  # started by hand, gone
 
 
+def agent_name_ok(name: object) -> bool:
+    """Whether ``name`` can name an agent (and its namespace, whose keys
+    the storage and memory managers separate with NUL bytes): 1 to 64
+    characters, none of them a control character."""
+    return (isinstance(name, str) and 0 < len(name) <= 64
+            and not any(c < " " or c == "\x7f" for c in name))
+
+
 @dataclass
 class Usage:
     """What an agent has used of the kernel."""

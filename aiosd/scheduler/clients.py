@@ -18,11 +18,17 @@ from libaios.protocol import ErrorCode, Message, MsgType
 
 from ..llm import request as chat_request
 from . import access
+from .agents import agent_name_ok
 from .calls import Call
 from .peers import Session
 
 # the scheduler logs under one name, whichever of its modules a method is in
 log = logging.getLogger(__name__)
+
+#: The largest body of a call: the task a worker is sent wraps it with the
+#: call's id, its caller and namespace, and must stay within the protocol's
+#: limit (a worker cannot read a larger one, and the call would never end).
+MAX_CALL_BODY = protocol.MAX_BODY_BYTES - 64 * 1024
 
 
 def _resources() -> dict[MsgType, str]:
@@ -68,6 +74,11 @@ class ClientCalls:
         except protocol.ProtocolError as exc:
             self.send_client(identity, protocol.error(protocol.peek_id(payload), exc.code, exc.message))
             return
+        if len(payload[1]) > MAX_CALL_BODY:
+            self.reply_error(identity, msg.id, errors.TooLarge(
+                f"{msg.type.value}: the body is {len(payload[1])} bytes; a call's body may be at "
+                f"most {MAX_CALL_BODY} (what the kernel adds for its worker must fit too)"))
+            return
         handler = self.client_handlers.get(msg.type)
         if handler is None:
             self.send_client(
@@ -100,8 +111,9 @@ class ClientCalls:
     def on_hello(self, session: Session | None, identity: bytes, msg: Message) -> None:
         body = msg.body
         name = body.get("name") or "agent"
-        if not isinstance(name, str) or len(name) > 64:
-            raise errors.InvalidArgument("hello: 'name' must be a string of at most 64 characters")
+        if not agent_name_ok(name):
+            raise errors.InvalidArgument("hello: 'name' must be a string of at most 64 characters, "
+                                         "none of them a control character")
         token = body.get("token")
         pid = body.get("pid") if isinstance(body.get("pid"), int) else None
         if session is not None:  # a second hello on one connection changes nothing
@@ -289,7 +301,7 @@ class ClientCalls:
             if session.operator and not session.internal:
                 raise errors.InvalidArgument("an operator must name the agent whose data to use ('agent')")
             return session.name
-        if not isinstance(target, str) or not target or len(target) > 64:
+        if not agent_name_ok(target):
             raise errors.InvalidArgument("'agent' must be the name of an agent")
         return target
 

@@ -114,3 +114,45 @@ def test_calls_and_streams_reconnect_to_a_restarted_kernel() -> None:
         client.close()
         halt()
         ctx.destroy(linger=0)
+
+
+def test_a_call_made_while_a_stream_is_read_is_refused_and_the_stream_goes_on() -> None:
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            frames = router.recv_multipart()
+            msg = protocol.decode(frames[2:])
+            if msg.type is MsgType.HELLO:
+                out = [protocol.reply(msg.id, {"agent": "a1", "name": "test"})]
+            else:   # three pieces, then the end
+                out = [protocol.partial(msg.id, {"text": t}) for t in ("a", "b", "c")]
+                out.append(protocol.reply(msg.id, {"text": "abc", "finish_reason": "stop"}))
+            for m in out:
+                router.send_multipart([frames[0], *protocol.encode(m)])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = Client(f"tcp://127.0.0.1:{port}", name="test", timeout=10.0).connect()
+    try:
+        stream = client.chat("hi", stream=True)
+        pieces, refused = [], []
+        for piece in stream:
+            pieces.append(piece)
+            try:
+                client.null()
+            except errors.Conflict as exc:
+                refused.append(str(exc))
+        assert pieces == ["a", "b", "c"] and stream.result.text == "abc"
+        assert len(refused) == 3 and "a streamed call is being read" in refused[0]
+        assert client.null()["text"] == "abc"   # once it has ended, calls go again
+    finally:
+        stop.set()
+        thread.join(10)
+        client.close()
+        ctx.destroy(linger=0)

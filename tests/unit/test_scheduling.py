@@ -450,3 +450,33 @@ def test_a_chat_cannot_name_a_snapshot_to_resume_from(sched) -> None:
     assert identity == b"a" and reply.re == chat.id
     assert reply.body["code"] == ErrorCode.INVALID_ARGUMENT and "'resume'" in reply.body["message"]
     assert not sched.calls and len(sched.queues["llm"]) == 0
+
+
+def test_a_call_too_large_to_hand_to_a_worker_is_refused_at_once(sched) -> None:
+    from aiosd.scheduler.clients import MAX_CALL_BODY
+    from aiosd.scheduler.peers import Session
+
+    agent = sched.agents.register("a", None)
+    sched.sessions[b"a"] = Session(b"a", "a", operator=False, agent=agent)
+    put = protocol.call(MsgType.STORAGE_PUT, {"key": "k", "value": "x" * MAX_CALL_BODY})
+    sched.on_client_frames([zmq.Frame(f) for f in [b"a", *protocol.encode(put)]])
+    identity, reply = sched.sent_clients[-1]
+    assert reply.re == put.id and reply.body["code"] == ErrorCode.TOO_LARGE
+    assert "a call's body may be at most" in reply.body["message"]
+    assert not sched.calls
+
+
+@pytest.mark.parametrize("name", ["alice\x00key\x00notes", "tab\there", "x" * 65])
+def test_names_that_cannot_name_a_namespace_are_refused(sched, name: str) -> None:
+    hello = protocol.call(MsgType.HELLO, {"name": name, "pid": 1})
+    sched.on_client_frames([zmq.Frame(f) for f in [b"c", *protocol.encode(hello)]])
+    identity, reply = sched.sent_clients[-1]
+    assert reply.type is MsgType.ERROR and reply.body["code"] == ErrorCode.INVALID_ARGUMENT
+    assert b"c" not in sched.sessions
+    from aiosd.scheduler.peers import Session
+
+    agent = sched.agents.register("a", None)
+    sched.sessions[b"a"] = Session(b"a", "a", operator=False, agent=agent)
+    get = protocol.call(MsgType.STORAGE_GET, {"key": "k", "agent": name})
+    sched.on_client_frames([zmq.Frame(f) for f in [b"a", *protocol.encode(get)]])
+    assert sched.sent_clients[-1][1].body["code"] == ErrorCode.INVALID_ARGUMENT
