@@ -316,11 +316,15 @@ def test_saturated_slow_tool_does_not_block_other_calls(tooled: Daemon) -> None:
     t1, out1 = _in_thread(lambda: tooled.client(name="slow1").tools.call("python", {"code": slow}))
     tooled.wait_for(lambda s: s["tools_running"].get("python") == 1, what="python to run")
     t2, out2 = _in_thread(lambda: tooled.client(name="slow2").tools.call("python", {"code": slow}))
+    tooled.wait_for(lambda s: s["queues"]["tool"] == 1, what="the second python call to queue")
     with tooled.client(name="quick") as c:
         for i in range(5):
             assert c.tools.call("calculator", {"expression": f"{i}+1"}) is not None
-            # the second python call is still waiting for the first
-            assert "value" not in out2
+            # the calculator ran while the first python call still runs (one at a
+            # time) and the second still waits for it
+            status = tooled.status()
+            assert status["tools_running"].get("python") == 1 and status["queues"]["tool"] == 1
+            assert "value" not in out1 and "value" not in out2
     t1.join(60)
     t2.join(60)
     assert "slept" in out1["value"]["stdout"] and "slept" in out2["value"]["stdout"]
