@@ -7,10 +7,18 @@ with fewer than K accesses has an infinite distance, and among those the one
 whose oldest recorded access is earliest goes first (plain LRU). With K = 1
 this is LRU; larger K keeps a block that is used again and again over one
 that was touched once by a scan.
+
+The blocks wait in a heap ordered by that rule, so choosing a victim costs
+O(log n) rather than a look at every block: an access that changes a
+block's place pushes a new entry, and entries left behind by later
+accesses (or by removed blocks) are passed over when they come up, and
+cleared out when they outnumber the blocks.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Hashable
 
@@ -22,11 +30,27 @@ class KLRUReplacer:
         self.k = k
         self._history: dict[Hashable, deque[float]] = {}
         self._pinned: set[Hashable] = set()
+        #: each tracked block's place: (0 if it has fewer than K accesses,
+        #: else 1; its oldest recorded access); the least goes first
+        self._place: dict[Hashable, tuple[int, float]] = {}
+        self._heap: list[tuple[int, float, int, Hashable]] = []
+        self._order = itertools.count()   # ties: the block placed first goes first
 
     def access(self, block: Hashable, now: float) -> None:
         """Record an access to ``block`` (tracking it if it is new)."""
         hist = self._history.setdefault(block, deque(maxlen=self.k))
         hist.append(now)
+        place = (0 if len(hist) < self.k else 1, hist[0])
+        if self._place.get(block) != place:
+            self._place[block] = place
+            heapq.heappush(self._heap, (*place, next(self._order), block))
+            if len(self._heap) > 2 * len(self._place) + 64:
+                self._compact()
+
+    def _compact(self) -> None:
+        """Drop the entries no block is at any more."""
+        self._heap = [e for e in self._heap if self._place.get(e[3]) == e[:2]]
+        heapq.heapify(self._heap)
 
     def pin(self, block: Hashable) -> None:
         """Keep ``block`` from being evicted (in use)."""
@@ -38,6 +62,7 @@ class KLRUReplacer:
     def remove(self, block: Hashable) -> None:
         """Stop tracking ``block`` (deleted or evicted)."""
         self._history.pop(block, None)
+        self._place.pop(block, None)
         self._pinned.discard(block)
 
     def __contains__(self, block: Hashable) -> bool:
@@ -48,18 +73,20 @@ class KLRUReplacer:
 
     def victim(self) -> Hashable | None:
         """The block to evict next, or None if every block is pinned."""
-        best = None
-        best_key: tuple[int, float] | None = None
-        for block, hist in self._history.items():
-            if block in self._pinned:
-                continue
-            if len(hist) < self.k:
-                key = (1, -hist[0])   # infinite distance; earliest first
+        pinned = []
+        found = None
+        while self._heap:
+            entry = self._heap[0]
+            if self._place.get(entry[3]) != entry[:2]:
+                heapq.heappop(self._heap)   # left behind by a later access
+            elif entry[3] in self._pinned:
+                pinned.append(heapq.heappop(self._heap))
             else:
-                key = (0, -hist[0])   # hist[0] is the K-th most recent access
-            if best_key is None or key > best_key:
-                best, best_key = block, key
-        return best
+                found = entry[3]
+                break
+        for entry in pinned:
+            heapq.heappush(self._heap, entry)
+        return found
 
     def evict(self) -> Hashable | None:
         """Pick the victim and stop tracking it."""

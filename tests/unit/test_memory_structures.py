@@ -169,3 +169,37 @@ def test_prefix_compression_and_a_restart_from_the_store() -> None:
     again = manager(store, budget=1 << 20)
     assert again.load() == 5
     assert [again.get("a", i)["text"] for i in ids] == [system + f"Question {i}?" for i in range(5)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_klru_victim_follows_its_rule_through_accesses_pins_and_removals(k: int) -> None:
+    """Against the rule itself, worked out over every block: fewer than K
+    accesses first, then the earliest K-th most recent access."""
+    import random
+
+    rng = random.Random(k)
+    r = KLRUReplacer(k=k)
+    history: dict[int, list[float]] = {}
+    pinned: set[int] = set()
+    for now in range(1, 3000):
+        block = rng.randrange(60)
+        op = rng.random()
+        if op < 0.7:
+            r.access(block, float(now))
+            history.setdefault(block, []).append(float(now))
+        elif op < 0.8:
+            r.pin(block)
+            pinned.add(block)
+        elif op < 0.9:
+            r.unpin(block)
+            pinned.discard(block)
+        else:
+            r.remove(block)
+            history.pop(block, None)
+            pinned.discard(block)
+        places = sorted((0 if len(h) < k else 1, h[-k] if len(h) >= k else h[0], b)
+                        for b, h in history.items() if b not in pinned)
+        assert r.victim() == (places[0][2] if places else None)
+        if now % 50 == 0 and places:
+            assert r.evict() == places[0][2]
+            history.pop(places[0][2])
