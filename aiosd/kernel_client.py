@@ -36,11 +36,13 @@ class KernelClient:
         return client
 
     def call(self, mtype: MsgType, body: dict[str, Any], as_namespace: str | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
-        """Make ``mtype`` (in ``as_namespace``'s data, if given)."""
+             timeout: float | None = None,
+             cancelled: threading.Event | None = None) -> dict[str, Any]:
+        """Make ``mtype`` (in ``as_namespace``'s data, if given); setting
+        ``cancelled`` gives up waiting for it."""
         if as_namespace is not None:
             body = {**body, "as_namespace": as_namespace}
-        return self._client().call(mtype, body, timeout)
+        return self._client().call(mtype, body, timeout, cancelled)
 
     def close(self) -> None:
         client = getattr(self._local, "client", None)

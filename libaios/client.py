@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -216,8 +217,9 @@ class Client:
                     raise no_reply(msg, self.endpoint, timeout) from None
                 self._sock.poll(int(min(left, 1.0) * 1000) + 1, zmq.POLLOUT)
 
-    def _replies(self, msg: protocol.Message,
-                 timeout: float) -> Generator[dict[str, Any], None, dict[str, Any]]:
+    def _replies(self, msg: protocol.Message, timeout: float,
+                 cancelled: threading.Event | None = None
+                 ) -> Generator[dict[str, Any], None, dict[str, Any]]:
         """Send ``msg``; yield partial bodies; return the final body."""
         if self._sock is None:
             self.connect()
@@ -226,8 +228,12 @@ class Client:
         self._send(msg, deadline, timeout)
         while True:
             left = deadline - time.monotonic()
-            # Wait in slices, so a kernel that vanished is noticed quickly.
-            if left <= 0 or not self._sock.poll(int(min(left, 1.0) * 1000) + 1, zmq.POLLIN):
+            # Wait in slices, so a kernel that vanished (or a caller that
+            # gave up) is noticed quickly.
+            part = min(left, 1.0 if cancelled is None else 0.1)
+            if left <= 0 or not self._sock.poll(int(part * 1000) + 1, zmq.POLLIN):
+                if cancelled is not None and cancelled.is_set():
+                    raise errors.Cancelled(f"{msg.type.value}: given up before its reply came")
                 if time.monotonic() < deadline:
                     self._check_kernel()
                     continue
@@ -250,14 +256,15 @@ class Client:
     def _roundtrip(self, mtype: MsgType, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         return _final(self._replies(protocol.call(mtype, body, timeout), timeout))
 
-    def _call_replies(self, mtype: MsgType, body: dict[str, Any],
-                      timeout: float) -> Generator[dict[str, Any], None, dict[str, Any]]:
+    def _call_replies(self, mtype: MsgType, body: dict[str, Any], timeout: float,
+                      cancelled: threading.Event | None = None
+                      ) -> Generator[dict[str, Any], None, dict[str, Any]]:
         """Make a call: yield its partial bodies, return its final body. A
         kernel that restarted and forgot this connection answers at once
         that it does not know it: connect to it afresh, introduce ourselves
         again and call once more."""
         self._current()
-        replies = self._replies(protocol.call(mtype, body, timeout), timeout)
+        replies = self._replies(protocol.call(mtype, body, timeout), timeout, cancelled)
         try:
             first = next(replies)
         except StopIteration as stop:
@@ -265,17 +272,21 @@ class Client:
         except errors.Unauthenticated:
             self.close()
             self.connect()
-            return (yield from self._replies(protocol.call(mtype, body, timeout), timeout))
+            return (yield from self._replies(protocol.call(mtype, body, timeout), timeout,
+                                             cancelled))
         yield first
         return (yield from replies)
 
     def call(
-        self, mtype: MsgType, body: dict[str, Any] | None = None, timeout: float | None = None
+        self, mtype: MsgType, body: dict[str, Any] | None = None, timeout: float | None = None,
+        cancelled: threading.Event | None = None,
     ) -> dict[str, Any]:
-        """Make one system call and return its final reply's body."""
+        """Make one system call and return its final reply's body. Setting
+        ``cancelled`` (from another thread) gives up waiting for it: the
+        call then fails with :class:`~libaios.errors.Cancelled`."""
         timeout = self.timeout if timeout is None else timeout
         self._check_no_stream(mtype)
-        return _final(self._call_replies(mtype, body or {}, timeout))
+        return _final(self._call_replies(mtype, body or {}, timeout, cancelled))
 
     def stream(
         self, mtype: MsgType, body: dict[str, Any] | None = None, timeout: float | None = None

@@ -202,7 +202,9 @@ def file_tools(kernel: KernelClient | None) -> list[Tool]:
         if remaining is not None and remaining <= 0:
             raise errors.Timeout(f"{ctx.tool}: the call's time ran out")
         try:
-            return kernel.call(mtype, body, as_namespace=ctx.namespace, timeout=remaining)
+            # (a call cancelled meanwhile stops waiting: its worker must let go)
+            return kernel.call(mtype, body, as_namespace=ctx.namespace, timeout=remaining,
+                               cancelled=ctx.cancelled)
         except errors.Timeout as exc:
             raise errors.Timeout(f"{ctx.tool}: the storage call did not finish in time "
                                  f"({exc.message})") from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 import zmq
 
 from libaios import errors, protocol
@@ -154,5 +155,29 @@ def test_a_call_made_while_a_stream_is_read_is_refused_and_the_stream_goes_on() 
     finally:
         stop.set()
         thread.join(10)
+        client.close()
+        ctx.destroy(linger=0)
+
+
+def test_a_call_given_up_from_another_thread_fails_as_cancelled() -> None:
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def hello_only() -> None:   # then never answers
+        frames = router.recv_multipart()
+        msg = protocol.decode(frames[2:])
+        router.send_multipart(
+            [frames[0], *protocol.encode(protocol.reply(msg.id, {"agent": "a1", "name": "test"}))])
+
+    thread = threading.Thread(target=hello_only, daemon=True)
+    thread.start()
+    client = Client(f"tcp://127.0.0.1:{port}", name="test").connect()
+    cancelled = threading.Event()
+    threading.Timer(0.2, cancelled.set).start()
+    try:
+        with pytest.raises(errors.Cancelled, match="sys.null: given up before its reply came"):
+            client.call(MsgType.SYS_NULL, {}, timeout=60.0, cancelled=cancelled)
+    finally:
         client.close()
         ctx.destroy(linger=0)
