@@ -16,6 +16,8 @@ import zmq.asyncio
 from libaios import aio, errors, protocol
 from libaios.protocol import MsgType
 
+from .test_client import bind_again
+
 
 async def kernel(router: zmq.asyncio.Socket, ignore: set[int], garble: set[int]) -> None:
     """Answer each call with its own number, in bursts: every call that has
@@ -170,7 +172,7 @@ def test_calls_that_find_a_restarted_kernel_reconnect_once_and_all_go_through() 
             kernel["task"].cancel()
             kernel["router"].close(0)
             kernel["router"] = ctx.socket(zmq.ROUTER)
-            kernel["router"].bind(f"tcp://127.0.0.1:{port}")
+            bind_again(kernel["router"], f"tcp://127.0.0.1:{port}")
             kernel["task"] = asyncio.create_task(picky(kernel["router"]))
 
         try:

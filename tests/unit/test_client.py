@@ -5,6 +5,7 @@ full, a call fails at its deadline instead of waiting to be sent for good."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,20 @@ def test_a_call_that_cannot_be_sent_times_out_at_its_deadline(tmp_path: Path) ->
         kernel_ctx.destroy(linger=0)
 
 
+def bind_again(sock: zmq.Socket, endpoint: str) -> None:
+    """Bind where a socket just closed (libzmq lets go of the port a moment
+    after the close returns)."""
+    for _ in range(250):
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE:
+                raise
+            time.sleep(0.02)
+    sock.bind(endpoint)
+
+
 def serve_picky(router: zmq.Socket, stop: threading.Event) -> None:
     """A stand-in kernel that answers only connections that said hello to it."""
     known: set[bytes] = set()
@@ -88,7 +103,7 @@ def test_calls_and_streams_reconnect_to_a_restarted_kernel() -> None:
         if port is None:
             port = router.bind_to_random_port("tcp://127.0.0.1")
         else:
-            router.bind(f"tcp://127.0.0.1:{port}")
+            bind_again(router, f"tcp://127.0.0.1:{port}")
         stop = threading.Event()
         thread = threading.Thread(target=serve_picky, args=(router, stop), daemon=True)
         thread.start()

@@ -153,9 +153,10 @@ class FakeKernel:
         self.calls: list[tuple[MsgType, dict[str, Any], str | None]] = []
 
     def call(self, mtype: MsgType, body: dict[str, Any], as_namespace: str | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
+             timeout: float | None = None, cancelled: Any = None) -> dict[str, Any]:
         self.calls.append((mtype, body, as_namespace))
         assert as_namespace and timeout is not None and timeout > 0
+        assert cancelled is not None and not cancelled.is_set()   # the call's own event
         key = (as_namespace, body.get("path", ""))
         if mtype is MsgType.STORAGE_READ_FILE:
             if key not in self.files:
