@@ -16,7 +16,7 @@ import zmq.asyncio
 from libaios import aio, errors, protocol
 from libaios.protocol import MsgType
 
-from .test_client import bind_again
+from .test_client import bind_again, picky_answer
 
 
 async def kernel(router: zmq.asyncio.Socket, ignore: set[int], garble: set[int]) -> None:
@@ -152,14 +152,7 @@ def test_calls_that_find_a_restarted_kernel_reconnect_once_and_all_go_through() 
         while True:
             frames = await router.recv_multipart()
             msg = protocol.decode(frames[2:])
-            if msg.type is MsgType.HELLO:
-                known.add(frames[0])
-                reply = protocol.reply(msg.id, {"agent": "a1", "name": "test"})
-            elif frames[0] not in known:
-                reply = protocol.error(msg.id, protocol.ErrorCode.UNAUTHENTICATED,
-                                       "this connection has not said hello")
-            else:
-                reply = protocol.reply(msg.id, msg.body)
+            reply = picky_answer(known, frames[0], msg, msg.body)
             await router.send_multipart([frames[0], *protocol.encode(reply)])
 
     async def main() -> tuple[list[object], list[object]]:

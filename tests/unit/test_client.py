@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -72,23 +74,28 @@ def bind_again(sock: zmq.Socket, endpoint: str) -> None:
     sock.bind(endpoint)
 
 
-def serve_picky(router: zmq.Socket, stop: threading.Event) -> None:
-    """A stand-in kernel that answers only connections that said hello to it."""
-    known: set[bytes] = set()
+def serve(router: zmq.Socket, stop: threading.Event,
+          answer: Callable[[bytes, protocol.Message], list[protocol.Message]]) -> None:
+    """A stand-in kernel: each message gets the replies ``answer`` gives it."""
     while not stop.is_set():
         if not router.poll(50):
             continue
         frames = router.recv_multipart()
-        msg = protocol.decode(frames[2:])
-        if msg.type is MsgType.HELLO:
-            known.add(frames[0])
-            reply = protocol.reply(msg.id, {"agent": "a1", "name": "test"})
-        elif frames[0] not in known:
-            reply = protocol.error(msg.id, protocol.ErrorCode.UNAUTHENTICATED,
-                                   "this connection has not said hello")
-        else:
-            reply = protocol.reply(msg.id, {"text": "ok", "finish_reason": "stop"})
-        router.send_multipart([frames[0], *protocol.encode(reply)])
+        for reply in answer(frames[0], protocol.decode(frames[2:])):
+            router.send_multipart([frames[0], *protocol.encode(reply)])
+
+
+def picky_answer(known: set[bytes], identity: bytes, msg: protocol.Message,
+                 body: dict[str, Any]) -> protocol.Message:
+    """How a kernel that knows only the connections that said hello to it
+    (``known``) answers ``msg``: a call with ``body``."""
+    if msg.type is MsgType.HELLO:
+        known.add(identity)
+        return protocol.reply(msg.id, {"agent": "a1", "name": "test"})
+    if identity not in known:
+        return protocol.error(msg.id, protocol.ErrorCode.UNAUTHENTICATED,
+                              "this connection has not said hello")
+    return protocol.reply(msg.id, body)
 
 
 def test_calls_and_streams_reconnect_to_a_restarted_kernel() -> None:
@@ -105,7 +112,10 @@ def test_calls_and_streams_reconnect_to_a_restarted_kernel() -> None:
         else:
             bind_again(router, f"tcp://127.0.0.1:{port}")
         stop = threading.Event()
-        thread = threading.Thread(target=serve_picky, args=(router, stop), daemon=True)
+        known: set[bytes] = set()
+        ok = {"text": "ok", "finish_reason": "stop"}
+        thread = threading.Thread(target=serve, daemon=True, args=(
+            router, stop, lambda identity, msg: [picky_answer(known, identity, msg, ok)]))
         thread.start()
         kernel.update(router=router, stop=stop, thread=thread)
         return port
@@ -138,21 +148,14 @@ def test_a_call_made_while_a_stream_is_read_is_refused_and_the_stream_goes_on() 
     port = router.bind_to_random_port("tcp://127.0.0.1")
     stop = threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            if not router.poll(50):
-                continue
-            frames = router.recv_multipart()
-            msg = protocol.decode(frames[2:])
-            if msg.type is MsgType.HELLO:
-                out = [protocol.reply(msg.id, {"agent": "a1", "name": "test"})]
-            else:   # three pieces, then the end
-                out = [protocol.partial(msg.id, {"text": t}) for t in ("a", "b", "c")]
-                out.append(protocol.reply(msg.id, {"text": "abc", "finish_reason": "stop"}))
-            for m in out:
-                router.send_multipart([frames[0], *protocol.encode(m)])
+    def answer(identity: bytes, msg: protocol.Message) -> list[protocol.Message]:
+        if msg.type is MsgType.HELLO:
+            return [protocol.reply(msg.id, {"agent": "a1", "name": "test"})]
+        # three pieces, then the end
+        return [*(protocol.partial(msg.id, {"text": t}) for t in ("a", "b", "c")),
+                protocol.reply(msg.id, {"text": "abc", "finish_reason": "stop"})]
 
-    thread = threading.Thread(target=serve, daemon=True)
+    thread = threading.Thread(target=serve, args=(router, stop, answer), daemon=True)
     thread.start()
     client = Client(f"tcp://127.0.0.1:{port}", name="test", timeout=10.0).connect()
     try:
