@@ -282,6 +282,7 @@ class AsyncClient:
             except errors.Unauthenticated:
                 # the kernel restarted and does not know this connection
                 await self._reconnect(generation)
+                await self._current()   # (if that reconnection failed, try once more)
         return await self._call(mtype, body, timeout)
 
     async def _call(self, mtype: MsgType, body: dict[str, Any] | None,

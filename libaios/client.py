@@ -294,13 +294,15 @@ class Client:
         """Make a call whose answer streams; iterate the returned :class:`Stream`."""
         timeout = self.timeout if timeout is None else timeout
         self._check_no_stream(mtype)
-        return Stream(self._open_stream(self._call_replies(mtype, body or {}, timeout)))
+        return Stream(self._open_stream(mtype, self._call_replies(mtype, body or {}, timeout)))
 
-    def _open_stream(self, replies: Generator[dict[str, Any], None, dict[str, Any]]
+    def _open_stream(self, mtype: MsgType,
+                     replies: Generator[dict[str, Any], None, dict[str, Any]]
                      ) -> Generator[dict[str, Any], None, dict[str, Any]]:
         """A stream's replies. While it is being read, another call on this
         client would take its replies (one socket, one reader): that call is
         refused instead."""
+        self._check_no_stream(mtype)   # (another stream may have begun since)
         self._streaming = True
         try:
             return (yield from replies)
@@ -311,7 +313,7 @@ class Client:
         if self._streaming:
             raise errors.Conflict(
                 f"{mtype.value}: a streamed call is being read on this client; read it to its "
-                "end (or close it) first, or make this call on another client")
+                "end first, or make this call on another client")
 
     # -- system calls ------------------------------------------------------
 

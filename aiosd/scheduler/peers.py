@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from libaios.protocol import MsgType
+
 from . import access
 from .agents import Agent
 from .calls import Call
@@ -29,7 +31,9 @@ class Worker:
 
     @property
     def free(self) -> int:
-        return self.capacity - len(self.inflight)
+        """Slots not taken (a null call runs inline and takes none)."""
+        return self.capacity - sum(1 for c in self.inflight.values()
+                                   if c.type is not MsgType.SYS_NULL)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -345,6 +345,10 @@ def test_a_null_call_goes_to_a_full_core_past_the_chats_that_wait(sched) -> None
     assert running.state is CallState.RUNNING and null.state is CallState.RUNNING
     assert waiting.state is CallState.QUEUED
     assert [m.body["call"] for _, m in sched.sent_workers if m.type is MsgType.WORKER_TASK] == ["k1", "k3"]
+    assert worker.free == 0   # the null call holds no slot: the chat's end frees one
+    done = protocol.reply(running.kid, {"text": "", "finish_reason": "stop"})
+    sched.on_worker_frames([b"core0", *protocol.encode(done)])
+    assert waiting.state is CallState.RUNNING
 
 
 def test_calls_that_could_not_take_a_freed_slot_suspend_no_one(make_sched) -> None:
