@@ -30,27 +30,32 @@ class KLRUReplacer:
         self.k = k
         self._history: dict[Hashable, deque[float]] = {}
         self._pinned: set[Hashable] = set()
-        #: each tracked block's place: (0 if it has fewer than K accesses,
-        #: else 1; its oldest recorded access); the least goes first
-        self._place: dict[Hashable, tuple[int, float]] = {}
+        #: (place, order, block) entries; an entry whose place is no longer
+        #: its block's is left behind (see _current)
         self._heap: list[tuple[int, float, int, Hashable]] = []
         self._order = itertools.count()   # ties: the block placed first goes first
 
     def access(self, block: Hashable, now: float) -> None:
         """Record an access to ``block`` (tracking it if it is new)."""
         hist = self._history.setdefault(block, deque(maxlen=self.k))
+        before = self._place(hist) if hist else None
         hist.append(now)
-        place = (0 if len(hist) < self.k else 1, hist[0])
-        if self._place.get(block) != place:
-            self._place[block] = place
+        place = self._place(hist)
+        if place != before:
             heapq.heappush(self._heap, (*place, next(self._order), block))
-            if len(self._heap) > 2 * len(self._place) + 64:
-                self._compact()
+            if len(self._heap) > 2 * len(self._history) + 64:
+                self._heap = [e for e in self._heap if self._current(e)]
+                heapq.heapify(self._heap)
 
-    def _compact(self) -> None:
-        """Drop the entries no block is at any more."""
-        self._heap = [e for e in self._heap if self._place.get(e[3]) == e[:2]]
-        heapq.heapify(self._heap)
+    def _place(self, hist: deque[float]) -> tuple[int, float]:
+        """A block's place in the eviction order, the least first: 0 if it
+        has fewer than K accesses, else 1; then its oldest recorded access."""
+        return (0 if len(hist) < self.k else 1, hist[0])
+
+    def _current(self, entry: tuple[int, float, int, Hashable]) -> bool:
+        """Whether a heap entry is still its block's place."""
+        hist = self._history.get(entry[3])
+        return hist is not None and self._place(hist) == entry[:2]
 
     def pin(self, block: Hashable) -> None:
         """Keep ``block`` from being evicted (in use)."""
@@ -62,7 +67,6 @@ class KLRUReplacer:
     def remove(self, block: Hashable) -> None:
         """Stop tracking ``block`` (deleted or evicted)."""
         self._history.pop(block, None)
-        self._place.pop(block, None)
         self._pinned.discard(block)
 
     def __contains__(self, block: Hashable) -> bool:
@@ -77,7 +81,7 @@ class KLRUReplacer:
         found = None
         while self._heap:
             entry = self._heap[0]
-            if self._place.get(entry[3]) != entry[:2]:
+            if not self._current(entry):
                 heapq.heappop(self._heap)   # left behind by a later access
             elif entry[3] in self._pinned:
                 pinned.append(heapq.heappop(self._heap))
