@@ -29,30 +29,19 @@ STREAMS = 32
 def measure(context: int, steps: int = 5) -> tuple[float, dict[int, float]]:
     """Seconds per prefilled token, and seconds per decoded row for 1, 2
     and 4 rows a conversation, at ``context`` cells."""
-    import logging
-
     import llama_cpp
-    import llama_cpp._logger as llama_logger
-    from llama_cpp import _internals
 
+    from aiosd.llm.engine import Engine
     from aiosd.llm.llamacpp import embedded_model_path
 
-    llama_logger.logger.setLevel(logging.CRITICAL)   # llama.cpp logs every context it builds
-
-    model = _internals.LlamaModel(path_model=str(embedded_model_path()),
-                                  params=llama_cpp.llama_model_default_params(), verbose=False)
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = 1024 * STREAMS
-    params.n_batch = params.n_ubatch = 512
-    params.n_seq_max = STREAMS
-    params.n_threads = params.n_threads_batch = len(os.sched_getaffinity(0))
-    params.kv_unified = False      # a stream a conversation, as in aiosd
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED   # aiosd's default
-    ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
-    batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
+    # The context aiosd's core builds (a KV stream a conversation, flash
+    # attention off); its loop waits for calls, and none come.
+    engine = Engine(str(embedded_model_path()), n_ctx=1024, slots=STREAMS, seqs=STREAMS,
+                    threads=len(os.sched_getaffinity(0)))
+    ctx, batch = engine.ctx, engine.batch
     memory = llama_cpp.llama_get_memory(ctx.ctx)
     rng = random.Random(0)
-    vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
+    vocab = llama_cpp.llama_vocab_n_tokens(engine.model.vocab)
 
     def decode(rows: list[tuple[int, int, bool]]) -> float:
         """Decode (stream, position, logits) rows of random tokens; seconds."""
@@ -85,8 +74,7 @@ def measure(context: int, steps: int = 5) -> tuple[float, dict[int, float]]:
             per_row[k] = sorted(times)[len(times) // 2] / (STREAMS * k)
         return prefill / (STREAMS * context), per_row
     finally:
-        ctx.close()
-        model.close()
+        engine.close()
 
 
 def main() -> None:
