@@ -168,7 +168,7 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class McpServerConfig:
-    """An MCP server started over stdio; its tools are named SERVER.TOOL."""
+    """An MCP server started over stdio; its tools are named SERVER__TOOL."""
 
     name: str = ""
     command: list[str] = field(default_factory=list)

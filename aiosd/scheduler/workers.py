@@ -224,6 +224,14 @@ class WorkerMessages:
                 self.calls.pop(call.kid, None)
                 continue
             call.service_s += now - call.dispatched
+            if call.tool is not None and not self.tool_info.get(call.tool, {}).get("read_only"):
+                # A tool that changes things may have done so before its
+                # worker died: running it again could do it twice.
+                self.fail(call, errors.WorkerLost(
+                    f"{worker.name} stopped while running tool {call.tool} ({why}); it was not "
+                    "run again, since it may have had effects: check them before retrying"
+                ), now)
+                continue
             if call.streamed or call.lost >= self.config.kernel.max_redispatch:
                 # Streamed text cannot be taken back; past the redispatch
                 # budget the caller decides whether to try again. (Resumes

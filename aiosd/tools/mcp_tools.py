@@ -8,8 +8,10 @@ task when the bridge stops (anyio cancel scopes must be exited by the task
 that entered them). A handler's call crosses over with
 ``asyncio.run_coroutine_threadsafe(...).result(timeout)``.
 
-A server that fails to start is logged and its tools are absent: nothing
-else notices. A server that dies later is started again (with back-off) the
+Each server is started through ``mcp_launch.py``, so that it is killed
+when the worker dies, even if it is hung then or never reads its closed
+stdin. A server that fails to start is logged and its tools are absent:
+nothing else notices. A server that dies later is started again (with back-off) the
 next time one of its tools is called; its tool list is the one read at
 start-up, which is what the worker announced to the scheduler.
 
@@ -29,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -43,6 +47,9 @@ from ..config import McpServerConfig
 from .registry import Context, Tool
 
 log = logging.getLogger(__name__)
+
+#: the script that starts a server so that it dies with this process
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mcp_launch.py")
 
 SEPARATOR = "__"
 #: how long a server may take to start and list its tools
@@ -109,8 +116,13 @@ class McpBridge:
         from mcp.client.stdio import stdio_client
 
         cfg = server.config
-        params = StdioServerParameters(command=cfg.command[0], args=list(cfg.command[1:]),
-                                       env=dict(cfg.env) or None)
+        program = shutil.which(cfg.command[0], path=cfg.env.get("PATH"))
+        if program is None:
+            raise FileNotFoundError(f"{cfg.command[0]}: no such program on the PATH")
+        params = StdioServerParameters(
+            command=sys.executable,
+            args=[LAUNCHER, str(os.getpid()), program, *cfg.command[1:]],
+            env=dict(cfg.env) or None)
         assert server.stop is not None
         try:
             async with stdio_client(params, errlog=self.errlog) as (read, write), \

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from libaios import errors
@@ -338,6 +339,27 @@ def test_mcp_tool_listed_and_called(tooled: Daemon) -> None:
         add = next(n for n in mcp_names if n.endswith("add"))
         result = c.tools.call(add, {"a": 2, "b": 3})
     assert "5" in str(result)
+
+
+def test_mcp_server_dies_with_a_killed_tool_worker(make_daemon) -> None:
+    # The server is hung in a call when its worker is killed, so it reads no
+    # end of file on its stdin: only the parent-death signal ends it.
+    d: Daemon = make_daemon(config={"tools": {"mcp": [
+        {"name": "demo", "command": [sys.executable, str(MCP_SERVER)], "timeout": 120.0}]}})
+    worker = proc_pid(d, "tools")
+    (server,) = [p for p in psutil.Process(worker).children()
+                 if any("mcp_server.py" in part for part in p.cmdline())]
+    t, out = _in_thread(lambda: d.client(name="freezer").tools.call(
+        "demo__freeze", {"seconds": 90}, timeout=120))
+    d.wait_for(lambda s: s["tools_running"].get("demo__freeze") == 1, what="the call to run")
+    os.kill(worker, signal.SIGKILL)
+    gone, alive = psutil.wait_procs([server], timeout=10)
+    assert gone, "the MCP server outlived its killed worker"
+    t.join(60)
+    assert isinstance(out.get("error"), errors.AIOSError), out
+    restarted(d, "tools", worker)
+    with d.client(name="user") as c:
+        assert "5" in str(c.tools.call("demo__add", {"a": 2, "b": 3}))
 
 
 def test_file_tools_use_the_callers_own_storage(tooled: Daemon) -> None:

@@ -484,3 +484,34 @@ def test_names_that_cannot_name_a_namespace_are_refused(sched, name: str) -> Non
     get = protocol.call(MsgType.STORAGE_GET, {"key": "k", "agent": name})
     sched.on_client_frames([zmq.Frame(f) for f in [b"a", *protocol.encode(get)]])
     assert sched.sent_clients[-1][1].body["code"] == ErrorCode.INVALID_ARGUMENT
+
+
+def test_a_tool_call_runs_again_after_its_worker_died_only_if_the_tool_is_read_only(sched) -> None:
+    import os
+    import time
+
+    from aiosd.scheduler.calls import CallState
+    from aiosd.scheduler.peers import Worker
+
+    now = time.time()
+    worker = Worker(name="tools", kind="tool", capacity=4, pid=os.getpid(),
+                    types=frozenset({"tool.call"}), info={}, last_seen=now, registered=now)
+    sched.workers["tools"] = worker
+    sched.tool_info = {"lookup": {"concurrency": 2, "read_only": True},
+                       "deploy": {"concurrency": 2, "read_only": False}}
+    calls = {}
+    for n, tool in ((1, "lookup"), (2, "deploy")):
+        c = Call(f"t{n}", b"client", f"c{n}", "a1", MsgType.TOOL_CALL, "tool", {}, None, now,
+                 queued_at=now, tool=tool)
+        sched.calls[c.kid] = c
+        sched.queues["tool"].push(c)
+        calls[tool] = c
+    sched.dispatch()
+    assert all(c.state is CallState.RUNNING for c in calls.values())
+    sched.worker_lost(worker, "its process exited")
+    # the read-only tool waits to run again; the other is answered at once
+    assert calls["lookup"].state is CallState.QUEUED and calls["lookup"].lost == 1
+    assert calls["deploy"].kid not in sched.calls
+    (reply,) = [m for who, m in sched.sent_clients if who == b"client"]
+    assert reply.re == "c2" and reply.body["code"] == ErrorCode.WORKER_LOST
+    assert "deploy" in reply.body["message"] and "not run again" in reply.body["message"]
