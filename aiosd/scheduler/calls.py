@@ -55,6 +55,7 @@ class Call:
     affinity: str | None = None  # the core holding its snapshot
     preemptions: int = 0
     throttled: bool = False   # held back by its agent's token quota at least once
+    held_for: str | None = None  # a worker taken for lost that may still run it (see worker_lost)
 
     def task_body(self) -> dict[str, Any]:
         """What the worker is told about this call."""

@@ -44,7 +44,7 @@ from .clients import RESOURCES, ClientCalls
 from .dispatch import Dispatch
 from .peers import Session, Worker
 from .quota import TokenBucket
-from .workers import WorkerMessages
+from .workers import WorkerMessages, not_run_again
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,11 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
                 if call.throttled and bucket is not None:
                     where += (f", held back by its agent's token quota of {bucket.rate:g} "
                               f"tokens/s (scheduler.agents[].tokens_per_s)")
-            timeout = errors.Timeout(f"{call.type.value} did not finish before its deadline ({where})")
+            timeout: errors.AIOSError = errors.Timeout(
+                f"{call.type.value} did not finish before its deadline ({where})")
+            if call.held_for is not None:
+                # it may have run, or run still: not a call that never started
+                timeout = not_run_again(call, call.held_for, "its deadline passed first")
             if call.state is CallState.QUEUED:
                 self.queues[call.resource].remove(call)
                 self.fail(call, timeout, now)

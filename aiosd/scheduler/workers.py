@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import time
 
+import psutil
+
 from libaios import errors, protocol
 from libaios.protocol import ErrorCode, Message, MsgType
 
@@ -89,20 +91,26 @@ class WorkerMessages:
         """A worker registering again (it was taken for lost: its heartbeats
         were late) may still be running calls. One still waiting to run
         again is its call again rather than run twice (a storage write or a
-        tool would act twice); the others are cancelled there."""
-        if not isinstance(running, list):
-            return
-        for kid in running:
+        tool would act twice); the others are cancelled there. A tool call
+        held for it (see worker_lost) that it does not run any more fails."""
+        for kid in running if isinstance(running, list) else []:
             if not isinstance(kid, str):
                 continue
             call = self.calls.get(kid)
+            # (a held call has its slot whatever the worker's count says:
+            # it never left the worker)
             if (call is not None and call.state is CallState.QUEUED and call.attempts
-                    and "resume" not in call.body and worker.free > 0
-                    and call.resource == worker.kind and self.queues[call.resource].remove(call)):
+                    and "resume" not in call.body and call.resource == worker.kind
+                    and (call.held_for == worker.name
+                         or (worker.free > 0 and self.queues[call.resource].remove(call)))):
+                call.held_for = None
                 self._occupy(call, worker, now)
                 log.info("call %s still runs on %s: it stays there", kid, worker.name)
             else:
                 self.send_worker(worker, protocol.call(MsgType.WORKER_CANCEL, {"call": kid}))
+        for call in [c for c in self.calls.values() if c.held_for == worker.name]:
+            call.held_for = None
+            self.fail(call, not_run_again(call, worker.name, "it was restarted"), now)
 
     def fail_unservable(self, now: float) -> None:
         """Queued calls of a kind no worker can ever run again (all of its
@@ -112,6 +120,9 @@ class WorkerMessages:
                 continue
             for call in list(queue):
                 queue.remove(call)
+                self.fail(call, self._unservable(resource), now)
+            for call in [c for c in self.calls.values() if c.held_for and c.resource == resource]:
+                call.held_for = None
                 self.fail(call, self._unservable(resource), now)
 
     @staticmethod
@@ -133,8 +144,12 @@ class WorkerMessages:
             worker.stats = stats
 
     def on_worker_result(self, wid: bytes, msg: Message) -> None:
-        worker = self.workers.get(wid.decode(errors="replace"))
-        if worker is None or msg.re is None:
+        name = wid.decode(errors="replace")
+        worker = self.workers.get(name)
+        if msg.re is None:
+            return
+        if worker is None:
+            self._held_result(name, msg)
             return
         worker.last_seen = time.time()
         call = worker.inflight.get(msg.re)
@@ -197,6 +212,19 @@ class WorkerMessages:
             self.finish(call, envelope, now)
         self.dispatch()
 
+    def _held_result(self, name: str, msg: Message) -> None:
+        """The answer to a call held for worker ``name``, taken for lost (see
+        worker_lost): it ran to its end there, and its caller gets it."""
+        call = self.calls.get(msg.re or "")
+        if call is None or call.held_for != name or msg.type is MsgType.PARTIAL:
+            return
+        call.held_for = None
+        if msg.type is MsgType.REPLY:
+            result = protocol.reply(call.client_call_id, msg.body)
+        else:
+            result = Message(MsgType.ERROR, protocol.new_id(), msg.body, re=call.client_call_id)
+        self.finish(call, result, time.time())
+
     def _release(self, worker: Worker, call: Call) -> None:
         """``call`` no longer holds a slot of ``worker`` (nor of its tool)."""
         worker.inflight.pop(call.kid, None)
@@ -225,12 +253,16 @@ class WorkerMessages:
                 continue
             call.service_s += now - call.dispatched
             if call.tool is not None and not self.tool_info.get(call.tool, {}).get("read_only"):
-                # A tool that changes things may have done so before its
-                # worker died: running it again could do it twice.
-                self.fail(call, errors.WorkerLost(
-                    f"{worker.name} stopped while running tool {call.tool} ({why}); it was not "
-                    "run again, since it may have had effects: check them before retrying"
-                ), now)
+                # A tool that changes things may have done so: it is never
+                # run a second time. If the worker's process is gone, its
+                # caller hears so now; if it lives (its heartbeats came
+                # late), the call waits for it to register again and say
+                # whether it still runs it (see _adopt).
+                if process_gone(worker.pid):
+                    self.fail(call, not_run_again(call, worker.name, f"it stopped ({why})"), now)
+                else:
+                    call.state, call.worker, call.held_for = CallState.QUEUED, None, worker.name
+                    call.queued_at = now
                 continue
             if call.streamed or call.lost >= self.config.kernel.max_redispatch:
                 # Streamed text cannot be taken back; past the redispatch
@@ -274,3 +306,21 @@ class WorkerMessages:
         if not self.procs:
             return True  # the process table has not arrived yet
         return any(p.get("state") != "fatal" for p in kinds)
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie has)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def not_run_again(call: Call, worker: str, what: str) -> errors.WorkerLost:
+    """The error of a tool call that ``worker`` no longer runs: it is not
+    run again (see worker_lost)."""
+    return errors.WorkerLost(
+        f"{worker} no longer runs tool {call.tool}: {what}; the call was not run again, "
+        "since it may have had effects: check them before retrying")

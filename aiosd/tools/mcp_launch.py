@@ -9,8 +9,10 @@ request. A server that never reads its closed stdin, or is stuck when the
 worker is killed, would otherwise live on. Processes the server starts in
 turn are its own to end (they see its pipes close).
 
-It is run by path, not as a module, and imports nothing of AIOS: it must be
-quick, and it must not depend on where the package is installed.
+It is run by path (``python -I``), not as a module, and imports nothing of
+AIOS: it must be quick, and it must not depend on where the package is
+installed nor on the server's ``PYTHON*`` variables, which the server still
+gets. Linux only (the parent-death signal is Linux's).
 """
 
 import ctypes
@@ -35,6 +37,9 @@ def main(argv: list[str]) -> int:
             return 125
         if os.getppid() != parent:  # the worker died before the request took effect
             return 125
+    # Python ignores these; an ignored signal stays ignored across exec
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
     try:
         os.execvp(command[0], command)
     except OSError as exc:

@@ -8,9 +8,9 @@ task when the bridge stops (anyio cancel scopes must be exited by the task
 that entered them). A handler's call crosses over with
 ``asyncio.run_coroutine_threadsafe(...).result(timeout)``.
 
-Each server is started through ``mcp_launch.py``, so that it is killed
-when the worker dies, even if it is hung then or never reads its closed
-stdin. A server that fails to start is logged and its tools are absent:
+On Linux each server is started through ``mcp_launch.py``, so that it is
+killed when the worker dies, even if it is hung then or never reads its
+closed stdin. A server that fails to start is logged and its tools are absent:
 nothing else notices. A server that dies later is started again (with back-off) the
 next time one of its tools is called; its tool list is the one read at
 start-up, which is what the worker announced to the scheduler.
@@ -112,19 +112,13 @@ class McpBridge:
 
     async def _open(self, server: _Server, ready: asyncio.Future[None]) -> None:
         """Start ``server``, hold its session until told to stop, close it."""
-        from mcp import ClientSession, StdioServerParameters
+        from mcp import ClientSession
         from mcp.client.stdio import stdio_client
 
         cfg = server.config
-        program = shutil.which(cfg.command[0], path=cfg.env.get("PATH"))
-        if program is None:
-            raise FileNotFoundError(f"{cfg.command[0]}: no such program on the PATH")
-        params = StdioServerParameters(
-            command=sys.executable,
-            args=[LAUNCHER, str(os.getpid()), program, *cfg.command[1:]],
-            env=dict(cfg.env) or None)
         assert server.stop is not None
         try:
+            params = server_parameters(cfg)
             async with stdio_client(params, errlog=self.errlog) as (read, write), \
                     ClientSession(read, write) as session:
                 await session.initialize()
@@ -336,6 +330,23 @@ class McpBridge:
         self.thread.join(timeout=5)
         if not self.thread.is_alive():
             self.loop.close()
+
+
+def server_parameters(cfg: McpServerConfig) -> Any:
+    """How the SDK starts the server of ``cfg``: on Linux, through the
+    launcher (see the module doc)."""
+    from mcp import StdioServerParameters
+
+    program = shutil.which(cfg.command[0], path=cfg.env.get("PATH"))
+    if program is None:
+        raise FileNotFoundError(f"{cfg.command[0]}: no such program on the PATH")
+    env = dict(cfg.env) or None
+    if not sys.platform.startswith("linux"):
+        return StdioServerParameters(command=program, args=list(cfg.command[1:]), env=env)
+    # -I: the server's PYTHON* variables are its own, not the launcher's
+    return StdioServerParameters(
+        command=sys.executable, args=["-I", LAUNCHER, str(os.getpid()), program, *cfg.command[1:]],
+        env=env)
 
 
 def plain_result(name: str, result: Any) -> dict[str, Any]:

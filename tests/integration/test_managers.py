@@ -349,9 +349,13 @@ def test_mcp_server_dies_with_a_killed_tool_worker(make_daemon) -> None:
     worker = proc_pid(d, "tools")
     (server,) = [p for p in psutil.Process(worker).children()
                  if any("mcp_server.py" in part for part in p.cmdline())]
+    mark = d.root / "frozen"
     t, out = _in_thread(lambda: d.client(name="freezer").tools.call(
-        "demo__freeze", {"seconds": 90}, timeout=120))
-    d.wait_for(lambda s: s["tools_running"].get("demo__freeze") == 1, what="the call to run")
+        "demo__freeze", {"seconds": 90, "mark": str(mark)}, timeout=120))
+    end = time.monotonic() + 60
+    while not mark.exists():
+        assert time.monotonic() < end, "the server never began the call"
+        time.sleep(0.05)
     os.kill(worker, signal.SIGKILL)
     gone, alive = psutil.wait_procs([server], timeout=10)
     assert gone, "the MCP server outlived its killed worker"

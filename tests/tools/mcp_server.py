@@ -36,8 +36,11 @@ def nap(seconds: float) -> str:
 
 
 @server.tool()
-async def freeze(seconds: float) -> str:
-    """Hang the whole server (its event loop), then answer (for a hung server)."""
+async def freeze(seconds: float, mark: str = "") -> str:
+    """Hang the whole server (its event loop), then answer (for a hung server);
+    creates the file ``mark``, if given, once it hangs."""
+    if mark:
+        open(mark, "w").close()
     time.sleep(seconds)
     return "thawed"
 

@@ -486,32 +486,92 @@ def test_names_that_cannot_name_a_namespace_are_refused(sched, name: str) -> Non
     assert sched.sent_clients[-1][1].body["code"] == ErrorCode.INVALID_ARGUMENT
 
 
-def test_a_tool_call_runs_again_after_its_worker_died_only_if_the_tool_is_read_only(sched) -> None:
-    import os
+def _tool_calls(sched, pid: int) -> tuple:
+    """A tool worker of process ``pid`` running a read-only tool's call and
+    a call of a tool that changes things."""
     import time
 
     from aiosd.scheduler.calls import CallState
     from aiosd.scheduler.peers import Worker
 
     now = time.time()
-    worker = Worker(name="tools", kind="tool", capacity=4, pid=os.getpid(),
+    worker = Worker(name="tools", kind="tool", capacity=4, pid=pid,
                     types=frozenset({"tool.call"}), info={}, last_seen=now, registered=now)
     sched.workers["tools"] = worker
     sched.tool_info = {"lookup": {"concurrency": 2, "read_only": True},
                        "deploy": {"concurrency": 2, "read_only": False}}
-    calls = {}
+    made = []
     for n, tool in ((1, "lookup"), (2, "deploy")):
         c = Call(f"t{n}", b"client", f"c{n}", "a1", MsgType.TOOL_CALL, "tool", {}, None, now,
                  queued_at=now, tool=tool)
         sched.calls[c.kid] = c
         sched.queues["tool"].push(c)
-        calls[tool] = c
+        made.append(c)
     sched.dispatch()
-    assert all(c.state is CallState.RUNNING for c in calls.values())
-    sched.worker_lost(worker, "its process exited")
-    # the read-only tool waits to run again; the other is answered at once
-    assert calls["lookup"].state is CallState.QUEUED and calls["lookup"].lost == 1
-    assert calls["deploy"].kid not in sched.calls
-    (reply,) = [m for who, m in sched.sent_clients if who == b"client"]
-    assert reply.re == "c2" and reply.body["code"] == ErrorCode.WORKER_LOST
+    assert all(c.state is CallState.RUNNING for c in made)
+    return worker, made[0], made[1]
+
+
+def _ready_again(sched, running: list[str]) -> None:
+    ready = protocol.call(MsgType.WORKER_READY, {
+        "kind": "tool", "name": "tools", "capacity": 4, "pid": 1, "types": ["tool.call"],
+        "info": {"tools": sched.tool_info}, "running": running})
+    sched.on_worker_frames([b"tools", *protocol.encode(ready)])
+
+
+def _lost_reply(sched) -> protocol.Message:
+    """The one reply the call of the tool that changes things got."""
+    (reply,) = [m for who, m in sched.sent_clients if who == b"client" and m.re == "c2"]
+    assert reply.body["code"] == ErrorCode.WORKER_LOST
     assert "deploy" in reply.body["message"] and "not run again" in reply.body["message"]
+    return reply
+
+
+def test_a_tool_call_whose_worker_died_runs_again_only_if_the_tool_is_read_only(sched) -> None:
+    import subprocess
+
+    from aiosd.scheduler.calls import CallState
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    worker, lookup, deploy = _tool_calls(sched, gone.pid)
+    sched.worker_lost(worker, "no heartbeat for 2.1s")
+    # the read-only tool waits to run again; the other is answered at once
+    assert lookup.state is CallState.QUEUED and lookup.lost == 1
+    assert deploy.kid not in sched.calls
+    assert "stopped" in _lost_reply(sched).body["message"]
+
+
+def test_a_tool_call_of_a_worker_taken_for_lost_waits_for_it_to_say_whether_it_runs(sched) -> None:
+    import os
+
+    from aiosd.scheduler.calls import CallState
+
+    # late heartbeats, and the process lives: it may still be running the call
+    worker, lookup, deploy = _tool_calls(sched, os.getpid())
+    sched.worker_lost(worker, "no heartbeat for 2.1s")
+    assert deploy.state is CallState.QUEUED and deploy.held_for == "tools"
+    assert deploy not in list(sched.queues["tool"]) and not sched.sent_clients
+    _ready_again(sched, running=[deploy.kid])
+    assert deploy.state is CallState.RUNNING and deploy.held_for is None
+    assert sched.workers["tools"].inflight[deploy.kid] is deploy
+    # taken for lost again, and this time it comes back without the call
+    sched.worker_lost(sched.workers["tools"], "no heartbeat for 2.1s")
+    assert deploy.held_for == "tools"
+    _ready_again(sched, running=[])
+    assert deploy.kid not in sched.calls
+    assert "restarted" in _lost_reply(sched).body["message"]
+
+
+def test_a_held_tool_call_that_ends_on_its_worker_gets_its_answer(sched) -> None:
+    import os
+
+    worker, lookup, deploy = _tool_calls(sched, os.getpid())
+    sched.worker_lost(worker, "no heartbeat for 2.1s")
+    assert deploy.held_for == "tools"
+    # the worker did not know it was taken for lost, and answers
+    done = protocol.reply(deploy.kid, {"name": "deploy", "result": {"ok": True}})
+    sched.on_worker_frames([b"tools", *protocol.encode(done)])
+    assert deploy.kid not in sched.calls and deploy.held_for is None
+    (reply,) = [m for who, m in sched.sent_clients if who == b"client" and m.re == "c2"]
+    assert reply.type is MsgType.REPLY and reply.body["result"] == {"ok": True}

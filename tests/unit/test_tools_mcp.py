@@ -78,6 +78,19 @@ def test_tools_are_listed_and_broken_servers_are_absent(bridge: Any) -> None:
     assert set(req.tool_names()) == DEMO
 
 
+def test_a_missing_program_is_named_when_its_server_does_not_start(caplog: Any) -> None:
+    with open(os.devnull, "w") as devnull, caplog.at_level("ERROR"):
+        b = McpBridge([McpServerConfig(name="missing", command=["no-such-mcp-server"])],
+                      start_timeout=60.0, errlog=devnull)
+        try:
+            assert b.start() == []
+        finally:
+            b.close()
+    # said at once, not taken for a server that did not answer in time
+    assert "no-such-mcp-server: no such program on the PATH" in caplog.text
+    assert "did not answer" not in caplog.text
+
+
 def test_names_are_function_call_safe() -> None:
     assert tool_name("demo", "add") == "demo__add"
     assert tool_name("my.server", "get weather/now") == "my_server__get_weather_now"
