@@ -11,6 +11,8 @@ at that prefill rate plus its generated tokens at the cost of a row in
 steps of one row a conversation: aiosd cannot finish sooner with this
 model on this machine, and the lower bound of ``benchmarks.run`` (short
 contexts, the faster of both attention kernels) sits below it.
+``benchmarks.run`` measures the floor of each size it runs (``floor``), so
+that the ratios against direct can be read against it on the same stretch.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ import time
 
 from . import workload
 
-#: conversations decoded together (the benchmark's N = 32)
+#: conversations decoded together (the benchmark's N = 32; aiosd's default slots)
 STREAMS = 32
+#: cells of each conversation: the workload's run from about 300 to 700
+CONTEXT = 450
 
 
-def measure(context: int, steps: int = 5) -> tuple[float, dict[int, float]]:
-    """Seconds per prefilled token, and seconds per decoded row for 1, 2
-    and 4 rows a conversation, at ``context`` cells."""
+def measure(context: int = CONTEXT, streams: int = STREAMS, steps: int = 5,
+            rows: tuple[int, ...] = (1, 2, 4)) -> tuple[float, dict[int, float]]:
+    """Seconds per prefilled token, and seconds per decoded row for each of
+    ``rows`` rows a conversation, at ``context`` cells of ``streams``
+    conversations."""
     import llama_cpp
 
     from aiosd.llm.engine import Engine
@@ -36,7 +42,7 @@ def measure(context: int, steps: int = 5) -> tuple[float, dict[int, float]]:
 
     # The context aiosd's core builds (a KV stream a conversation, flash
     # attention off); its loop waits for calls, and none come.
-    engine = Engine(str(embedded_model_path()), n_ctx=1024, slots=STREAMS, seqs=STREAMS,
+    engine = Engine(str(embedded_model_path()), n_ctx=1024, slots=streams, seqs=streams,
                     threads=len(os.sched_getaffinity(0)))
     ctx, batch = engine.ctx, engine.batch
     memory = llama_cpp.llama_get_memory(ctx.ctx)
@@ -59,20 +65,20 @@ def measure(context: int, steps: int = 5) -> tuple[float, dict[int, float]]:
         decode([(0, 0, True)])   # builds the graphs
         llama_cpp.llama_memory_seq_rm(memory, 0, 0, -1)
         prefill = 0.0
-        for seq in range(STREAMS):
+        for seq in range(streams):
             for start in range(0, context, 512):
                 n = min(512, context - start)
                 prefill += decode([(seq, start + j, j == n - 1) for j in range(n)])
         per_row: dict[int, float] = {}
-        for k in (1, 2, 4):
+        for k in rows:
             times = []
             for _ in range(steps):
                 times.append(decode([(seq, context + j, True)
-                                     for seq in range(STREAMS) for j in range(k)]))
-                for seq in range(STREAMS):
+                                     for seq in range(streams) for j in range(k)]))
+                for seq in range(streams):
                     llama_cpp.llama_memory_seq_rm(memory, seq, context, -1)
-            per_row[k] = sorted(times)[len(times) // 2] / (STREAMS * k)
-        return prefill / (STREAMS * context), per_row
+            per_row[k] = sorted(times)[len(times) // 2] / (streams * k)
+        return prefill / (streams * context), per_row
     finally:
         engine.close()
 
@@ -80,7 +86,7 @@ def measure(context: int, steps: int = 5) -> tuple[float, dict[int, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--context", type=int, default=450,
+    parser.add_argument("--context", type=int, default=CONTEXT,
                         help="cells of each conversation (the workload's run from about 300 to 700)")
     args = parser.parse_args()
     from .run import distinct_prompt_tokens

@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from . import workload
+from . import floor, workload
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
@@ -438,6 +438,38 @@ def null_syscall(callers: int = 64, per_caller: int = 50, rounds: int = 3) -> di
 # -- the run ------------------------------------------------------------------------------
 
 
+def floor_costs(n: int) -> tuple[float, float]:
+    """Seconds a prefilled token and a decoded row cost the kernel aiosd
+    runs, at the workload's contexts with ``n`` conversations (at most
+    aiosd's default slots) decoded together: see ``benchmarks.floor``."""
+    prefill, per_row = floor.measure(streams=min(n, floor.STREAMS), rows=(1,))
+    return prefill, per_row[1]
+
+
+def floor_report(n: int, by: dict[str, dict[str, Any]], costs: list[tuple[float, float]],
+                 distinct: int, generated: int) -> dict[str, Any]:
+    """Prints the compute floor of size ``n`` measured before and after its
+    runs, and how aiosd and direct stand against it; returns the figures."""
+    floors = [distinct * prefill + generated * row for prefill, row in costs]
+    report: dict[str, Any] = {"before_s": round(floors[0], 3), "after_s": round(floors[-1], 3),
+                              "prefill_ms_per_token": [round(p * 1e3, 3) for p, _ in costs],
+                              "decode_ms_per_row": [round(r * 1e3, 3) for _, r in costs],
+                              "context": floor.CONTEXT}
+    line = (f"N={n:<4} compute floor {floors[0]:.2f}s before the runs, {floors[-1]:.2f}s after "
+            f"(a decoded row {costs[0][1] * 1e3:.2f} and {costs[-1][1] * 1e3:.2f} ms, a prefilled token "
+            f"{costs[0][0] * 1e3:.2f} and {costs[-1][0] * 1e3:.2f} ms)")
+    low, high = min(floors), max(floors)
+    for system in ("aiosd", "direct"):
+        if by.get(system, {}).get("makespan_s") is not None:
+            line += f"; {system}/floor {by[system]['makespan_s'] / high:.2f}-{by[system]['makespan_s'] / low:.2f}"
+    if n >= floor.STREAMS and by.get("direct", {}).get("makespan_s") is not None:
+        # the target at N = 32: is it within what the machine can do?
+        need = by["direct"]["makespan_s"] / 10
+        line += f"; 10x sooner than direct needs {need:.1f}s, {need / high:.2f}-{need / low:.2f} floors"
+    print(line)
+    return report
+
+
 def ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
     if a.get("makespan_s") is None or b.get("makespan_s") is None:
         return "n/a"
@@ -483,9 +515,13 @@ def main() -> None:
           f"on: {on['prefill_tok_per_s']} and {on['decode_tok_per_s']})")
     runs: list[dict[str, Any]] = []
     bounds: dict[str, float] = {}
+    floors: dict[str, dict[str, Any]] = {}
     per_agent_mb = None
     for n in sizes:
         by: dict[str, dict[str, Any]] = {}
+        # The compute floor is measured before and after the size's runs:
+        # the machine's speed moves, and the systems move with it.
+        costs = [floor_costs(n)]
         for system in systems:
             if system == "aiosd":
                 by[system] = bench_aiosd(n)
@@ -511,6 +547,7 @@ def main() -> None:
                       f"{c.get('cached_tokens')} found cached ({c.get('shared_tokens')} shared); "
                       f"{c.get('steps')} steps in {c.get('passes')} passes; "
                       f"{c.get('moved_seqs')} streams moved, {c.get('evicted_seqs')} evicted")
+        costs.append(floor_costs(n))
         gen = by.get("aiosd", next(iter(by.values()))).get("generated", n * workload.TURNS * workload.MAX_TOKENS)
         distinct = distinct_prompt_tokens(n)
         bound = distinct / measured["prefill_tok_per_s"] + gen / measured["decode_tok_per_s"]
@@ -521,7 +558,8 @@ def main() -> None:
             line += f"; direct/aiosd {ratio(by['aiosd'], by.get('direct', {}))}"
             line += f"; shared/aiosd {ratio(by['aiosd'], by.get('shared', {}))}"
         print(line)
-    result: dict[str, Any] = {"runs": runs, "lower_bound_s": bounds, "rates": measured,
+        floors[str(n)] = floor_report(n, by, costs, distinct, gen)
+    result: dict[str, Any] = {"runs": runs, "lower_bound_s": bounds, "floor": floors, "rates": measured,
                               "machine": {"cpus": os.cpu_count(),
                                           "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}}
     if not args.skip_overhead:
