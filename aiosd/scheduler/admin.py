@@ -178,10 +178,12 @@ class AdminCalls:
             state = call.state.value
             if call.state is CallState.QUEUED and call.affinity:
                 state = "suspended"
+            elif call.held_for is not None:
+                state = "held"   # its worker was taken for lost and may still run it
             running_for = now - call.dispatched if call.state is CallState.RUNNING else 0.0
             rows.append({
                 "call": call.kid[-8:], "agent": call.agent, "type": call.type.value, "state": state,
-                "worker": call.worker or call.affinity, "tokens": call.tokens + call.turn_tokens,
+                "worker": call.worker or call.affinity or call.held_for, "tokens": call.tokens + call.turn_tokens,
                 "preemptions": call.preemptions,
                 "wait_s": round(call.wait_s + (now - call.queued_at if call.state in (
                     CallState.QUEUED, CallState.PENDING) else 0.0), 3),

@@ -552,6 +552,8 @@ def test_a_tool_call_of_a_worker_taken_for_lost_waits_for_it_to_say_whether_it_r
     sched.worker_lost(worker, "no heartbeat for 2.1s")
     assert deploy.state is CallState.QUEUED and deploy.held_for == "tools"
     assert deploy not in list(sched.queues["tool"]) and not sched.sent_clients
+    (row,) = [r for r in sched.call_table() if r["call"] == deploy.kid[-8:]]
+    assert (row["state"], row["worker"]) == ("held", "tools")
     _ready_again(sched, running=[deploy.kid])
     assert deploy.state is CallState.RUNNING and deploy.held_for is None
     assert sched.workers["tools"].inflight[deploy.kid] is deploy
