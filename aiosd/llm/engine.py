@@ -318,6 +318,9 @@ class Engine(Streams):
                 self._suspend_now(req)
         if not self.running:
             return
+        for req in self.running:
+            if not req._todo and req._pending is not None and len(req.completion) == 1:
+                self._gather(req)   # about to decode its first token
         decoding = [(r, [r._pending]) for r in self.running
                     if not r._todo and r._pending is not None]
         budget = self.n_batch - len(decoding)

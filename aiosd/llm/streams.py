@@ -160,7 +160,11 @@ class Streams:
         kept = self._forget_evicted(req.key)
         seq = own if own is not None else self._free_seq()
         assert seq is not None
-        seq = self._place(seq)
+        if not seq.tokens:
+            # An empty stream is placed now, while a move costs one copy;
+            # one holding a conversation when it begins to decode (see
+            # _gather).
+            seq = self._place(seq)
         keep = self._common(seq.tokens, prompt)
         other_id, run = self.tree.longest(prompt, exclude=seq.id)
         # The agent's conversation, evicted earlier: its own cells again,
@@ -241,6 +245,22 @@ class Streams:
         self.stats["resumed"] += 1
         return True
 
+    def _gather(self, req: Request) -> None:
+        """Before ``req`` decodes its first token: if its stream would make
+        a run of its own, move it next to the others (see _place).
+
+        A call whose stream holds a conversation is placed here rather than
+        at admission: its prompt is prefilled in a pass of its own wherever
+        it lies, and by the time it decodes, the calls that arrived with it
+        are often busy beside it. When many calls come back at once (every
+        agent's next turn), most then need no move; placed as they arrived,
+        most were swapped, three whole-stream copies each."""
+        seq = req._seq
+        target = self._place(seq)
+        if target is not seq:
+            seq.busy, target.busy = False, True
+            req._seq = target
+
     def _place(self, seq: _Seq) -> _Seq:
         """The stream a call on ``seq`` should run in.
 
@@ -250,7 +270,7 @@ class Streams:
         call that would start a run of its own moves next to the running
         ones (into a hole between them, or at a run's end), its cells
         swapped with that stream's."""
-        busy = {s.id for s in self.seqs if s.busy}
+        busy = {s.id for s in self.seqs if s.busy and s is not seq}
 
         def joins(i: int) -> bool:
             return i - 1 in busy or i + 1 in busy

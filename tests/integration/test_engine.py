@@ -205,6 +205,54 @@ def test_a_conversation_evicted_with_a_stream_copy_queued_into_it_is_kept_whole(
         roomy.close()
 
 
+def test_conversations_move_beside_the_running_calls_only_when_they_would_decode_apart(
+        plain: Engine) -> None:
+    """llama.cpp decodes a run of consecutive streams in one pass, so a call
+    whose conversation would decode apart from the running ones is moved
+    beside them: a swap of whole streams, made when it begins to decode
+    rather than when it is admitted. Two calls that come back together
+    beside a running one then need no move at all (placed as they came,
+    the first was swapped); one alone is swapped once. Either way the
+    answers are those computed without any move, and the conversation
+    swapped places with is intact."""
+    eng = make(4)
+    try:
+        convs = {k: tokens(eng, turn(f"Tell me about the number {i}.", f"You are agent {k}."))
+                 for i, k in enumerate("abcd")}
+        firsts = {k: generate(eng, k, convs[k], 4).completion for k in "abcd"}  # streams 0-3
+        nexts = {k: convs[k] + firsts[k] + tokens(eng, NEXT_TURN) for k in "abcd"}
+        stop = threading.Event()
+        long = Request("a", nexts["a"], 400, min_tokens=400, on_token=lambda token: not stop.is_set())
+        eng.submit(long)
+        deadline = time.monotonic() + 60
+        while len(long.completion) < 3:   # a decodes in stream 0
+            assert time.monotonic() < deadline and not long.done.is_set()
+            time.sleep(0.01)
+        moved = eng.stats["moved_seqs"]
+        both = [Request(k, nexts[k], 8) for k in "cb"]
+        with eng._lock:   # admitted together
+            eng.waiting.extend(both)
+            eng._lock.notify()
+        for r in both:
+            assert r.done.wait(120) and r.error is None
+            assert r.cached >= len(convs[r.key])
+            assert r.completion == generate(plain, "ref", nexts[r.key], 8).completion
+        assert eng.stats["moved_seqs"] == moved
+        # d's stream (3) is apart from a's (0): it swaps places with b's (1)
+        d = generate(eng, "d", nexts["d"], 8)
+        assert eng.stats["moved_seqs"] == moved + 1 and d._seq.id == 1
+        assert d.completion == generate(plain, "ref", nexts["d"], 8).completion
+        again = nexts["b"] + generate(plain, "ref", nexts["b"], 8).completion + tokens(eng, NEXT_TURN)
+        b = generate(eng, "b", again, 8)   # from stream 3, apart too: back to 1
+        assert b.cached >= len(nexts["b"]) and eng.stats["moved_seqs"] == moved + 2
+        assert b.completion == generate(plain, "ref", again, 8).completion
+        assert not long.done.is_set(), "a's call ended before the others ran beside it"
+        stop.set()
+        assert long.done.wait(120) and long.finish is Finish.CALLER
+    finally:
+        eng.close()
+
+
 def test_the_eviction_that_makes_room_for_a_call_keeps_that_call_s_cells() -> None:
     """Agents served in turn on one stream: the conversation a call needs is
     the one evicted longest ago, and the eviction that frees the stream for
