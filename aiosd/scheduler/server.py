@@ -265,8 +265,9 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
                 self.send_client(call.client, err)
                 self.cancel(call, now)
                 agent = self.agents.get(call.agent)
-                if agent is not None:
+                if agent is not None:   # (its usage is not finished: count it here)
                     agent.usage.failed += 1
+                    agent.usage.throttled += call.throttled
         check_pids = now >= self._next_pid_check
         if check_pids:
             self._next_pid_check = now + 1.0

@@ -577,3 +577,16 @@ def test_a_held_tool_call_that_ends_on_its_worker_gets_its_answer(sched) -> None
     assert deploy.kid not in sched.calls and deploy.held_for is None
     (reply,) = [m for who, m in sched.sent_clients if who == b"client" and m.re == "c2"]
     assert reply.type is MsgType.REPLY and reply.body["result"] == {"ok": True}
+
+
+def test_a_throttled_call_that_times_out_running_counts_as_throttled(sched) -> None:
+    import time
+
+    agent = sched.agents.register("slow", None)
+    _core(sched)
+    c = _queued(sched, 1, agent=agent.id)
+    c.throttled = True   # held back by its quota once, then run
+    sched.dispatch()
+    c.deadline = time.time() - 1
+    sched.tick(time.time())
+    assert agent.usage.failed == 1 and agent.usage.throttled == 1
