@@ -202,7 +202,8 @@ class Client:
 
     # -- calls -----------------------------------------------------------
 
-    def _send(self, msg: protocol.Message, deadline: float, timeout: float) -> None:
+    def _send(self, msg: protocol.Message, deadline: float, timeout: float,
+              cancelled: threading.Event | None = None) -> None:
         """Send ``msg``, waiting until ``deadline`` (monotonic) at most for
         room in the socket's queue (a kernel that stopped reading fills it)."""
         assert self._sock is not None
@@ -212,10 +213,12 @@ class Client:
                 send_frames(self._sock, frames, nonblocking=True)
                 return
             except zmq.Again:
+                _check_cancelled(msg, cancelled)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise no_reply(msg, self.endpoint, timeout) from None
-                self._sock.poll(int(min(left, 1.0) * 1000) + 1, zmq.POLLOUT)
+                part = min(left, 1.0 if cancelled is None else 0.1)
+                self._sock.poll(int(part * 1000) + 1, zmq.POLLOUT)
 
     def _replies(self, msg: protocol.Message, timeout: float,
                  cancelled: threading.Event | None = None
@@ -225,15 +228,17 @@ class Client:
             self.connect()
         assert self._sock is not None
         deadline = time.monotonic() + timeout
-        self._send(msg, deadline, timeout)
+        self._send(msg, deadline, timeout, cancelled)
         while True:
+            # (checked before each wait, so a steady flow of partial replies
+            # cannot hide it)
+            _check_cancelled(msg, cancelled)
             left = deadline - time.monotonic()
             # Wait in slices, so a kernel that vanished (or a caller that
             # gave up) is noticed quickly.
             part = min(left, 1.0 if cancelled is None else 0.1)
             if left <= 0 or not self._sock.poll(int(part * 1000) + 1, zmq.POLLIN):
-                if cancelled is not None and cancelled.is_set():
-                    raise errors.Cancelled(f"{msg.type.value}: given up before its reply came")
+                _check_cancelled(msg, cancelled)
                 if time.monotonic() < deadline:
                     self._check_kernel()
                     continue
@@ -357,6 +362,11 @@ class Client:
     def null(self, timeout: float | None = None) -> dict[str, Any]:
         """A system call that does nothing, through the scheduler and a worker."""
         return self.call(MsgType.SYS_NULL, {}, timeout)
+
+
+def _check_cancelled(msg: protocol.Message, cancelled: threading.Event | None) -> None:
+    if cancelled is not None and cancelled.is_set():
+        raise errors.Cancelled(f"{msg.type.value}: given up before its reply came")
 
 
 def _final(replies: Generator[dict[str, Any], None, dict[str, Any]]) -> dict[str, Any]:

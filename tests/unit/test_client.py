@@ -199,3 +199,39 @@ def test_a_call_given_up_from_another_thread_fails_as_cancelled() -> None:
     finally:
         client.close()
         ctx.destroy(linger=0)
+
+
+def test_a_cancel_is_seen_while_partial_replies_keep_coming() -> None:
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def chatty() -> None:   # hello, then partial replies to the call, and at last a final one
+        frames = router.recv_multipart()
+        msg = protocol.decode(frames[2:])
+        router.send_multipart(
+            [frames[0], *protocol.encode(protocol.reply(msg.id, {"agent": "a1", "name": "test"}))])
+        frames = router.recv_multipart()
+        msg = protocol.decode(frames[2:])
+        for _ in range(300):
+            if stop.is_set():
+                return
+            router.send_multipart([frames[0], *protocol.encode(protocol.partial(msg.id, {"n": 1}))])
+            time.sleep(0.01)
+        router.send_multipart([frames[0], *protocol.encode(protocol.reply(msg.id, {"done": True}))])
+
+    thread = threading.Thread(target=chatty, daemon=True)
+    thread.start()
+    client = Client(f"tcp://127.0.0.1:{port}", name="test").connect()
+    cancelled = threading.Event()
+    threading.Timer(0.2, cancelled.set).start()
+    try:
+        # unseen, the cancel would let the call take the final reply
+        with pytest.raises(errors.Cancelled, match="given up before its reply came"):
+            client.call(MsgType.SYS_NULL, {}, timeout=10.0, cancelled=cancelled)
+    finally:
+        stop.set()
+        thread.join(10)
+        client.close()
+        ctx.destroy(linger=0)
