@@ -173,6 +173,7 @@ class Engine(Streams):
         self.evicted_bytes = 0
         self.evicted_limit = evicted_bytes
         self._copying = False   # a stream copy is queued in llama.cpp
+        self._apart_steps = 0   # steps in a row whose running calls made several runs
         # agents that ended, not yet let go of -> whether anything was held
         self._gone: dict[str, bool] = {}
         self.waiting: list[Request] = []
@@ -321,6 +322,7 @@ class Engine(Streams):
         for req in self.running:
             if not req._todo and req._pending is not None and len(req.completion) == 1:
                 self._gather(req)   # about to decode its first token
+        self._compact_if_apart()
         decoding = [(r, [r._pending]) for r in self.running
                     if not r._todo and r._pending is not None]
         budget = self.n_batch - len(decoding)

@@ -20,6 +20,10 @@ from .generation import Request
 
 log = logging.getLogger(__name__)
 
+#: steps in a row the running calls may lie in several runs of streams
+#: before they are moved together (see Streams._compact_if_apart)
+COMPACT_AFTER = 8
+
 
 @dataclass(eq=False)
 class _Seq:
@@ -164,7 +168,7 @@ class Streams:
             # An empty stream is placed now, while a move costs one copy;
             # one holding a conversation when it begins to decode (see
             # _gather).
-            seq = self._place(seq)
+            seq = self._placed(seq)
         keep = self._common(seq.tokens, prompt)
         other_id, run = self.tree.longest(prompt, exclude=seq.id)
         # The agent's conversation, evicted earlier: its own cells again,
@@ -226,7 +230,7 @@ class Streams:
         seq = self._free_seq()
         if seq is None:
             return False
-        seq = self._place(seq)
+        seq = self._placed(seq)
         if not self._set_state(seq, snap.tokens, snap.state):
             req.error = RuntimeError("the snapshot could not be restored into the KV cache")
             return True
@@ -255,14 +259,51 @@ class Streams:
         are often busy beside it. When many calls come back at once (every
         agent's next turn), most then need no move; placed as they arrived,
         most were swapped, three whole-stream copies each."""
+        self._move(req, self._place(req._seq))
+
+    def _move(self, req: Request, target: _Seq) -> None:
+        """Run ``req`` in ``target`` (idle) from now on: their cells swap."""
         seq = req._seq
+        if target is seq:
+            return
+        self._swap(seq, target)
+        seq.busy, target.busy = False, True
+        req._seq = target
+
+    def _compact_if_apart(self) -> None:
+        """Close the gaps between the running calls' streams once they have
+        lasted ``COMPACT_AFTER`` steps: each gap costs every step a pass of
+        its own (all of the model's weights read again), a move about two.
+        Gaps that calls arriving together fill by themselves (_gather leaves
+        those alone) are not worth moving for."""
+        ids = sorted(r._seq.id for r in self.running)
+        apart = any(b - a > 1 for a, b in zip(ids, ids[1:]))
+        self._apart_steps = self._apart_steps + 1 if apart else 0
+        if self._apart_steps < COMPACT_AFTER:
+            return
+        self._apart_steps = 0
+        by_id = {r._seq.id: r for r in self.running}
+        while True:
+            ids = sorted(by_id)
+            hole = next((s for s in self.seqs if not s.busy and ids[0] < s.id < ids[-1]), None)
+            if hole is None:
+                return
+            # the call in the last stream moves into the first gap
+            req = by_id.pop(ids[-1])
+            self._move(req, hole)
+            by_id[hole.id] = req
+
+    def _placed(self, seq: _Seq) -> _Seq:
+        """The stream to admit a call into, ``seq``'s cells swapped there
+        (see _place); ``seq`` is not busy yet."""
         target = self._place(seq)
         if target is not seq:
-            seq.busy, target.busy = False, True
-            req._seq = target
+            self._swap(seq, target)
+        return target
 
     def _place(self, seq: _Seq) -> _Seq:
-        """The stream a call on ``seq`` should run in.
+        """The stream a call on ``seq`` should run in (``seq`` itself, or an
+        idle one to swap cells with).
 
         llama.cpp decodes in one pass only a run of consecutive streams, and
         each pass reads all of the model's weights: running sequences
@@ -277,11 +318,7 @@ class Streams:
 
         if not busy or joins(seq.id):
             return seq
-        target = next((s for s in self.seqs if not s.busy and joins(s.id)), None)
-        if target is None:
-            return seq
-        self._swap(seq, target)
-        return target
+        return next((s for s in self.seqs if not s.busy and joins(s.id)), seq)
 
     def _swap(self, a: _Seq, b: _Seq) -> None:
         """Exchange what streams ``a`` and ``b`` hold. llama.cpp copies

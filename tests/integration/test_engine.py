@@ -205,22 +205,27 @@ def test_a_conversation_evicted_with_a_stream_copy_queued_into_it_is_kept_whole(
         roomy.close()
 
 
-def test_conversations_move_beside_the_running_calls_only_when_they_would_decode_apart(
+def test_running_calls_are_moved_together_only_when_they_would_stay_apart(
         plain: Engine) -> None:
-    """llama.cpp decodes a run of consecutive streams in one pass, so a call
-    whose conversation would decode apart from the running ones is moved
-    beside them: a swap of whole streams, made when it begins to decode
-    rather than when it is admitted. Two calls that come back together
-    beside a running one then need no move at all (placed as they came,
-    the first was swapped); one alone is swapped once. Either way the
-    answers are those computed without any move, and the conversation
-    swapped places with is intact."""
-    eng = make(4)
+    """llama.cpp decodes a run of consecutive streams in one pass, so calls
+    that decode apart from each other cost a pass each a step; moving one is
+    a swap of whole streams. Two calls that come back together beside a
+    running one need no move (moved as they arrived, one was); two that
+    decode apart from it are moved beside it after COMPACT_AFTER steps; one
+    alone is moved when it begins to decode. The answers are those computed
+    without any move, and the conversations swapped places with are intact."""
+    keys = "abcdef"
+    eng = make(6)
     try:
-        convs = {k: tokens(eng, turn(f"Tell me about the number {i}.", f"You are agent {k}."))
-                 for i, k in enumerate("abcd")}
-        firsts = {k: generate(eng, k, convs[k], 4).completion for k in "abcd"}  # streams 0-3
-        nexts = {k: convs[k] + firsts[k] + tokens(eng, NEXT_TURN) for k in "abcd"}
+        convs = {k: tokens(eng, turn(f"Write a long story about the number {i}.", f"You are agent {k}."))
+                 for i, k in enumerate(keys)}
+        firsts = {k: generate(eng, k, convs[k], 4).completion for k in keys}   # streams 0-5
+        nexts = {k: convs[k] + firsts[k] + tokens(eng, NEXT_TURN) for k in keys}
+        want = {k: generate(plain, "ref", nexts[k], 16).completion for k in "bcdef"}
+        # long enough answers for COMPACT_AFTER steps
+        assert all(len(w) > 10 for w in want.values()), want
+        again = nexts["b"] + want["b"] + tokens(eng, NEXT_TURN)
+        want_again = generate(plain, "ref", again, 8).completion
         stop = threading.Event()
         long = Request("a", nexts["a"], 400, min_tokens=400, on_token=lambda token: not stop.is_set())
         eng.submit(long)
@@ -228,24 +233,27 @@ def test_conversations_move_beside_the_running_calls_only_when_they_would_decode
         while len(long.completion) < 3:   # a decodes in stream 0
             assert time.monotonic() < deadline and not long.done.is_set()
             time.sleep(0.01)
+
+        def together(ks: str) -> list[Request]:
+            reqs = [Request(k, nexts[k], 16) for k in ks]
+            with eng._lock:   # admitted in one step
+                eng.waiting.extend(reqs)
+                eng._lock.notify()
+            for r in reqs:
+                assert r.done.wait(120) and r.error is None
+                assert r.cached >= len(convs[r.key]) and r.completion == want[r.key]
+            return reqs
+
         moved = eng.stats["moved_seqs"]
-        both = [Request(k, nexts[k], 8) for k in "cb"]
-        with eng._lock:   # admitted together
-            eng.waiting.extend(both)
-            eng._lock.notify()
-        for r in both:
-            assert r.done.wait(120) and r.error is None
-            assert r.cached >= len(convs[r.key])
-            assert r.completion == generate(plain, "ref", nexts[r.key], 8).completion
+        together("cb")   # streams 2 and 1, beside a's: one run
         assert eng.stats["moved_seqs"] == moved
-        # d's stream (3) is apart from a's (0): it swaps places with b's (1)
-        d = generate(eng, "d", nexts["d"], 8)
-        assert eng.stats["moved_seqs"] == moved + 1 and d._seq.id == 1
-        assert d.completion == generate(plain, "ref", nexts["d"], 8).completion
-        again = nexts["b"] + generate(plain, "ref", nexts["b"], 8).completion + tokens(eng, NEXT_TURN)
-        b = generate(eng, "b", again, 8)   # from stream 3, apart too: back to 1
-        assert b.cached >= len(nexts["b"]) and eng.stats["moved_seqs"] == moved + 2
-        assert b.completion == generate(plain, "ref", again, 8).completion
+        e, f = together("ef")   # streams 4 and 5: apart from a's until moved
+        assert eng.stats["moved_seqs"] == moved + 2 and {e._seq.id, f._seq.id} == {1, 2}
+        d = generate(eng, "d", nexts["d"], 16)   # stream 3, alone: moved as it decodes
+        assert eng.stats["moved_seqs"] == moved + 3 and d._seq.id == 1
+        assert d.completion == want["d"]
+        b = generate(eng, "b", again, 8)   # b's cells went to 4 or 5, whole
+        assert b.cached >= len(nexts["b"]) and b.completion == want_again
         assert not long.done.is_set(), "a's call ended before the others ran beside it"
         stop.set()
         assert long.done.wait(120) and long.finish is Finish.CALLER
