@@ -227,6 +227,7 @@ class Client:
         if self._sock is None:
             self.connect()
         assert self._sock is not None
+        _check_cancelled(msg, cancelled)   # (not sent: nobody would wait for it)
         deadline = time.monotonic() + timeout
         self._send(msg, deadline, timeout, cancelled)
         while True:
