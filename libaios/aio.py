@@ -67,6 +67,13 @@ class AsyncClient:
         #: to the kernel reconnects only if no other call has done so since
         self._generation = 0
         self._reconnecting = asyncio.Lock()
+        #: calls out, by id: (the connection, the order they were sent in)
+        self._sent: dict[str, tuple[int, int]] = {}
+        self._sends = 0
+        #: the first call (in send order) on this connection that the kernel
+        #: answered it does not know the connection: every call sent after
+        #: it reached that same kernel (see _restarted)
+        self._unknown_from: int | None = None
         #: sends waiting on asyncio (the socket's queue was full)
         self._sending = 0
 
@@ -79,6 +86,7 @@ class AsyncClient:
         sock.connect(self.endpoint)
         self._sock = sock
         self._generation += 1
+        self._unknown_from = None
         self._raw = zmq.Socket.shadow(sock.underlying)
         self._recheck_at = time.monotonic() + RECHECK_S
         self._reader = asyncio.create_task(self._read())
@@ -138,9 +146,43 @@ class AsyncClient:
         async with self._reconnecting:
             if generation != self._generation:
                 return
-            self._fail_waiting(ErrorCode.WORKER_LOST, RESTARTED)
+            self._restarted()
             await self.close()
             await self.connect()
+
+    def _restarted(self) -> None:
+        """Answer the calls still out on a connection that the restarted
+        kernel does not know. One sent after a call that kernel answered
+        reached it too (a connection delivers in order), and it will be
+        answered the same, without being run: it fails as unauthenticated,
+        and is sent again on the new connection. One sent earlier may have
+        reached the kernel that stopped, and may have run: WorkerLost."""
+        first = self._unknown_from
+        for call_id, waiter in list(self._waiting.items()):
+            generation, n = self._sent.get(call_id, (0, -1))
+            if first is not None and generation == self._generation and n > first:
+                rep = protocol.error(call_id, ErrorCode.UNAUTHENTICATED,
+                                     "the kernel restarted and does not know this connection",
+                                     retriable=True)
+            else:
+                rep = protocol.error(call_id, ErrorCode.WORKER_LOST, RESTARTED, retriable=True)
+            if isinstance(waiter, asyncio.Queue):
+                waiter.put_nowait(rep)
+            elif not waiter.done():
+                waiter.set_result(rep)
+
+    def _note_sent(self, call_id: str) -> None:
+        """Note that call ``call_id`` goes out now (see _restarted)."""
+        self._sent[call_id] = (self._generation, self._sends)
+        self._sends += 1
+
+    def _answered(self, call_id: str, rep: protocol.Message) -> None:
+        """Note ``rep``, the answer to ``call_id``, if it says the kernel
+        does not know this connection (see _restarted)."""
+        generation, n = self._sent.pop(call_id, (0, -1))
+        if (rep.type is MsgType.ERROR and rep.body.get("code") == ErrorCode.UNAUTHENTICATED
+                and generation == self._generation and n >= 0):
+            self._unknown_from = n if self._unknown_from is None else min(self._unknown_from, n)
 
     async def _current(self) -> None:
         """Connect, or connect afresh if the kernel was replaced since."""
@@ -252,6 +294,7 @@ class AsyncClient:
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             try:
+                self._note_sent(msg.id)
                 await self._send(protocol.encode(msg), deadline)
             except TimeoutError:
                 raise no_reply(msg, self.endpoint, timeout) from None
@@ -262,12 +305,14 @@ class AsyncClient:
                 except TimeoutError:
                     raise no_reply(msg, self.endpoint, timeout) from None
                 if rep.type is MsgType.ERROR:
+                    self._answered(msg.id, rep)
                     raise errors.from_envelope(rep.body)
                 yield rep
                 if rep.type is MsgType.REPLY:
                     return
         finally:
             self._waiting.pop(msg.id, None)
+            self._sent.pop(msg.id, None)
 
     async def call(self, mtype: MsgType, body: dict[str, Any] | None = None,
                    timeout: float | None = None) -> dict[str, Any]:
@@ -299,13 +344,17 @@ class AsyncClient:
         timer = loop.call_at(deadline, _expire, reply)
         try:
             try:
+                self._note_sent(msg.id)
                 await self._send(protocol.encode(msg), deadline)
                 rep = await reply
             except TimeoutError:
                 raise no_reply(msg, self.endpoint, timeout) from None
+            if rep.type is MsgType.ERROR:
+                self._answered(msg.id, rep)
         finally:
             timer.cancel()
             self._waiting.pop(msg.id, None)
+            self._sent.pop(msg.id, None)
             if reply.done() and not reply.cancelled():
                 reply.exception()   # (seen: a call whose send gave up never waited for it)
         if rep.type is MsgType.ERROR:

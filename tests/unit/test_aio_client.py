@@ -187,6 +187,54 @@ def test_calls_that_find_a_restarted_kernel_reconnect_once_and_all_go_through() 
     assert len(streamed) == 1 and streamed[0].text == ""
 
 
+def test_calls_a_restarted_kernel_answers_late_go_out_again_rather_than_fail() -> None:
+    """The first call a restarted kernel answers 'unauthenticated' makes the
+    client reconnect while the others' answers are still on their way.
+    Those were sent after it on the same connection, so they reached the
+    same kernel, which did not run them: they go out again on the new
+    connection instead of failing as lost to the restart."""
+    async def slow(router: zmq.asyncio.Socket) -> None:
+        known: set[bytes] = set()
+        answered_one = False
+        later: list[asyncio.Task[None]] = []
+
+        async def answer_later(identity: bytes, reply: protocol.Message) -> None:
+            await asyncio.sleep(0.5)
+            await router.send_multipart([identity, *protocol.encode(reply)])
+
+        while True:
+            frames = await router.recv_multipart()
+            msg = protocol.decode(frames[2:])
+            reply = picky_answer(known, frames[0], msg, msg.body)
+            if reply.type is MsgType.ERROR and answered_one:
+                later.append(asyncio.create_task(answer_later(frames[0], reply)))
+                continue
+            answered_one = answered_one or reply.type is MsgType.ERROR
+            await router.send_multipart([frames[0], *protocol.encode(reply)])
+
+    async def main() -> list[object]:
+        ctx = zmq.asyncio.Context.instance()
+        router = ctx.socket(zmq.ROUTER)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        task = asyncio.create_task(slow(router))
+        try:
+            async with aio.connect(f"tcp://127.0.0.1:{port}", name="test") as c:
+                await c.call(MsgType.SYS_NULL, {"n": -1}, 10.0)
+                task.cancel()
+                router.close(0)
+                router = ctx.socket(zmq.ROUTER)
+                bind_again(router, f"tcp://127.0.0.1:{port}")
+                task = asyncio.create_task(slow(router))
+                return await asyncio.gather(
+                    *(c.call(MsgType.SYS_NULL, {"n": i}, 10.0) for i in range(10)),
+                    return_exceptions=True)
+        finally:
+            task.cancel()
+            router.close(0)
+
+    assert asyncio.run(main()) == [{"n": i} for i in range(10)]
+
+
 def test_a_call_that_cannot_be_sent_times_out_at_its_deadline(tmp_path: Path) -> None:
     """A kernel that stops reading: once the queues are full, calls wait to
     be sent, and fail at their deadline rather than wait for good."""
