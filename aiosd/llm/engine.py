@@ -318,6 +318,7 @@ class Engine(Streams):
             if req._suspend and not req._todo:
                 self._suspend_now(req)
         if not self.running:
+            self._apart_steps = 0
             return
         for req in self.running:
             if not req._todo and req._pending is not None and len(req.completion) == 1:

@@ -275,14 +275,18 @@ class Streams:
         lasted ``COMPACT_AFTER`` steps: each gap costs every step a pass of
         its own (all of the model's weights read again), a move about two.
         Gaps that calls arriving together fill by themselves (_gather leaves
-        those alone) are not worth moving for."""
-        ids = sorted(r._seq.id for r in self.running)
+        those alone) are not worth moving for. A hole is an idle stream
+        between the decoding calls' (a prefilling call's stays where it is)."""
+        # (prompt chunks are decoded in batches of their own: only the
+        # decoding calls' streams need to lie together)
+        decoding = [r for r in self.running if not r._todo and r._pending is not None]
+        ids = sorted(r._seq.id for r in decoding)
         apart = any(b - a > 1 for a, b in zip(ids, ids[1:]))
         self._apart_steps = self._apart_steps + 1 if apart else 0
         if self._apart_steps < COMPACT_AFTER:
             return
         self._apart_steps = 0
-        by_id = {r._seq.id: r for r in self.running}
+        by_id = {r._seq.id: r for r in decoding}
         while True:
             ids = sorted(by_id)
             hole = next((s for s in self.seqs if not s.busy and ids[0] < s.id < ids[-1]), None)
@@ -334,7 +338,9 @@ class Streams:
             src, dst = (a, b) if a.tokens else (b, a)
             cp(mem, src.id, dst.id, -1, -1)
             self._ll.llama_memory_seq_rm(mem, src.id, -1, -1)
-        else:
+        else:   # no cells to copy: whose the streams are still changes
+            a.key, b.key = b.key, a.key
+            a.last_used, b.last_used = b.last_used, a.last_used
             return
         self._copying = True
         self.stats["moved_seqs"] += 1

@@ -161,21 +161,25 @@ def test_calls_that_find_a_restarted_kernel_reconnect_once_and_all_go_through() 
         port = kernel["router"].bind_to_random_port("tcp://127.0.0.1")
         kernel["task"] = asyncio.create_task(picky(kernel["router"]))
 
-        def restart() -> None:
+        async def restart() -> None:
             kernel["task"].cancel()
             kernel["router"].close(0)
             kernel["router"] = ctx.socket(zmq.ROUTER)
             bind_again(kernel["router"], f"tcp://127.0.0.1:{port}")
             kernel["task"] = asyncio.create_task(picky(kernel["router"]))
+            # A call sent before the client's socket has seen the old
+            # connection close is lost with it and waits for its deadline
+            # (over TCP nothing else tells): give the socket time to see it.
+            await asyncio.sleep(0.3)
 
         try:
             async with aio.connect(f"tcp://127.0.0.1:{port}", name="test") as c:
                 assert await c.call(MsgType.SYS_NULL, {"n": -1}, 10.0) == {"n": -1}
-                restart()
+                await restart()
                 calls = await asyncio.gather(
                     *(c.call(MsgType.SYS_NULL, {"n": i}, 10.0) for i in range(20)),
                     return_exceptions=True)
-                restart()   # and a streamed call is the first to find out
+                await restart()   # and a streamed call is the first to find out
                 streamed = [piece async for piece in c.chat_stream("hi", timeout=10.0)]
                 return calls, streamed
         finally:
@@ -225,6 +229,7 @@ def test_calls_a_restarted_kernel_answers_late_go_out_again_rather_than_fail() -
                 router = ctx.socket(zmq.ROUTER)
                 bind_again(router, f"tcp://127.0.0.1:{port}")
                 task = asyncio.create_task(slow(router))
+                await asyncio.sleep(0.3)   # (see the test above)
                 return await asyncio.gather(
                     *(c.call(MsgType.SYS_NULL, {"n": i}, 10.0) for i in range(10)),
                     return_exceptions=True)
