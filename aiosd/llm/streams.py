@@ -273,7 +273,8 @@ class Streams:
     def _compact_if_apart(self) -> None:
         """Close the gaps between the running calls' streams once they have
         lasted ``COMPACT_AFTER`` steps: each gap costs every step a pass of
-        its own (all of the model's weights read again), a move about two.
+        its own (all of the model's weights read again), and a move costs
+        about as much as two such passes.
         Gaps that calls arriving together fill by themselves (_gather leaves
         those alone) are not worth moving for. A hole is an idle stream
         between the decoding calls' (a prefilling call's stays where it is)."""
