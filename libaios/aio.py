@@ -118,11 +118,7 @@ class AsyncClient:
 
     def _fail_waiting(self, code: ErrorCode, message: str) -> None:
         for call_id, waiter in list(self._waiting.items()):
-            rep = protocol.error(call_id, code, message, retriable=True)
-            if isinstance(waiter, asyncio.Queue):
-                waiter.put_nowait(rep)
-            elif not waiter.done():
-                waiter.set_result(rep)
+            _answer(waiter, protocol.error(call_id, code, message, retriable=True))
 
     def _kernel_replaced(self) -> bool:
         try:
@@ -166,10 +162,7 @@ class AsyncClient:
                                      retriable=True)
             else:
                 rep = protocol.error(call_id, ErrorCode.WORKER_LOST, RESTARTED, retriable=True)
-            if isinstance(waiter, asyncio.Queue):
-                waiter.put_nowait(rep)
-            elif not waiter.done():
-                waiter.set_result(rep)
+            _answer(waiter, rep)
 
     def _note_sent(self, call_id: str) -> None:
         """Note that call ``call_id`` goes out now (see _restarted)."""
@@ -179,7 +172,7 @@ class AsyncClient:
     def _answered(self, call_id: str, rep: protocol.Message) -> None:
         """Note ``rep``, the answer to ``call_id``, if it says the kernel
         does not know this connection (see _restarted)."""
-        generation, n = self._sent.pop(call_id, (0, -1))
+        generation, n = self._sent.get(call_id, (0, -1))
         if (rep.type is MsgType.ERROR and rep.body.get("code") == ErrorCode.UNAUTHENTICATED
                 and generation == self._generation and n >= 0):
             self._unknown_from = n if self._unknown_from is None else min(self._unknown_from, n)
@@ -381,6 +374,16 @@ class AsyncClient:
 
     async def null(self, timeout: float | None = None) -> dict[str, Any]:
         return await self.call(MsgType.SYS_NULL, {}, timeout)
+
+
+def _answer(waiter: asyncio.Queue[protocol.Message] | asyncio.Future[protocol.Message],
+            rep: protocol.Message) -> None:
+    """Give a waiting call ``rep`` as its answer (a call already answered
+    keeps its answer)."""
+    if isinstance(waiter, asyncio.Queue):
+        waiter.put_nowait(rep)
+    elif not waiter.done():
+        waiter.set_result(rep)
 
 
 def _expire(reply: asyncio.Future[protocol.Message]) -> None:

@@ -320,12 +320,12 @@ class Engine(Streams):
         if not self.running:
             self._apart_steps = 0
             return
-        for req in self.running:
-            if not req._todo and req._pending is not None and len(req.completion) == 1:
+        to_decode = [r for r in self.running if not r._todo and r._pending is not None]
+        for req in to_decode:
+            if len(req.completion) == 1:
                 self._gather(req)   # about to decode its first token
-        self._compact_if_apart()
-        decoding = [(r, [r._pending]) for r in self.running
-                    if not r._todo and r._pending is not None]
+        self._compact_if_apart(to_decode)
+        decoding = [(r, [r._pending]) for r in to_decode]
         budget = self.n_batch - len(decoding)
         chunks: list[tuple[Request, list[int]]] = []
         for req in self.running:

@@ -270,17 +270,16 @@ class Streams:
         seq.busy, target.busy = False, True
         req._seq = target
 
-    def _compact_if_apart(self) -> None:
-        """Close the gaps between the running calls' streams once they have
-        lasted ``COMPACT_AFTER`` steps: each gap costs every step a pass of
-        its own (all of the model's weights read again), and a move costs
-        about as much as two such passes.
-        Gaps that calls arriving together fill by themselves (_gather leaves
-        those alone) are not worth moving for. A hole is an idle stream
-        between the decoding calls' (a prefilling call's stays where it is)."""
+    def _compact_if_apart(self, decoding: list[Request]) -> None:
+        """Close the gaps between the ``decoding`` calls' streams once they
+        have lasted ``COMPACT_AFTER`` steps: each gap costs every step a
+        pass of its own (all of the model's weights read again), and a move
+        costs about as much as two such passes. Gaps that calls arriving
+        together fill by themselves (_gather leaves those alone) are not
+        worth moving for. A hole is an idle stream between the decoding
+        calls' (a prefilling call's stays where it is)."""
         # (prompt chunks are decoded in batches of their own: only the
         # decoding calls' streams need to lie together)
-        decoding = [r for r in self.running if not r._todo and r._pending is not None]
         ids = sorted(r._seq.id for r in decoding)
         apart = any(b - a > 1 for a, b in zip(ids, ids[1:]))
         self._apart_steps = self._apart_steps + 1 if apart else 0

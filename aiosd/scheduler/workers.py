@@ -189,7 +189,7 @@ class WorkerMessages:
             call.queued_at = now
             self.queues[call.resource].requeue_suspended(call)
         elif msg.type is MsgType.REPLY:
-            self.finish(call, protocol.reply(call.client_call_id, msg.body), now)
+            self.finish(call, for_caller(call, msg), now)
         elif msg.body.get("code") == ErrorCode.APPROVAL_REQUIRED and not call.approved:
             # The worker found the call destructive (an overwrite): ask.
             call.service_s += now - call.dispatched
@@ -208,8 +208,7 @@ class WorkerMessages:
                 call.queued_at = now
                 self._hold(call, op, str(msg.body.get("message", "")), now)
         else:
-            envelope = Message(MsgType.ERROR, protocol.new_id(), msg.body, re=call.client_call_id)
-            self.finish(call, envelope, now)
+            self.finish(call, for_caller(call, msg), now)
         self.dispatch()
 
     def _held_result(self, name: str, msg: Message) -> None:
@@ -219,11 +218,7 @@ class WorkerMessages:
         if call is None or call.held_for != name or msg.type is MsgType.PARTIAL:
             return
         call.held_for = None
-        if msg.type is MsgType.REPLY:
-            result = protocol.reply(call.client_call_id, msg.body)
-        else:
-            result = Message(MsgType.ERROR, protocol.new_id(), msg.body, re=call.client_call_id)
-        self.finish(call, result, time.time())
+        self.finish(call, for_caller(call, msg), time.time())
 
     def _release(self, worker: Worker, call: Call) -> None:
         """``call`` no longer holds a slot of ``worker`` (nor of its tool)."""
@@ -306,6 +301,14 @@ class WorkerMessages:
         if not self.procs:
             return True  # the process table has not arrived yet
         return any(p.get("state") != "fatal" for p in kinds)
+
+
+def for_caller(call: Call, msg: Message) -> Message:
+    """A worker's final answer (a reply or an error) to ``call``, as its
+    caller gets it."""
+    if msg.type is MsgType.REPLY:
+        return protocol.reply(call.client_call_id, msg.body)
+    return Message(MsgType.ERROR, protocol.new_id(), msg.body, re=call.client_call_id)
 
 
 def process_gone(pid: int) -> bool:
