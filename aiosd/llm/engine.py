@@ -43,6 +43,8 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
+
 from .batching import (CTX_ALIGN, MAX_SEQS, MIN_PROMPT_ROWS, chunk_groups, passes,
                        prompt_chunk, sequences_for)
 from .generation import Finish, Request, Snapshot
@@ -163,6 +165,7 @@ class Engine(Streams):
         self.n_batch = n_batch
         self.slots = slots
         self._eog = end_of_generation(self.model.vocab)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
         self.batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self.seqs = [_Seq(i) for i in range(seqs)]
         self._spare = seqs
@@ -411,8 +414,14 @@ class Engine(Streams):
             # (a grammar decides itself where an answer may end: with every
             # end held back, a finished structured answer would have no
             # token left, and llama.cpp's grammar sampler aborts)
-            self._hold_back_end(req._logit_index)
-        token = req._sampler.sample(self.ctx, req._logit_index)
+            self._logits(req._logit_index)[self._eog] = -np.inf
+        if req._sampler is None:
+            # greedy: the likeliest token, the first of equals (as llama.cpp's
+            # greedy sampler takes it), without copying the vocabulary's
+            # logits into a candidate array first
+            token = int(self._logits(req._logit_index).argmax())
+        else:
+            token = req._sampler.sample(self.ctx, req._logit_index)
         if self._ll.llama_vocab_is_eog(self.model.vocab, token):
             self._finish(req, Finish.STOP)
             return
@@ -425,11 +434,11 @@ class Engine(Streams):
         elif len(seq.tokens) + 1 >= self.n_ctx:
             self._finish(req, Finish.LENGTH)
 
-    def _hold_back_end(self, index: int) -> None:
-        """Make the end-of-generation tokens impossible at batch ``index``."""
-        logits = self._ll.llama_get_logits_ith(self.ctx.ctx, index)
-        for token in self._eog:
-            logits[token] = float("-inf")
+    def _logits(self, index: int) -> Any:
+        """The logits llama.cpp computed at batch ``index``, in place (a
+        numpy view of its buffer, valid until the next decode)."""
+        return np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self.ctx.ctx, index),
+                                     shape=(self._n_vocab,))
 
     def _decode(self, b: Any) -> None:
         t = time.perf_counter()
@@ -442,6 +451,10 @@ class Engine(Streams):
         self._copying = False
 
     def _sampler(self, req: Request) -> Any:
+        """``req``'s sampler chain; None for plain greedy decoding, which
+        the engine does itself (see _next_token)."""
+        if req.grammar is None and req.temperature <= 0:
+            return None
         s = self._internals.LlamaSampler()
         if req.grammar is not None:
             try:

@@ -535,6 +535,27 @@ def test_an_empty_prompt_is_refused(plain: Engine) -> None:
     assert generate(plain, "after", tokens(plain, turn("Hello?")), 2).completion  # still serving
 
 
+def test_greedy_decoding_takes_the_tokens_llama_cpp_s_greedy_sampler_takes(
+        plain: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy calls take the likeliest token straight from the logits; a
+    chain of llama.cpp's greedy sampler picks the same ones, the ends of
+    generation held back alike."""
+    # (left alone, the model ends this answer within a few tokens)
+    prompt = tokens(plain, turn("What is 2+2? Answer with a number only."))
+    assert len(generate(plain, "free", prompt, 48).completion) < 24
+    fast = generate(plain, "fast", prompt, 48, min_tokens=48)
+    assert len(fast.completion) == 48
+
+    def chain(req: Request) -> object:
+        s = plain._internals.LlamaSampler()
+        s.add_greedy()
+        return s
+
+    monkeypatch.setattr(plain, "_sampler", chain)
+    slow = generate(plain, "chain", prompt, 48, min_tokens=48)
+    assert slow.completion == fast.completion
+
+
 def test_many_sequences_decode_together(plain: Engine) -> None:
     eng = make(8)
     try:
