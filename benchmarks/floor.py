@@ -2,17 +2,23 @@
 model's kernels take for its tokens at the contexts the workload has, with
 no scheduling cost at all.
 
-``python -m benchmarks.floor`` prefills 32 conversations of ``--context``
-tokens each (one KV stream each, as aiosd's core keeps them), then times
-decoding steps that give each conversation 1, 2 and 4 rows, every row with
-its logits (a step of 2 or 4 rows a conversation is what checking drafted
-tokens costs). The floor at N = 32 is the workload's distinct prompt tokens
-at that prefill rate plus its generated tokens at the cost of a row in
-steps of one row a conversation: aiosd cannot finish sooner with this
-model on this machine, and the lower bound of ``benchmarks.run`` (short
-contexts, the faster of both attention kernels) sits below it.
-``benchmarks.run`` measures the floor of each size it runs (``floor``), so
-that the ratios against direct can be read against it on the same stretch.
+Each agent's conversation grows turn by turn: the shared system prompt, then
+at each turn a few prompt tokens (its task, later a tool result and the chat
+template's marks) and the answer's generated tokens. ``python -m
+benchmarks.floor`` follows that shape with 32 conversations, one KV stream
+each as aiosd's core keeps them. It times the shared system prompt computed
+once, and for each turn, at that turn's context: the turn's prompt tokens fed
+for every conversation in batches as full as llama.cpp takes them, and steps
+that decode a token for each conversation (every row with its logits). It
+builds the KV cache aiosd's core builds with its defaults.
+llama.cpp attends over a stream's cells rounded up to a multiple of 256, so
+a row costs more once a conversation passes 512 cells, as the workload's do
+in its fourth turn. The floor is the workload's tokens at these costs: aiosd
+cannot finish sooner with this model on this machine, and the lower bound of
+``benchmarks.run`` (short contexts, the faster of both attention kernels)
+sits below it. ``benchmarks.run`` measures the floor of each size it runs
+(``floor``), so that the ratios against direct can be read against it on
+the same stretch.
 """
 
 from __future__ import annotations
@@ -21,64 +27,226 @@ import argparse
 import os
 import random
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import workload
 
 #: conversations decoded together (the benchmark's N = 32; aiosd's default slots)
 STREAMS = 32
-#: cells of each conversation: the workload's run from about 300 to 700
-CONTEXT = 450
+#: timed decoding steps at each turn's context (the median counts)
+STEPS = 5
 
 
-def measure(context: int = CONTEXT, streams: int = STREAMS, steps: int = 5,
-            rows: tuple[int, ...] = (1, 2, 4)) -> tuple[float, dict[int, float]]:
-    """Seconds per prefilled token, and seconds per decoded row for each of
-    ``rows`` rows a conversation, at ``context`` cells of ``streams``
-    conversations."""
+#: llama.cpp attends over a stream's cells rounded up to a multiple of this
+ATTEND_ROUND = 256
+
+
+def attended(cell: int) -> int:
+    """The cells a token at ``cell`` attends over (masked ones too)."""
+    return max(ATTEND_ROUND, -(-(cell + 1) // ATTEND_ROUND) * ATTEND_ROUND)
+
+
+@dataclass
+class Turn:
+    """One turn of every agent: the cells a conversation holds when the
+    turn's prompt tokens are fed (the agents' mean), those tokens for each
+    agent, and the cell of the answer's first decoded token."""
+
+    start: int
+    new: list[int]
+    first: int
+
+    def rows(self) -> dict[int, int]:
+        """A conversation's decoded rows of this turn, by the cells they attend over."""
+        by: dict[int, int] = {}
+        for cell in range(self.first, self.first + workload.MAX_TOKENS):
+            by[attended(cell)] = by.get(attended(cell), 0) + 1
+        return by
+
+
+@dataclass
+class Shape:
+    """The workload's prompt tokens as aiosd's core meets them: the shared
+    system prompt once, then each turn's own tokens of every agent."""
+
+    shared: int
+    turns: list[Turn] = field(default_factory=list)
+
+    @property
+    def distinct(self) -> int:
+        return self.shared + sum(sum(t.new) for t in self.turns)
+
+
+def shape(n: int) -> Shape:
+    """The prompt tokens of ``n`` agents' conversations, rendered with the
+    model's own chat template. An answer is ``workload.MAX_TOKENS`` generated
+    tokens whose cells are computed as they are decoded; the tokens a turn
+    adds are the rest of its prompt (the answer's end mark, the tool result,
+    the marks that open the next answer)."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from aiosd.llm.llamacpp import embedded_model_path
+
+    llm = Llama(str(embedded_model_path()), n_ctx=512, verbose=False, vocab_only=True)
+    fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
+                              eos_token="", bos_token="")
+
+    def tokens(messages: list[dict[str, str]]) -> list[int]:
+        return llm.tokenize(fmt(messages=messages).prompt.encode(), add_bos=False, special=True)
+
+    def common(a: list[int], b: list[int]) -> int:
+        return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    system = tokens(workload.first_messages(0)[:1])
+    per_agent: list[list[tuple[int, int, int]]] = []   # (start, new, first decoded cell) per turn
+    for i in range(n):
+        messages = workload.first_messages(i)
+        prompt = tokens(messages)
+        start = common(system, prompt)
+        turns = [(start, len(prompt) - start, len(prompt))]
+        for turn in range(1, workload.TURNS):
+            # the answers' text is left empty: their tokens are counted as generated
+            messages += [{"role": "assistant", "content": ""}, workload.tool_result(i, turn - 1)]
+            before = len(prompt)
+            prompt = tokens(messages)
+            answered = turn * workload.MAX_TOKENS
+            turns.append((before + answered, len(prompt) - before, len(prompt) + answered))
+        per_agent.append(turns)
+    result = Shape(shared=max(t[0][0] for t in per_agent))
+    for k in range(workload.TURNS):
+        at = [a[k] for a in per_agent]
+        result.turns.append(Turn(start=round(sum(s for s, _, _ in at) / n), new=[m for _, m, _ in at],
+                                 first=round(sum(f for _, _, f in at) / n)))
+    return result
+
+
+@dataclass
+class Costs:
+    """Seconds a token of the shared prompt costs, a prompt token of each
+    turn, and a decoded row by the cells it attends over."""
+
+    shared: float
+    prompt: list[float]
+    row: dict[int, float]
+
+    def floor(self, sh: Shape) -> float:
+        n = len(sh.turns[0].new)
+        total = sh.shared * self.shared
+        for turn, prompt in zip(sh.turns, self.prompt):
+            total += sum(turn.new) * prompt
+            total += n * sum(rows * self.row[cells] for cells, rows in turn.rows().items())
+        return total
+
+    def mean_row(self, sh: Shape) -> float:
+        """A decoded row's cost over the workload's answers."""
+        rows = [(cells, k) for t in sh.turns for cells, k in t.rows().items()]
+        return sum(self.row[c] * k for c, k in rows) / sum(k for _, k in rows)
+
+    def report(self) -> dict[str, Any]:
+        return {"shared_ms_per_token": round(self.shared * 1e3, 3),
+                "prompt_ms_per_token": [round(p * 1e3, 3) for p in self.prompt],
+                "decode_ms_per_row": {str(c): round(r * 1e3, 3) for c, r in sorted(self.row.items())}}
+
+
+def measure(sh: Shape, streams: int = STREAMS, steps: int = STEPS) -> Costs:
+    """What the kernel aiosd runs (a KV stream a conversation, flash
+    attention off) takes for the tokens of ``sh`` with ``streams``
+    conversations at the workload's contexts."""
     import llama_cpp
 
+    from aiosd.config import CoreConfig
     from aiosd.llm.engine import Engine
     from aiosd.llm.llamacpp import embedded_model_path
 
-    # The context aiosd's core builds (a KV stream a conversation, flash
-    # attention off); its loop waits for calls, and none come.
-    engine = Engine(str(embedded_model_path()), n_ctx=1024, slots=streams, seqs=streams,
-                    threads=len(os.sched_getaffinity(0)))
-    ctx, batch = engine.ctx, engine.batch
+    classes = sorted({c for t in sh.turns for c in t.rows()})
+    # The context aiosd's core builds with its defaults (the KV cache's
+    # layout changes what a step costs: the longer its streams, the further
+    # apart a conversation's cells lie); its loop waits for calls, and none come.
+    core = CoreConfig()
+    engine = Engine(str(embedded_model_path()), n_ctx=core.n_ctx, slots=streams,
+                    kv_bytes=core.kv_mb * 2**20, threads=len(os.sched_getaffinity(0)))
+    ctx, batch, n_batch = engine.ctx, engine.batch, engine.n_batch
     memory = llama_cpp.llama_get_memory(ctx.ctx)
     rng = random.Random(0)
     vocab = llama_cpp.llama_vocab_n_tokens(engine.model.vocab)
+    held = [0] * streams   # cells each stream holds
+    everyone = list(range(streams))
 
-    def decode(rows: list[tuple[int, int, bool]]) -> float:
-        """Decode (stream, position, logits) rows of random tokens; seconds."""
+    def decode(rows: list[tuple[int, bool]]) -> float:
+        """Decode a random token for each (stream, logits) row, each at its
+        stream's next cell; seconds."""
         b = batch.batch
         b.n_tokens = len(rows)
-        for k, (seq, pos, logits) in enumerate(rows):
-            b.token[k], b.pos[k], b.n_seq_id[k] = rng.randrange(100, vocab), pos, 1
+        for k, (seq, logits) in enumerate(rows):
+            b.token[k], b.pos[k], b.n_seq_id[k] = rng.randrange(100, vocab), held[seq], 1
             b.seq_id[k][0], b.logits[k] = seq, logits
+            held[seq] += 1
         t = time.perf_counter()
         if llama_cpp.llama_decode(ctx.ctx, b) != 0:
             raise RuntimeError("llama_decode failed")
         return time.perf_counter() - t
 
+    def feed(seqs: list[int], count: int) -> float:
+        """Feed ``count`` tokens to each of ``seqs``, as many streams a
+        batch as it holds, the last token of each with logits; seconds."""
+        per = max(1, n_batch // count)
+        spent = 0.0
+        for g in range(0, len(seqs), per):
+            group, done = seqs[g:g + per], 0
+            while done < count:
+                k = min(count - done, n_batch // len(group))
+                spent += decode([(s, done + j == count - 1) for s in group for j in range(k)])
+                done += k
+        return spent
+
+    def cut(seq: int, to: int) -> None:
+        llama_cpp.llama_memory_seq_rm(memory, seq, to, -1)
+        held[seq] = min(held[seq], to)
+
+    def every_stream_at(cells: int) -> None:
+        """Every stream holding ``cells`` cells: stream 0 grown (untimed)
+        and copied into the others."""
+        cut(0, cells)
+        if held[0] < cells:
+            feed([0], cells - held[0])
+        for seq in everyone[1:]:
+            cut(seq, 0)
+            llama_cpp.llama_memory_seq_cp(memory, 0, seq, -1, -1)
+            held[seq] = cells
+        decode([(s, True) for s in everyone])   # applies the copies (untimed)
+        for s in everyone:
+            cut(s, cells)
+
     try:
-        decode([(0, 0, True)])   # builds the graphs
-        llama_cpp.llama_memory_seq_rm(memory, 0, 0, -1)
-        prefill = 0.0
-        for seq in range(streams):
-            for start in range(0, context, 512):
-                n = min(512, context - start)
-                prefill += decode([(seq, start + j, j == n - 1) for j in range(n)])
-        per_row: dict[int, float] = {}
-        for k in rows:
-            times = []
-            for _ in range(steps):
-                times.append(decode([(seq, context + j, True)
-                                     for seq in range(streams) for j in range(k)]))
-                for seq in range(streams):
-                    llama_cpp.llama_memory_seq_rm(memory, seq, context, -1)
-            per_row[k] = sorted(times)[len(times) // 2] / (streams * k)
-        return prefill / (streams * context), per_row
+        decode([(0, True)])   # builds the graphs
+        times = []
+        for _ in range(2):
+            cut(0, 0)
+            times.append(feed([0], sh.shared))
+        shared = min(times) / sh.shared
+        # Each turn's prompt tokens where that turn feeds them, and decoded
+        # rows in each run of cells attended over (a few cells before its
+        # end), in order of the cells they need.
+        events = [(t.start, "prompt", k) for k, t in enumerate(sh.turns)]
+        events += [(c - 8, "row", c) for c in classes]
+        prompt = [0.0] * len(sh.turns)
+        row: dict[int, float] = {}
+        for cells, what, which in sorted(events):
+            every_stream_at(cells)
+            if what == "prompt":
+                turn = sh.turns[which]
+                count = max(2, round(sum(turn.new) / len(turn.new)))
+                prompt[which] = feed(everyone, count) / (streams * count)
+            else:
+                taken = []
+                for _ in range(steps):
+                    taken.append(decode([(s, True) for s in everyone]))
+                    for s in everyone:
+                        cut(s, cells)
+                row[which] = sorted(taken)[len(taken) // 2] / streams
+        return Costs(shared=shared, prompt=prompt, row=row)
     finally:
         engine.close()
 
@@ -86,21 +254,20 @@ def measure(context: int = CONTEXT, streams: int = STREAMS, steps: int = 5,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--context", type=int, default=CONTEXT,
-                        help="cells of each conversation (the workload's run from about 300 to 700)")
-    args = parser.parse_args()
-    from .run import distinct_prompt_tokens
-
-    prefill, per_row = measure(args.context)
-    print(f"at {args.context} cells of context, {STREAMS} conversations, flash attention off:")
-    print(f"  prefill {prefill * 1e3:.2f} ms a token ({1 / prefill:.1f} tok/s)")
-    for k, cost in per_row.items():
-        print(f"  decoding {k} row(s) a conversation ({STREAMS * k} rows, all with logits): "
-              f"{cost * 1e3:.2f} ms a row, {cost * STREAMS * k * 1e3:.0f} ms a step")
-    distinct = distinct_prompt_tokens(STREAMS)
+    parser.parse_args()
+    sh = shape(STREAMS)
+    costs = measure(sh)
+    print(f"{STREAMS} conversations, flash attention off: the shared prompt ({sh.shared} tokens) "
+          f"{costs.shared * 1e3:.2f} ms a token")
+    for k, (turn, p) in enumerate(zip(sh.turns, costs.prompt), 1):
+        print(f"  turn {k}: {sum(turn.new)} prompt tokens at {turn.start} cells, {p * 1e3:.2f} ms a token; "
+              f"answers from cell {turn.first}")
+    for cells, r in sorted(costs.row.items()):
+        print(f"  a decoded row attending over {cells} cells: {r * 1e3:.2f} ms "
+              f"({r * STREAMS * 1e3:.0f} ms a step)")
+    floor = costs.floor(sh)
     generated = STREAMS * workload.TURNS * workload.MAX_TOKENS
-    floor = distinct * prefill + generated * per_row[1]
-    print(f"floor at N = {STREAMS}: {distinct} distinct prompt tokens and {generated} generated: "
+    print(f"floor at N = {STREAMS}: {sh.distinct} distinct prompt tokens and {generated} generated: "
           f"{floor:.1f} s; 10x sooner than direct needs direct to take {10 * floor:.0f} s or more")
 
 

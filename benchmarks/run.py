@@ -300,40 +300,6 @@ def _rates(flash_attn: bool) -> tuple[float, float]:
         eng.close()
 
 
-def distinct_prompt_tokens(n: int) -> int:
-    """Tokens that must be prefilled at least once: the shared system prompt
-    once, and for each agent the rest of its last prompt (task, tool results,
-    the chat template's tokens) rendered with the model's own template. Its
-    answers are left out: their KV is computed as they are generated, which
-    the bound counts at the decode rate."""
-    from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    from aiosd.llm.llamacpp import embedded_model_path
-
-    llm = Llama(str(embedded_model_path()), n_ctx=512, verbose=False, vocab_only=True)
-    fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
-                              eos_token="", bos_token="")
-
-    def tokens(messages: list[dict[str, str]]) -> list[int]:
-        return llm.tokenize(fmt(messages=messages).prompt.encode(), add_bos=False, special=True)
-
-    def common(a: list[int], b: list[int]) -> int:
-        return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-    system = tokens(workload.first_messages(0)[:1])
-    shared, own = 0, 0
-    for i in range(n):
-        messages = workload.first_messages(i)
-        for turn in range(workload.TURNS - 1):  # the last tool result is never sent
-            messages += [{"role": "assistant", "content": ""}, workload.tool_result(i, turn)]
-        last = tokens(messages)
-        prefix = common(system, last)
-        shared = max(shared, prefix)
-        own += len(last) - prefix
-    return shared + own
-
-
 # -- kernel overhead ----------------------------------------------------------------------
 
 
@@ -438,32 +404,34 @@ def null_syscall(callers: int = 64, per_caller: int = 50, rounds: int = 3) -> di
 # -- the run ------------------------------------------------------------------------------
 
 
-def floor_costs(n: int) -> tuple[float, float]:
-    """Seconds a prefilled token and a decoded row cost the kernel aiosd
-    runs, at the workload's contexts with ``n`` conversations (at most
-    aiosd's default slots) decoded together: see ``benchmarks.floor``."""
-    prefill, per_row = floor.measure(streams=min(n, floor.STREAMS), rows=(1,))
-    return prefill, per_row[1]
+def floor_costs(n: int, sh: floor.Shape) -> floor.Costs:
+    """What the tokens of ``sh`` cost the kernel aiosd runs, at the
+    workload's contexts with ``n`` conversations (at most aiosd's default
+    slots) decoded together: see ``benchmarks.floor``."""
+    return floor.measure(sh, streams=min(n, floor.STREAMS))
 
 
-def floor_report(n: int, by: dict[str, dict[str, Any]], costs: list[tuple[float, float]],
-                 distinct: int, generated: int) -> dict[str, Any]:
+def floor_report(n: int, by: dict[str, dict[str, Any]], costs: list[floor.Costs], sh: floor.Shape,
+                 bound: float) -> dict[str, Any]:
     """Prints the compute floor of size ``n`` measured before and after its
-    runs, and how aiosd and direct stand against it; returns the figures."""
-    floors = [distinct * prefill + generated * row for prefill, row in costs]
+    runs, and how aiosd, direct and the lower bound stand against it;
+    returns the figures."""
+    floors = [c.floor(sh) for c in costs]
     report: dict[str, Any] = {"before_s": round(floors[0], 3), "after_s": round(floors[-1], 3),
-                              "prefill_ms_per_token": [round(p * 1e3, 3) for p, _ in costs],
-                              "decode_ms_per_row": [round(r * 1e3, 3) for _, r in costs],
-                              "context": floor.CONTEXT}
+                              "before": costs[0].report(), "after": costs[-1].report(),
+                              "turns_start_cells": [t.start for t in sh.turns]}
+    rows = [c.mean_row(sh) for c in costs]
     line = (f"N={n:<4} compute floor {floors[0]:.2f}s before the runs, {floors[-1]:.2f}s after "
-            f"(a decoded row {costs[0][1] * 1e3:.2f} and {costs[-1][1] * 1e3:.2f} ms, a prefilled token "
-            f"{costs[0][0] * 1e3:.2f} and {costs[-1][0] * 1e3:.2f} ms)")
+            f"(a decoded row {rows[0] * 1e3:.2f} and {rows[-1] * 1e3:.2f} ms on average over the turns, "
+            f"a prompt token of the last turn {costs[0].prompt[-1] * 1e3:.2f} and "
+            f"{costs[-1].prompt[-1] * 1e3:.2f} ms)")
     low, high = min(floors), max(floors)
     for system in ("aiosd", "direct"):
         if by.get(system, {}).get("makespan_s") is not None:
             line += f"; {system}/floor {by[system]['makespan_s'] / high:.2f}-{by[system]['makespan_s'] / low:.2f}"
+    # the targets at N = 32: are they within what the kernel can do?
+    line += f"; floor/bound {low / bound:.2f}-{high / bound:.2f}"
     if n >= floor.STREAMS and by.get("direct", {}).get("makespan_s") is not None:
-        # the target at N = 32: is it within what the machine can do?
         need = by["direct"]["makespan_s"] / 10
         line += f"; 10x sooner than direct needs {need:.1f}s, {need / high:.2f}-{need / low:.2f} floors"
     print(line)
@@ -521,7 +489,8 @@ def main() -> None:
         by: dict[str, dict[str, Any]] = {}
         # The compute floor is measured before and after the size's runs:
         # the machine's speed moves, and the systems move with it.
-        costs = [floor_costs(n)]
+        sh = floor.shape(n)
+        costs = [floor_costs(n, sh)]
         for system in systems:
             if system == "aiosd":
                 by[system] = bench_aiosd(n)
@@ -547,9 +516,9 @@ def main() -> None:
                       f"{c.get('cached_tokens')} found cached ({c.get('shared_tokens')} shared); "
                       f"{c.get('steps')} steps in {c.get('passes')} passes; "
                       f"{c.get('moved_seqs')} streams moved, {c.get('evicted_seqs')} evicted")
-        costs.append(floor_costs(n))
+        costs.append(floor_costs(n, sh))
         gen = by.get("aiosd", next(iter(by.values()))).get("generated", n * workload.TURNS * workload.MAX_TOKENS)
-        distinct = distinct_prompt_tokens(n)
+        distinct = sh.distinct
         bound = distinct / measured["prefill_tok_per_s"] + gen / measured["decode_tok_per_s"]
         bounds[str(n)] = round(bound, 3)
         line = f"N={n:<4} lower bound {bound:.2f}s ({distinct} distinct prompt tokens, {gen} generated)"
@@ -558,7 +527,7 @@ def main() -> None:
             line += f"; direct/aiosd {ratio(by['aiosd'], by.get('direct', {}))}"
             line += f"; shared/aiosd {ratio(by['aiosd'], by.get('shared', {}))}"
         print(line)
-        floors[str(n)] = floor_report(n, by, costs, distinct, gen)
+        floors[str(n)] = floor_report(n, by, costs, sh, bound)
     result: dict[str, Any] = {"runs": runs, "lower_bound_s": bounds, "floor": floors, "rates": measured,
                               "machine": {"cpus": os.cpu_count(),
                                           "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}}
