@@ -8,9 +8,10 @@ template's marks) and the answer's generated tokens. ``python -m
 benchmarks.floor`` follows that shape with 32 conversations, one KV stream
 each as aiosd's core keeps them. It times the shared system prompt computed
 once, and for each turn, at that turn's context: the turn's prompt tokens fed
-for every conversation in batches as full as llama.cpp takes them, and steps
-that decode a token for each conversation (every row with its logits). It
-builds the KV cache aiosd's core builds with its defaults.
+for as many conversations as one batch holds (the best of three), and steps
+that decode a token for each conversation (every row with its logits; the
+median of five). It builds the KV cache aiosd's core builds with its
+defaults.
 llama.cpp attends over a stream's cells rounded up to a multiple of 256, so
 a row costs more once a conversation passes 512 cells, as the workload's do
 in its fourth turn. The floor is the workload's tokens at these costs: aiosd
@@ -51,17 +52,20 @@ def attended(cell: int) -> int:
 class Turn:
     """One turn of every agent: the cells a conversation holds when the
     turn's prompt tokens are fed (the agents' mean), those tokens for each
-    agent, and the cell of the answer's first decoded token."""
+    agent, and for each agent the cell of the answer's first decoded token."""
 
     start: int
     new: list[int]
-    first: int
+    firsts: list[int]
 
     def rows(self) -> dict[int, int]:
-        """A conversation's decoded rows of this turn, by the cells they attend over."""
+        """The agents' decoded rows of this turn, by the cells they attend
+        over. An answer's last token is sampled but not decoded as a row:
+        the next prompt begins with it."""
         by: dict[int, int] = {}
-        for cell in range(self.first, self.first + workload.MAX_TOKENS):
-            by[attended(cell)] = by.get(attended(cell), 0) + 1
+        for first in self.firsts:
+            for cell in range(first, first + workload.MAX_TOKENS - 1):
+                by[attended(cell)] = by.get(attended(cell), 0) + 1
         return by
 
 
@@ -81,9 +85,10 @@ class Shape:
 def shape(n: int) -> Shape:
     """The prompt tokens of ``n`` agents' conversations, rendered with the
     model's own chat template. An answer is ``workload.MAX_TOKENS`` generated
-    tokens whose cells are computed as they are decoded; the tokens a turn
-    adds are the rest of its prompt (the answer's end mark, the tool result,
-    the marks that open the next answer)."""
+    tokens, each decoded as a row but the last (see Turn.rows); the tokens a
+    turn adds are the rest of its prompt (the answer's end mark, the tool
+    result, the marks that open the next answer). Rendered with empty
+    answers, these come out about as many as aiosd's core prefills."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -118,7 +123,7 @@ def shape(n: int) -> Shape:
     for k in range(workload.TURNS):
         at = [a[k] for a in per_agent]
         result.turns.append(Turn(start=round(sum(s for s, _, _ in at) / n), new=[m for _, m, _ in at],
-                                 first=round(sum(f for _, _, f in at) / n)))
+                                 firsts=[f for _, _, f in at]))
     return result
 
 
@@ -132,11 +137,10 @@ class Costs:
     row: dict[int, float]
 
     def floor(self, sh: Shape) -> float:
-        n = len(sh.turns[0].new)
         total = sh.shared * self.shared
         for turn, prompt in zip(sh.turns, self.prompt):
             total += sum(turn.new) * prompt
-            total += n * sum(rows * self.row[cells] for cells, rows in turn.rows().items())
+            total += sum(rows * self.row[cells] for cells, rows in turn.rows().items())
         return total
 
     def mean_row(self, sh: Shape) -> float:
@@ -236,9 +240,16 @@ def measure(sh: Shape, streams: int = STREAMS, steps: int = STEPS) -> Costs:
         for cells, what, which in sorted(events):
             every_stream_at(cells)
             if what == "prompt":
+                # as many conversations as one batch holds, the best of three
                 turn = sh.turns[which]
                 count = max(2, round(sum(turn.new) / len(turn.new)))
-                prompt[which] = feed(everyone, count) / (streams * count)
+                group = everyone[:max(1, n_batch // count)]
+                taken = []
+                for _ in range(3):
+                    for s in group:
+                        cut(s, cells)
+                    taken.append(feed(group, count) / (len(group) * count))
+                prompt[which] = min(taken)
             else:
                 taken = []
                 for _ in range(steps):
@@ -261,13 +272,13 @@ def main() -> None:
           f"{costs.shared * 1e3:.2f} ms a token")
     for k, (turn, p) in enumerate(zip(sh.turns, costs.prompt), 1):
         print(f"  turn {k}: {sum(turn.new)} prompt tokens at {turn.start} cells, {p * 1e3:.2f} ms a token; "
-              f"answers from cell {turn.first}")
+              f"answers from cell {round(sum(turn.firsts) / len(turn.firsts))}")
     for cells, r in sorted(costs.row.items()):
         print(f"  a decoded row attending over {cells} cells: {r * 1e3:.2f} ms "
               f"({r * STREAMS * 1e3:.0f} ms a step)")
     floor = costs.floor(sh)
-    generated = STREAMS * workload.TURNS * workload.MAX_TOKENS
-    print(f"floor at N = {STREAMS}: {sh.distinct} distinct prompt tokens and {generated} generated: "
+    decoded = sum(sum(t.rows().values()) for t in sh.turns)
+    print(f"floor at N = {STREAMS}: {sh.distinct} distinct prompt tokens and {decoded} decoded rows: "
           f"{floor:.1f} s; 10x sooner than direct needs direct to take {10 * floor:.0f} s or more")
 
 

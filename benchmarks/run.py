@@ -419,7 +419,10 @@ def floor_report(n: int, by: dict[str, dict[str, Any]], costs: list[floor.Costs]
     floors = [c.floor(sh) for c in costs]
     report: dict[str, Any] = {"before_s": round(floors[0], 3), "after_s": round(floors[-1], 3),
                               "before": costs[0].report(), "after": costs[-1].report(),
-                              "turns_start_cells": [t.start for t in sh.turns]}
+                              "shared_tokens": sh.shared,
+                              "turns": [{"start_cells": t.start, "prompt_tokens": sum(t.new),
+                                         "decoded_rows": {str(c): k for c, k in sorted(t.rows().items())}}
+                                        for t in sh.turns]}
     rows = [c.mean_row(sh) for c in costs]
     line = (f"N={n:<4} compute floor {floors[0]:.2f}s before the runs, {floors[-1]:.2f}s after "
             f"(a decoded row {rows[0] * 1e3:.2f} and {rows[-1] * 1e3:.2f} ms on average over the turns, "

@@ -14,20 +14,24 @@ def test_a_row_attends_over_its_stream_s_cells_rounded_up_to_256(cell: int, cell
     assert floor.attended(cell) == cells
 
 
-def test_a_turn_s_rows_are_counted_by_the_cells_they_attend_over() -> None:
-    turn = floor.Turn(start=470, new=[22, 23], first=493)
-    rows = turn.rows()
-    assert sum(rows.values()) == workload.MAX_TOKENS
-    assert rows == {512: 512 - 493, 768: workload.MAX_TOKENS - (512 - 493)}
+def test_a_turn_s_rows_are_counted_agent_by_agent_by_the_cells_they_attend_over() -> None:
+    # an answer's last token is not decoded as a row: the next prompt begins with it
+    decoded = workload.MAX_TOKENS - 1
+    turn = floor.Turn(start=470, new=[22, 23], firsts=[493, 500])
+    assert turn.rows() == {512: (512 - 493) + (512 - 500),
+                           768: (decoded - (512 - 493)) + (decoded - (512 - 500))}
 
 
 def test_the_floor_is_every_token_at_its_own_cost() -> None:
-    sh = floor.Shape(shared=100, turns=[floor.Turn(start=100, new=[10, 20], first=130),
-                                        floor.Turn(start=500, new=[5, 5], first=530)])
+    sh = floor.Shape(shared=100, turns=[floor.Turn(start=100, new=[10, 20], firsts=[130, 131]),
+                                        floor.Turn(start=470, new=[5, 5], firsts=[500, 500])])
     costs = floor.Costs(shared=0.001, prompt=[0.002, 0.003], row={256: 0.004, 512: 0.005, 768: 0.006})
-    n, m = 2, workload.MAX_TOKENS
-    expected = (100 * 0.001 + 30 * 0.002 + n * m * 0.004
-                + 10 * 0.003 + n * (m * 0.006))
+    m = workload.MAX_TOKENS - 1
+    below = 512 - 500   # rows of the second turn that attend over 512 cells
+    expected = (100 * 0.001 + 30 * 0.002 + 2 * m * 0.004
+                + 10 * 0.003 + 2 * (below * 0.005 + (m - below) * 0.006))
     assert costs.floor(sh) == pytest.approx(expected)
     assert sh.distinct == 140
-    assert costs.mean_row(sh) == pytest.approx((0.004 + 0.006) / 2)
+    rows = 4 * m
+    assert costs.mean_row(sh) == pytest.approx(
+        (2 * m * 0.004 + 2 * below * 0.005 + 2 * (m - below) * 0.006) / rows)
