@@ -164,7 +164,7 @@ class Engine(Streams):
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.slots = slots
-        self._eog = end_of_generation(self.model.vocab)
+        self._eog = np.array(end_of_generation(self.model.vocab))
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
         self.batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self.seqs = [_Seq(i) for i in range(seqs)]
@@ -410,16 +410,18 @@ class Engine(Streams):
     def _next_token(self, req: Request) -> None:
         """Sample ``req``'s next token from the logits the batch computed."""
         seq = req._seq
-        if len(req.completion) < req.min_tokens and req.grammar is None:
-            # (a grammar decides itself where an answer may end: with every
-            # end held back, a finished structured answer would have no
-            # token left, and llama.cpp's grammar sampler aborts)
-            self._logits(req._logit_index)[self._eog] = -np.inf
+        # (a grammar decides itself where an answer may end: with every end
+        # held back, a finished structured answer would have no token left,
+        # and llama.cpp's grammar sampler aborts)
+        hold_back = len(req.completion) < req.min_tokens and req.grammar is None
+        logits = self._logits(req._logit_index) if hold_back or req._sampler is None else None
+        if hold_back:
+            logits[self._eog] = -np.inf
         if req._sampler is None:
             # greedy: the likeliest token, the first of equals (as llama.cpp's
             # greedy sampler takes it), without copying the vocabulary's
             # logits into a candidate array first
-            token = int(self._logits(req._logit_index).argmax())
+            token = int(logits.argmax())
         else:
             token = req._sampler.sample(self.ctx, req._logit_index)
         if self._ll.llama_vocab_is_eog(self.model.vocab, token):
