@@ -217,8 +217,7 @@ class Client:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise no_reply(msg, self.endpoint, timeout) from None
-                part = min(left, 1.0 if cancelled is None else 0.1)
-                self._sock.poll(int(part * 1000) + 1, zmq.POLLOUT)
+                self._sock.poll(_wait_ms(left, cancelled), zmq.POLLOUT)
 
     def _replies(self, msg: protocol.Message, timeout: float,
                  cancelled: threading.Event | None = None
@@ -235,10 +234,7 @@ class Client:
             # cannot hide it)
             _check_cancelled(msg, cancelled)
             left = deadline - time.monotonic()
-            # Wait in slices, so a kernel that vanished (or a caller that
-            # gave up) is noticed quickly.
-            part = min(left, 1.0 if cancelled is None else 0.1)
-            if left <= 0 or not self._sock.poll(int(part * 1000) + 1, zmq.POLLIN):
+            if left <= 0 or not self._sock.poll(_wait_ms(left, cancelled), zmq.POLLIN):
                 _check_cancelled(msg, cancelled)
                 if time.monotonic() < deadline:
                     self._check_kernel()
@@ -363,6 +359,13 @@ class Client:
     def null(self, timeout: float | None = None) -> dict[str, Any]:
         """A system call that does nothing, through the scheduler and a worker."""
         return self.call(MsgType.SYS_NULL, {}, timeout)
+
+
+def _wait_ms(left: float, cancelled: threading.Event | None) -> int:
+    """How long to wait for the socket at most, in milliseconds, with
+    ``left`` seconds before the deadline: in slices, so that a kernel that
+    vanished (or a caller that gave up) is noticed quickly."""
+    return int(min(left, 1.0 if cancelled is None else 0.1) * 1000) + 1
 
 
 def _check_cancelled(msg: protocol.Message, cancelled: threading.Event | None) -> None:
