@@ -11,8 +11,7 @@ once, and for each turn, at that turn's context: the turn's prompt tokens fed
 for as many conversations as one batch holds (the best of three), and steps
 that decode a token for each conversation (every row with its logits; the
 median of five). It builds the KV cache aiosd's core builds with its
-defaults.
-llama.cpp attends over a stream's cells rounded up to a multiple of 256, so
+defaults. llama.cpp attends over a stream's cells rounded up to a multiple of 256, so
 a row costs more once a conversation passes 512 cells, as the workload's do
 in its fourth turn. The floor is the workload's tokens at these costs: aiosd
 cannot finish sooner with this model on this machine, and the lower bound of
@@ -65,7 +64,8 @@ class Turn:
         by: dict[int, int] = {}
         for first in self.firsts:
             for cell in range(first, first + workload.MAX_TOKENS - 1):
-                by[attended(cell)] = by.get(attended(cell), 0) + 1
+                cells = attended(cell)
+                by[cells] = by.get(cells, 0) + 1
         return by
 
 
