@@ -11,7 +11,6 @@ can be in flight on one connection::
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,9 +19,10 @@ import zmq
 import zmq.asyncio
 
 from . import errors, protocol
-from .client import (DEFAULT_TIMEOUT, RESTARTED, ChatResult, chat_body, kernel_socket_id,
-                     no_reply, resolve)
+from .client import (DEFAULT_TIMEOUT, RESTARTED, ChatResult, chat_body, hello_body,
+                     kernel_socket_id, no_reply, resolve, stream_pieces)
 from .protocol import ErrorCode, MsgType
+from .services import Memory, Storage, Tools, awaited_field_of
 from .wire import send_frames
 
 #: Seconds for which one look at the kernel socket file holds: a client
@@ -76,6 +76,11 @@ class AsyncClient:
         self._unknown_from: int | None = None
         #: sends waiting on asyncio (the socket's queue was full)
         self._sending = 0
+        #: memory, storage and tool system calls, as on the synchronous
+        #: client but awaited: ``await aios.memory.add(...)``
+        self.memory = Memory(self.call, awaited_field_of)
+        self.storage = Storage(self.call, awaited_field_of)
+        self.tools = Tools(self.call, awaited_field_of)
 
     async def connect(self) -> AsyncClient:
         if self._sock is not None:
@@ -93,9 +98,8 @@ class AsyncClient:
         if self._inode is not None:
             self._watch = asyncio.create_task(self._watch_kernel())
         try:
-            body = {"name": self.name, "pid": os.getpid(), "token": self.token,
-                    "operator": self.operator}
-            self.identity = await self.call(MsgType.HELLO, body, min(self.timeout, 10.0))
+            self.identity = await self.call(MsgType.HELLO, hello_body(self),
+                                            min(self.timeout, 10.0))
         except BaseException:
             await self.close()
             raise
@@ -362,15 +366,22 @@ class AsyncClient:
         return ChatResult.from_body(await self.call(MsgType.LLM_CHAT, body, timeout))
 
     async def chat_stream(self, messages: list[dict[str, Any]] | str, *,
-                          timeout: float | None = None, **options: Any) -> AsyncIterator[str | ChatResult]:
-        """Stream a chat: yields text pieces, then the final :class:`ChatResult`."""
+                          timeout: float | None = None, **options: Any
+                          ) -> AsyncIterator[str | dict[str, Any] | ChatResult]:
+        """Stream a chat: yields text pieces (and, with tools, tool-call
+        deltas as maps), then the final :class:`ChatResult`."""
         timeout = self.timeout if timeout is None else timeout
         body = chat_body(messages, stream=True, **options)
         async for rep in self._stream(MsgType.LLM_CHAT, body, timeout):
             if rep.type is MsgType.REPLY:
                 yield ChatResult.from_body(rep.body)
-            elif rep.body.get("text"):
-                yield rep.body["text"]
+            else:
+                for piece in stream_pieces(rep.body):
+                    yield piece
+
+    async def whoami(self) -> dict[str, Any]:
+        """This agent's identity as the kernel knows it."""
+        return await self.call(MsgType.AGENT_WHOAMI)
 
     async def null(self, timeout: float | None = None) -> dict[str, Any]:
         return await self.call(MsgType.SYS_NULL, {}, timeout)

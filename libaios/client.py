@@ -60,6 +60,13 @@ def resolve(endpoint: str | None, token: str | None, name: str | None) -> tuple[
     )
 
 
+def hello_body(client: Any) -> dict[str, Any]:
+    """How a client introduces its process to the kernel: the kernel checks
+    the pid against the connection's peer, never trusts it alone."""
+    return {"name": client.name, "pid": os.getpid(), "token": client.token,
+            "operator": client.operator}
+
+
 def no_reply(msg: protocol.Message, endpoint: str, timeout: float) -> errors.Timeout:
     """The error of a call that got no answer in time, saying what to check."""
     return errors.Timeout(f"no reply to {msg.type.value} from aiosd at {endpoint} within "
@@ -176,9 +183,7 @@ class Client:
         return self
 
     def _hello(self) -> None:
-        body = {"name": self.name, "pid": os.getpid(), "token": self.token,
-                "operator": self.operator}
-        self.identity = self._roundtrip(MsgType.HELLO, body, min(self.timeout, 10.0))
+        self.identity = self._roundtrip(MsgType.HELLO, hello_body(self), min(self.timeout, 10.0))
 
     def _current(self) -> None:
         """Connect, or connect again if the kernel was replaced since (a
@@ -325,6 +330,7 @@ class Client:
         *,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         max_tokens: int | None = None,
         min_tokens: int | None = None,
@@ -334,17 +340,22 @@ class Client:
         seed: int | None = None,
         stream: bool = False,
         timeout: float | None = None,
-    ) -> ChatResult | Iterator[str]:
+    ) -> ChatResult | Iterator[str | dict[str, Any]]:
         """Chat with the kernel's model.
 
         ``messages`` is an OpenAI-style list (a bare string becomes one user
         message). With ``stream=True`` this returns an iterator of text
-        pieces; its ``result`` attribute (a :class:`ChatResult`) is set once
-        it is exhausted. ``min_tokens`` holds back the end of generation until
+        pieces (and, with ``tools``, of tool-call deltas as maps in the
+        OpenAI API's shape); its ``result`` attribute (a :class:`ChatResult`)
+        is set once it is exhausted. A reply cut short by ``max_tokens`` has
+        ``finish_reason="length"``; a call whose ``tool_choice`` asks for a
+        tool call gets one, or raises :class:`~libaios.errors.ToolCallIncomplete`.
+        ``parallel_tool_calls=False`` allows one call an answer. ``min_tokens`` holds back the end of generation until
         that many tokens are generated (as vLLM's server does).
         """
         body = chat_body(
-            messages, tools=tools, tool_choice=tool_choice, response_format=response_format,
+            messages, tools=tools, tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls, response_format=response_format,
             max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p,
             stop=stop, seed=seed, stream=stream,
         )
@@ -382,17 +393,27 @@ def _final(replies: Generator[dict[str, Any], None, dict[str, Any]]) -> dict[str
         return stop.value
 
 
+def stream_pieces(part: dict[str, Any]) -> Iterator[str | dict[str, Any]]:
+    """What a partial reply of a streamed chat gives its caller: a piece of
+    text, and each tool-call delta (OpenAI's shape: ``index``, then ``id``
+    and ``function.name``, then ``function.arguments`` fragments)."""
+    if part.get("text"):
+        yield part["text"]
+    for delta in part.get("tool_calls") or []:
+        yield delta
+
+
 class _TokenStream:
-    """Text pieces of a streamed chat; ``result`` is set at the end."""
+    """Text pieces and tool-call deltas of a streamed chat; ``result`` is
+    set at the end."""
 
     def __init__(self, stream: Stream):
         self._stream = stream
         self.result: ChatResult | None = None
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[str | dict[str, Any]]:
         for part in self._stream:
-            if part.get("text"):
-                yield part["text"]
+            yield from stream_pieces(part)
         assert self._stream.result is not None
         self.result = ChatResult.from_body(self._stream.result)
 

@@ -113,6 +113,13 @@ class BackendError(AIOSError):
     code = ErrorCode.BACKEND
 
 
+class ToolCallIncomplete(AIOSError):
+    """A call whose ``tool_choice`` required a tool call got none that
+    completed within its tokens (``details`` names the tools and the budget)."""
+
+    code = ErrorCode.TOOL_CALL_INCOMPLETE
+
+
 class InternalError(AIOSError):
     code = ErrorCode.INTERNAL
 

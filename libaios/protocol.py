@@ -136,6 +136,7 @@ class ErrorCode(enum.IntEnum):
     APPROVAL_REQUIRED = 208  # internal: a worker found the call destructive
     CONFLICT = 209
     BACKEND = 300          # the model backend failed
+    TOOL_CALL_INCOMPLETE = 301  # a required tool call did not complete in its budget
     INTERNAL = 500
 
 

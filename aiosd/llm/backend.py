@@ -1,8 +1,10 @@
 """What every LLM backend offers a core, and the incremental text decoder.
 
 A backend turns a checked :class:`ChatRequest` into a :class:`ChatOutput`,
-calling ``emit`` with each new piece of text as it is generated and stopping
-at the next token boundary once ``task.check()`` raises.
+calling ``emit`` with each new piece of text as it is generated (or, for an
+answer with tools, each tool-call delta: ``{"tool_calls": [...]}`` in the
+OpenAI API's shape) and stopping at the next token boundary once
+``task.check()`` raises.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any, Protocol
 
 from .request import ChatRequest
 
-Emit = Callable[[str], None]
+#: takes a piece of text, or a delta as a map (``{"text": ...}`` or ``{"tool_calls": [...]}``)
+Emit = Callable[[str | dict[str, Any]], None]
 
 
 @dataclass

@@ -56,9 +56,9 @@ class LLMCore:
                 time.sleep(3600)
         stream = req.stream
 
-        def emit(text: str) -> None:
+        def emit(part: str | dict[str, Any]) -> None:
             if stream:
-                task.emit({"text": text})
+                task.emit({"text": part} if isinstance(part, str) else part)
 
         progress = lambda n: task.emit({"_progress": n})  # noqa: E731
         if isinstance(self.backend, LlamaCppBackend):

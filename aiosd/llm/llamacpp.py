@@ -10,6 +10,7 @@ only by that turn.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 import json
 import logging
@@ -25,6 +26,7 @@ from . import structured
 from .backend import ChatOutput, Emit, StopScanner
 from .request import ChatRequest
 from .snapshots import SnapshotStore, snapshot_dir
+from .toolstream import ToolCallStream
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +144,12 @@ class LlamaCppBackend:
             n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
-    def _grammar(self, req: ChatRequest) -> Any:
-        schema = structured.output_schema(req)
+    def _count_tokens(self, text: str) -> int:
+        return len(self.model.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def _grammar(self, req: ChatRequest, tokens: int) -> Any:
+        """The grammar of a structured answer that fits in ``tokens``."""
+        schema = structured.fitted_schema(req, tokens, self._count_tokens)
         if schema is None:
             return None
         import llama_cpp
@@ -181,16 +187,24 @@ class LlamaCppBackend:
             raise BackendError(f"snapshot {resume} is not on core {self.cfg.name}", retriable=False)
         if snap is not None and snap.key != key:
             raise BackendError(f"snapshot {resume} is of another agent's call", retriable=False)
+        calls = None
+        if req.stream and structured.uses_tools(req):
+            # a resumed call's calls keep the ids they were streamed under
+            seed = hashlib.sha1(repr((key, tokens)).encode()).hexdigest()[:10]
+            calls = ToolCallStream(emit, id_prefix=f"call_{seed}")
+        send = emit if calls is None else calls.feed
         if snap is not None:
             # replay what was streamed before the suspension into the scanner
-            scanner.feed(b"".join(self._piece(t) for t in snap.completion))
+            replayed = scanner.feed(b"".join(self._piece(t) for t in snap.completion))
+            if calls is not None:
+                calls.replay(replayed)
 
         produced = [0]
 
         def on_token(token: int) -> bool:
             out = scanner.feed(self._piece(token))
             if out:
-                emit(out)
+                send(out)
             produced[0] += 1
             if progress is not None and produced[0] % PROGRESS_EVERY == 0:
                 progress(produced[0])
@@ -203,7 +217,7 @@ class LlamaCppBackend:
             key=key, prompt=tokens, max_tokens=max_tokens,
             min_tokens=min(req.min_tokens, max_tokens),
             temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-            grammar=self._grammar(req), on_token=on_token, check=check, resume=snap,
+            grammar=self._grammar(req, max_tokens), on_token=on_token, check=check, resume=snap,
         )
         self.engine.run(request)
         if request.finish is Finish.ERROR:
@@ -221,14 +235,13 @@ class LlamaCppBackend:
             )
         tail = scanner.finish()
         if tail:
-            emit(tail)
+            send(tail)
         finish = {"stop": "stop", "caller": "stop", "length": "length"}[request.finish.value]
-        fields = structured.parse_answer(req, scanner.text)
-        if fields["tool_calls"]:
-            finish = "tool_calls"
+        fields = structured.parse_answer(req, scanner.text, finish, budget=max_tokens,
+                                         ids=calls.ids if calls is not None else None)
         return ChatOutput(
             text=fields["text"],
-            finish_reason=finish,
+            finish_reason=fields["finish_reason"],
             prompt_tokens=len(tokens),
             completion_tokens=len(request.completion),
             tool_calls=fields["tool_calls"],

@@ -14,11 +14,39 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from libaios.errors import BackendError, InvalidArgument, Unavailable
+from libaios.errors import BackendError, InvalidArgument, ToolCallIncomplete, Unavailable
 
 from ..config import CoreConfig
+from . import structured
 from .backend import ChatOutput, Emit, StopScanner
 from .request import ChatRequest
+
+
+def _valid_calls(calls: list[dict[str, Any]]) -> bool:
+    """Whether every call has a name and arguments that parse as a JSON object."""
+    for call in calls:
+        try:
+            args = json.loads(call["function"]["arguments"] or "{}")
+        except ValueError:
+            return False
+        if not call["function"]["name"] or not isinstance(args, dict):
+            return False
+    return bool(calls)
+
+
+def _delta(tc: Any) -> dict[str, Any]:
+    """A streamed tool-call delta from the server, as the caller gets it."""
+    delta: dict[str, Any] = {"index": tc.index}
+    if tc.id:
+        delta.update(id=tc.id, type="function")
+    fn = {}
+    if tc.function and tc.function.name:
+        fn["name"] = tc.function.name
+    if tc.function and tc.function.arguments:
+        fn["arguments"] = tc.function.arguments
+    if fn:
+        delta["function"] = fn
+    return delta
 
 
 class OpenAIBackend:
@@ -61,6 +89,8 @@ class OpenAIBackend:
         if req.tools:
             params["tools"] = req.tools
             params["tool_choice"] = req.tool_choice
+            if not req.parallel_tool_calls:
+                params["parallel_tool_calls"] = False
         if req.response_format is not None:
             params["response_format"] = req.response_format
         return params
@@ -81,9 +111,69 @@ class OpenAIBackend:
         # gets one request and the server's exact usage (not every server
         # reports usage in a stream).
         if not req.stream and suspend is None and not prior:
-            return self._errors(lambda: self._whole(req))
-        return self._errors(lambda: self._streamed(req, emit, check, prior, prior_tokens,
-                                                   suspend, progress))
+            out = self._errors(lambda: self._whole(req))
+        else:
+            out = self._errors(lambda: self._streamed(req, emit, check, prior, prior_tokens,
+                                                      suspend, progress))
+        return self._held_to_choice(req, out, emit)
+
+    def _held_to_choice(self, req: ChatRequest, out: ChatOutput, emit: Emit) -> ChatOutput:
+        """Hold an answer to its ``tool_choice``. A server may answer a call
+        that must call a tool with text, or cut the call short: then the
+        call is asked again with the tool calls as a JSON schema the answer
+        must match (fitted to the budget), and if that fails too it ends in
+        ToolCallIncomplete. An ``auto`` call cut short inside a tool call
+        says so in its finish reason."""
+        if out.finish_reason == "suspended" or not structured.uses_tools(req):
+            return out
+        if _valid_calls(out.tool_calls):
+            out.finish_reason = "tool_calls"
+            return out
+        if not structured.must_call(req):
+            if out.tool_calls:   # cut short inside a call
+                out.tool_calls, out.finish_reason = [], "length"
+            return out
+        try:   # the model may have written the call as text
+            fields = structured.parse_answer(req, out.text, out.finish_reason, budget=req.max_tokens)
+        except ToolCallIncomplete:
+            again = self._errors(lambda: self._enforced(req))
+            out.prompt_tokens += again.prompt_tokens
+            out.completion_tokens += again.completion_tokens
+            fields = structured.parse_answer(req, again.text, again.finish_reason,
+                                             budget=req.max_tokens)
+        out.text, out.tool_calls, out.finish_reason = "", fields["tool_calls"], "tool_calls"
+        return out if not req.stream else self._sent(out, emit)
+
+    def _enforced(self, req: ChatRequest) -> ChatOutput:
+        """Ask for the answer as a JSON document that must be a tool call:
+        the tools described in the instruction, the calls as the schema."""
+        params = self._params(req)
+        for key in ("tools", "tool_choice", "parallel_tool_calls", "stream_options"):
+            params.pop(key, None)
+        params["stream"] = False
+        params["messages"] = structured.prompt_messages(req)
+        params["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "tool_calls",
+                            "schema": structured.fitted_schema(req, req.max_tokens)},
+        }
+        resp = self.client.chat.completions.create(**params)
+        choice = resp.choices[0]
+        return ChatOutput(
+            text=choice.message.content or "",
+            finish_reason=choice.finish_reason or "stop",
+            prompt_tokens=resp.usage.prompt_tokens if resp.usage else 0,
+            completion_tokens=resp.usage.completion_tokens if resp.usage else 0,
+        )
+
+    def _sent(self, out: ChatOutput, emit: Emit) -> ChatOutput:
+        """Stream the calls of an answer that was held back."""
+        for index, call in enumerate(out.tool_calls):
+            emit({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                  "function": {"name": call["function"]["name"], "arguments": ""}}]})
+            emit({"tool_calls": [{"index": index,
+                                  "function": {"arguments": call["function"]["arguments"]}}]})
+        return out
 
     def _whole(self, req: ChatRequest) -> ChatOutput:
         params = self._params(req)
@@ -146,6 +236,9 @@ class OpenAIBackend:
         usage: Any = None
         calls: dict[int, dict[str, Any]] = {}
         pieces = 0
+        # an answer that must be a tool call is not streamed as text: text
+        # means the server did not honour the choice (see _held_to_choice)
+        held = structured.must_call(req)
         stream = self.client.chat.completions.create(**params)
         suspended = False
         with stream:
@@ -161,7 +254,7 @@ class OpenAIBackend:
                     if delta.content:
                         pieces += 1
                         out = scanner.feed(delta.content.encode())
-                        if out:
+                        if out and not held:
                             emit(out)
                         if progress is not None and pieces % 8 == 0:
                             progress(pieces)
@@ -177,6 +270,7 @@ class OpenAIBackend:
                             slot["function"]["name"] += tc.function.name
                         if tc.function and tc.function.arguments:
                             slot["function"]["arguments"] += tc.function.arguments
+                        emit({"tool_calls": [_delta(tc)]})
                     if choice.finish_reason:
                         finish = choice.finish_reason
         scanner.finish()

@@ -6,6 +6,7 @@ is raised as :class:`libaios.errors.InvalidArgument`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,8 @@ class ChatRequest:
     stream: bool = False
     tools: list[dict[str, Any]] = field(default_factory=list)
     tool_choice: str | dict[str, Any] = "auto"
+    #: whether one answer may make several tool calls (as in OpenAI's API)
+    parallel_tool_calls: bool = True
     #: ``{"type": "json_object"}``, optionally with a "schema", or
     #: ``{"type": "json_schema", "json_schema": {"schema": {...}}}``.
     response_format: dict[str, Any] | None = None
@@ -56,6 +59,13 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
     return float(value)
 
 
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"llm.chat: '{key}' must be true or false, got {value!r}")
+    return value
+
+
 def _messages(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise InvalidArgument("llm.chat: 'messages' must be a non-empty list of messages")
@@ -76,11 +86,42 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
         if not isinstance(content, str):
             raise InvalidArgument(f"llm.chat: messages[{i}].content must be a string")
         clean: dict[str, Any] = {"role": role, "content": content}
-        for extra in ("name", "tool_call_id", "tool_calls"):
+        for extra in ("name", "tool_call_id"):
             if extra in msg:
+                if not isinstance(msg[extra], str):
+                    raise InvalidArgument(f"llm.chat: messages[{i}].{extra} must be a string")
                 clean[extra] = msg[extra]
+        if msg.get("tool_calls") is not None and msg.get("tool_calls") != []:
+            if role != "assistant":
+                raise InvalidArgument(f"llm.chat: messages[{i}].tool_calls is for assistant messages")
+            clean["tool_calls"] = _tool_calls(msg["tool_calls"], f"messages[{i}].tool_calls")
         out.append(clean)
     return out
+
+
+def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant turn's tool calls, as the OpenAI API writes them."""
+    if not isinstance(raw, list):
+        raise InvalidArgument(f"llm.chat: {where} must be a list of tool calls")
+    calls = []
+    for j, call in enumerate(raw):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidArgument(f"llm.chat: {where}[{j}].function.name must be a string")
+        args = fn.get("arguments", "{}")
+        try:
+            parsed = json.loads(args) if isinstance(args, str) else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise InvalidArgument(
+                f"llm.chat: {where}[{j}].function.arguments must be a JSON object in a string")
+        call_id = call.get("id", "")
+        if not isinstance(call_id, str):
+            raise InvalidArgument(f"llm.chat: {where}[{j}].id must be a string")
+        calls.append({"id": call_id, "type": "function",
+                      "function": {"name": fn["name"], "arguments": args}})
+    return calls
 
 
 def _tools(raw: Any) -> list[dict[str, Any]]:
@@ -186,5 +227,6 @@ def parse(body: dict[str, Any]) -> ChatRequest:
         stream=bool(body.get("stream", False)),
         tools=tools,
         tool_choice=tool_choice,
+        parallel_tool_calls=_flag(body, "parallel_tool_calls", True),
         response_format=response_format,
     )

@@ -58,10 +58,14 @@ def test_bad_requests_name_the_field(body: dict, field: str) -> None:
 
 
 def test_output_schemas_for_each_tool_choice() -> None:
-    one = request.parse({"messages": MSG, "tools": [TOOL], "tool_choice": "required"})
+    one = request.parse({"messages": MSG, "tools": [TOOL], "tool_choice": "required",
+                         "parallel_tool_calls": False})
     assert structured.output_schema(one)["properties"]["name"] == {"const": "f"}
-    two = request.parse({"messages": MSG, "tools": [TOOL, TOOL2], "tool_choice": "required"})
+    two = request.parse({"messages": MSG, "tools": [TOOL, TOOL2], "tool_choice": "required",
+                         "parallel_tool_calls": False})
     assert len(structured.output_schema(two)["anyOf"]) == 2
+    both = request.parse({"messages": MSG, "tools": [TOOL, TOOL2], "tool_choice": "required"})
+    assert len(structured.output_schema(both)["anyOf"]) == 3   # and a list of calls
     auto = request.parse({"messages": MSG, "tools": [TOOL, TOOL2]})
     assert structured.REPLY_SCHEMA in structured.output_schema(auto)["anyOf"]
     named = request.parse({"messages": MSG, "tools": [TOOL, TOOL2],
@@ -88,8 +92,8 @@ def test_parse_answers() -> None:
     out = structured.parse_answer(req, '{"name": "f", "arguments": {"x": 2}}')
     args = json.loads(out["tool_calls"][0]["function"]["arguments"])
     jsonschema.validate(args, TOOL["function"]["parameters"])
-    assert structured.parse_answer(req, '{"reply": "hello"}') == {"text": "hello", "tool_calls": [],
-                                                                  "parsed": None}
+    assert structured.parse_answer(req, '{"reply": "hello"}') == {
+        "text": "hello", "tool_calls": [], "parsed": None, "finish_reason": "stop"}
     assert structured.parse_answer(req, '{"name": "f", "argu')["tool_calls"] == []
     js = request.parse({"messages": MSG, "response_format": {"type": "json_object"}})
     assert structured.parse_answer(js, '{"a": 1}')["parsed"] == {"a": 1}
