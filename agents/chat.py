@@ -7,6 +7,7 @@ kernel's model, one turn building on the last.
 import argparse
 
 import libaios
+from libaios.agent import run, text_of
 
 FOLLOW_UPS = [
     "What is the first step?",
@@ -34,9 +35,9 @@ def main() -> None:
                 for piece in stream:
                     print(piece, end="", flush=True)
                 print()
-                text = stream.result.text
+                text = text_of(stream.result, f"turn {turn + 1}")
             else:
-                text = aios.chat(messages, max_tokens=48).text
+                text = text_of(aios.chat(messages, max_tokens=48), f"turn {turn + 1}")
                 print(f"assistant: {text}")
             messages.append({"role": "assistant", "content": text})
             if turn + 1 < args.turns:
@@ -46,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,14 +1,17 @@
 """A planning agent with structured output: the model answers in JSON that
 a schema constrains (the kernel enforces it with a grammar), then it calls a
-tool to pick the step to start with.
+tool to pick the step to start with, and the agent carries that call out:
+the plan, with the step to start marked, is saved in its storage.
 
     aiosctl run agents/planner.py --task "Organise a small birthday party."
 """
 
 import argparse
-import json
+import time
+from typing import Any
 
 import libaios
+from libaios.agent import AgentFailed, call_of, run
 
 PLAN_SCHEMA = {
     "type": "object",
@@ -38,6 +41,19 @@ START_TOOL = {
 }
 
 
+def start_step(aios: Any, task: str, plan: dict[str, Any], step: int) -> str:
+    """The ``start_step`` tool, run by the agent: save the plan in its
+    storage with the step to start marked. Returns the file's path."""
+    lines = [f"# {plan['goal']}", ""]
+    for i, text in enumerate(plan["steps"], 1):
+        lines.append(f"{i}. {'[started] ' if i == step else ''}{text}")
+    slug = "".join(c if c.isalnum() else "-" for c in task.lower())[:40]
+    # a new file each run: overwriting one would wait for an operator's approval
+    path = f"plans/{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{aios.whoami()['agent']}.md"
+    aios.storage.write_file(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--task", default="Organise a small birthday party.")
@@ -47,12 +63,12 @@ def main() -> None:
         reply = aios.chat(
             f"Make a short plan: {args.task}",
             response_format={"type": "json_object", "schema": PLAN_SCHEMA},
-            max_tokens=160,
+            max_tokens=200,
         )
         plan = reply.parsed
         if plan is None:
-            print(f"the plan was cut short ({reply.finish_reason}): {reply.text}")
-            return
+            raise AgentFailed(f"the plan is not the JSON asked for ({reply.finish_reason}): "
+                              f"{reply.text[:120]!r}")
         for i, step in enumerate(plan["steps"], 1):
             print(f"{i}. {step}")
         listing = "\n".join(f"{i}. {s}" for i, s in enumerate(plan["steps"], 1))
@@ -60,11 +76,16 @@ def main() -> None:
             f"Plan:\n{listing}\nWhich step should I start with?",
             tools=[START_TOOL],
             tool_choice="required",
+            parallel_tool_calls=False,
             max_tokens=40,
         )
-        for call in reply.tool_calls:
-            print(f"tool call: {call['function']['name']}({json.loads(call['function']['arguments'])})")
+        name, arguments = call_of(reply, "the step to start with")
+        step = arguments.get("step")
+        if not isinstance(step, int) or not 1 <= step <= len(plan["steps"]):
+            raise AgentFailed(f"the model chose step {step!r} of a plan of {len(plan['steps'])}")
+        path = start_step(aios, args.task, plan, step)
+        print(f"tool call: {name}(step={step}) -> plan saved to {path}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -7,10 +7,10 @@ report in its durable storage.
 """
 
 import argparse
-import json
 import time
 
 import libaios
+from libaios.agent import call_of, run, text_of
 
 
 def main() -> None:
@@ -20,11 +20,11 @@ def main() -> None:
 
     with libaios.connect() as aios:
         # 1. notes in memory
-        notes = aios.chat(
+        notes = text_of(aios.chat(
             [{"role": "system", "content": "You write one short factual note."},
              {"role": "user", "content": f"A fact that helps with: {args.task}"}],
             max_tokens=40,
-        ).text
+        ), "a note")
         aios.memory.add(notes, {"task": args.task, "kind": "note"})
         print(f"note: {notes}")
 
@@ -32,16 +32,15 @@ def main() -> None:
         tools = [t for t in aios.tools.list() if t["function"]["name"] == "calculator"]
         reply = aios.chat(
             f"{args.task} Use the calculator with an arithmetic expression.",
-            tools=tools, tool_choice="required", max_tokens=40,
+            tools=tools, tool_choice="required", parallel_tool_calls=False, max_tokens=40,
         )
-        call = reply.tool_calls[0]["function"]
-        arguments = json.loads(call["arguments"])
+        name, arguments = call_of(reply, "the calculation")
         try:
-            result = aios.tools.call(call["name"], arguments)
+            result = aios.tools.call(name, arguments)
         except libaios.AIOSError as exc:  # the tiny model may write a bad expression
             result = f"error: {exc.message}"
-        print(f"tool: {call['name']}({arguments}) -> {result}")
-        aios.memory.add(f"{call['name']}({arguments}) = {result}", {"task": args.task, "kind": "tool"})
+        print(f"tool: {name}({arguments}) -> {result}")
+        aios.memory.add(f"{name}({arguments}) = {result}", {"task": args.task, "kind": "tool"})
 
         # 3. recall by search, then 4. a durable report
         recalled = aios.memory.search(args.task, filters={"task": args.task}, limit=3)
@@ -54,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

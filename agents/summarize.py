@@ -7,6 +7,7 @@ on the topic, then answers the question from those notes alone.
 import argparse
 
 import libaios
+from libaios.agent import run, text_of
 
 
 def main() -> None:
@@ -15,25 +16,26 @@ def main() -> None:
     args = parser.parse_args()
 
     with libaios.connect() as aios:
-        notes = aios.chat(
+        notes = text_of(aios.chat(
             [
                 {"role": "system", "content": "You write short factual notes."},
                 {"role": "user", "content": f"Write three short notes about: {args.task}"},
             ],
             max_tokens=64,
-        ).text
+        ), "the notes")
         print(f"notes: {notes}")
-        summary = aios.chat(f"Summarise these notes in one sentence:\n{notes}", max_tokens=40).text
+        summary = text_of(aios.chat(f"Summarise these notes in one sentence:\n{notes}",
+                                    max_tokens=40), "the summary")
         print(f"summary: {summary}")
-        answer = aios.chat(
+        answer = text_of(aios.chat(
             [
                 {"role": "system", "content": f"Answer using only these notes: {summary}"},
                 {"role": "user", "content": args.task},
             ],
             max_tokens=48,
-        ).text
+        ), "the answer")
         print(f"answer: {answer}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -432,15 +432,18 @@ def mem_stats(as_json: bool) -> None:
 
 # -- the demo ------------------------------------------------------------------------
 
+#: (script, its arguments): the paper's agent kinds and the simpler examples
 DEMO_TASKS = [
-    ("chat.py", "Plan a weekend trip to the mountains."),
-    ("summarize.py", "Why do leaves change colour in autumn?"),
-    ("chat.py", "Learn the basics of baking bread."),
-    ("summarize.py", "How does a bicycle stay upright?"),
-    ("planner.py", "Organise a small birthday party."),
-    ("chat.py", "Start running three times a week."),
-    ("summarize.py", "What makes a good night's sleep?"),
-    ("researcher.py", "How many legs do 12 spiders have?"),
+    ("react.py", ["--task", "A box holds 12 eggs. How many eggs are in 7 boxes?"]),
+    ("coder.py", ["--task", "Write a Python function add(a, b) that returns a + b.",
+                  "--tests", "assert add(2, 3) == 5"]),
+    ("chat.py", ["--task", "Plan a weekend trip to the mountains."]),
+    ("summarize.py", ["--task", "Why do leaves change colour in autumn?"]),
+    ("planner.py", ["--task", "Organise a small birthday party."]),
+    ("researcher.py", ["--task", "How many legs do 12 spiders have?"]),
+    ("reflexion.py", ["--task", "Write a Python function is_even(n) that returns True when n "
+                                "is even.", "--tests", "assert is_even(4)\nassert not is_even(3)"]),
+    ("summarize.py", ["--task", "What makes a good night's sleep?"]),
 ]
 
 
@@ -462,8 +465,8 @@ def demo(count: int, agents_dir: Path, as_json: bool) -> None:
         ids = []
         start = time.time()
         for i in range(count):
-            script, task = DEMO_TASKS[i % len(DEMO_TASKS)]
-            body = {"path": str((agents_dir / script).resolve()), "args": ["--task", task],
+            script, args = DEMO_TASKS[i % len(DEMO_TASKS)]
+            body = {"path": str((agents_dir / script).resolve()), "args": args,
                     "cwd": os.getcwd(), "wait": False}
             ids.append(client.call(MsgType.AGENT_RUN, body)["agent"])
 
