@@ -17,7 +17,7 @@ ifneq ($(NO_AMX),)
 export CMAKE_ARGS := $(CMAKE_ARGS) -DCMAKE_C_FLAGS=$(NO_AMX) -DCMAKE_CXX_FLAGS=$(NO_AMX)
 endif
 
-.PHONY: install run demo test test-unit test-integration bench lint clean
+.PHONY: install run demo test test-unit test-integration bench bench-tasks lint clean
 
 install: $(STAMP)
 
@@ -47,6 +47,11 @@ test-integration: $(STAMP)
 N ?=
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run $(if $(N),--n $(N),)
+
+# Task quality under concurrency: the task set directly on llama-cpp-python,
+# one agent at a time, then all agents at once through aiosd.
+bench-tasks: $(STAMP)
+	$(BIN)/python -m benchmarks.tasks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import libaios
@@ -31,12 +32,13 @@ SYSTEM = ("You solve a task step by step. At each step you think in one short se
           "final_answer.")
 
 
-def solve(aios: Any, task: str, steps: int = 4, log: Any = print) -> dict[str, Any]:
-    """Run the loop on ``task``: returns the answer (None if the step limit
-    came first) and the steps taken, each with its thought, call and
-    observation."""
+def solve(aios: Any, task: str, steps: int = 4, log: Any = print,
+          tool_names: Sequence[str] = KERNEL_TOOLS) -> dict[str, Any]:
+    """Run the loop on ``task`` with the kernel's tools ``tool_names``:
+    returns the answer (None if the step limit came first) and the steps
+    taken, each with its thought, call and observation."""
     offered = {t["function"]["name"]: t for t in aios.tools.list()}
-    tools = [offered[name] for name in KERNEL_TOOLS if name in offered] + [FINAL]
+    tools = [offered[name] for name in tool_names if name in offered] + [FINAL]
     messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM},
                                       {"role": "user", "content": task}]
     taken: list[dict[str, Any]] = []
