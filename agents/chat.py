@@ -7,7 +7,7 @@ kernel's model, one turn building on the last.
 import argparse
 
 import libaios
-from libaios.agent import run, text_of
+from libaios.agent import AGENT_TIMEOUT, run, text_of
 
 FOLLOW_UPS = [
     "What is the first step?",
@@ -26,7 +26,7 @@ def main() -> None:
         {"role": "system", "content": "You are a concise, practical assistant."},
         {"role": "user", "content": args.task},
     ]
-    with libaios.connect() as aios:
+    with libaios.connect(timeout=AGENT_TIMEOUT) as aios:
         for turn in range(args.turns):
             # The first turn streams its tokens as they are generated.
             if turn == 0:

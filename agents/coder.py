@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import libaios
-from libaios.agent import AgentFailed, run, text_of
+from libaios.agent import AGENT_TIMEOUT, AgentFailed, run, text_of
 
 SYSTEM = "You write short, correct Python functions."
 
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--task", default="Write a Python function add(a, b) that returns a + b.")
     parser.add_argument("--tests", default="assert add(2, 3) == 5\nassert add(-1, 1) == 0")
     args = parser.parse_args()
-    with libaios.connect() as aios:
+    with libaios.connect(timeout=AGENT_TIMEOUT) as aios:
         out = solve(aios, args.task, args.tests)
     print(f"tests: {'PASS' if out['passed'] else 'FAIL'}")
     if not out["passed"]:

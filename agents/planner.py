@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import libaios
-from libaios.agent import AgentFailed, call_of, run
+from libaios.agent import AGENT_TIMEOUT, AgentFailed, call_of, run
 
 PLAN_SCHEMA = {
     "type": "object",
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--task", default="Organise a small birthday party.")
     args = parser.parse_args()
 
-    with libaios.connect() as aios:
+    with libaios.connect(timeout=AGENT_TIMEOUT) as aios:
         reply = aios.chat(
             f"Make a short plan: {args.task}",
             response_format={"type": "json_object", "schema": PLAN_SCHEMA},

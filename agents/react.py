@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import libaios
-from libaios.agent import AgentFailed, call_of, observed, run, text_of
+from libaios.agent import AGENT_TIMEOUT, AgentFailed, call_of, observed, run, text_of
 
 KERNEL_TOOLS = ("calculator", "python", "read_file", "write_file", "list_files")
 
@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1:
         raise AgentFailed("--steps must be at least 1")
-    with libaios.connect() as aios:
+    with libaios.connect(timeout=AGENT_TIMEOUT) as aios:
         out = solve(aios, args.task, args.steps)
     if out["answer"] is None:
         print(f"no final answer within {args.steps} steps")

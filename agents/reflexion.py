@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import libaios
-from libaios.agent import AgentFailed, run, text_of
+from libaios.agent import AGENT_TIMEOUT, AgentFailed, run, text_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from coder import test_code, write_code  # noqa: E402  (the coding agent's own steps)
@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.trials < 1:
         raise AgentFailed("--trials must be at least 1")
-    with libaios.connect() as aios:
+    with libaios.connect(timeout=AGENT_TIMEOUT) as aios:
         out = solve(aios, args.task, args.tests, args.trials)
     print(f"tests: {'PASS' if out['passed'] else 'FAIL'} after {len(out['attempts'])} trials")
 

@@ -10,7 +10,7 @@ import argparse
 import time
 
 import libaios
-from libaios.agent import call_of, run, text_of
+from libaios.agent import AGENT_TIMEOUT, call_of, run, text_of
 
 
 def main() -> None:
@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--task", default="How many legs do 12 spiders have?")
     args = parser.parse_args()
 
-    with libaios.connect() as aios:
+    with libaios.connect(timeout=AGENT_TIMEOUT) as aios:
         # 1. notes in memory
         notes = text_of(aios.chat(
             [{"role": "system", "content": "You write one short factual note."},

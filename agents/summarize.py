@@ -7,7 +7,7 @@ on the topic, then answers the question from those notes alone.
 import argparse
 
 import libaios
-from libaios.agent import run, text_of
+from libaios.agent import AGENT_TIMEOUT, run, text_of
 
 
 def main() -> None:
@@ -15,7 +15,7 @@ def main() -> None:
     parser.add_argument("--task", default="Why is the sky blue?")
     args = parser.parse_args()
 
-    with libaios.connect() as aios:
+    with libaios.connect(timeout=AGENT_TIMEOUT) as aios:
         notes = text_of(aios.chat(
             [
                 {"role": "system", "content": "You write short factual notes."},

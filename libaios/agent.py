@@ -28,6 +28,12 @@ from typing import Any
 from .errors import AIOSError
 
 
+#: Seconds an example agent's call may wait for its answer: eight agents
+#: sharing a small machine's one core wait in turn, longer than the client's
+#: default on a machine that is busy with other work too.
+AGENT_TIMEOUT = 600.0
+
+
 class AgentFailed(Exception):
     """The agent cannot go on; the message says why."""
 
@@ -77,4 +83,4 @@ def observed(result: Any, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
-__all__ = ["AgentFailed", "call_of", "observed", "run", "text_of"]
+__all__ = ["AGENT_TIMEOUT", "AgentFailed", "call_of", "observed", "run", "text_of"]
