@@ -82,42 +82,37 @@ def load_agent(name: str) -> Any:
     return module
 
 
-class _Reply:
-    def __init__(self, fields: dict[str, Any]) -> None:
-        self.text = fields["text"]
-        self.finish_reason = fields["finish_reason"]
-        self.tool_calls = fields["tool_calls"]
-        self.parsed = fields["parsed"]
-
-
 class _DirectTools:
-    """The kernel's calculator and Python sandbox, run in this process."""
+    """The kernel's calculator and Python sandbox, served in this process by
+    the tool manager's own service (arguments checked against each tool's
+    schema, results and errors as through the kernel)."""
 
     def __init__(self) -> None:
         from aiosd.config import ToolsConfig
         from aiosd.tools import builtins
+        from aiosd.tools.registry import Registry
+        from aiosd.tools.service import ToolService
 
-        self._tools = {t.name: t for t in (builtins.calculator(), builtins.python(ToolsConfig()))}
+        registry = Registry()
+        registry.add_all([builtins.calculator(), builtins.python(ToolsConfig())])
+        self._service = ToolService(registry)
+
+    def _task(self, mtype: Any, body: dict[str, Any]) -> Any:
+        from aiosd.worker import Task
+
+        return Task(call_id="direct", type=mtype, body=body, deadline=None,
+                    caller={"agent": "direct", "name": "direct"}, namespace="direct")
 
     def list(self) -> list[dict[str, Any]]:
-        return [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                                  "parameters": t.parameters}}
-                for t in self._tools.values()]
+        from libaios.protocol import MsgType
+
+        return self._service.list(self._task(MsgType.TOOL_LIST, {}))["tools"]
 
     def call(self, name: str, arguments: dict[str, Any]) -> Any:
-        from aiosd.tools.builtins import evaluate
-        from aiosd.tools.sandbox import run_python
-        from libaios.errors import InvalidArgument
+        from libaios.protocol import MsgType
 
-        try:
-            if name == "calculator":
-                return evaluate(arguments["expression"])
-            from aiosd.config import ToolsConfig
-            return run_python(arguments["code"], ToolsConfig().sandbox,
-                              deadline=time.time() + 30, cancelled=threading.Event(),
-                              tool="python")
-        except (KeyError, ValueError, ArithmeticError, SyntaxError) as exc:
-            raise InvalidArgument(f"{name}: {exc}") from None
+        body = {"name": name, "arguments": arguments}
+        return self._service.call(self._task(MsgType.TOOL_CALL, body))["result"]
 
 
 class DirectOS:
@@ -132,11 +127,11 @@ class DirectOS:
         self.llm = Llama(str(embedded_model_path()), n_ctx=2048, verbose=False)
         self.tools = _DirectTools()
 
-    def chat(self, messages: list[dict[str, Any]] | str, **options: Any) -> _Reply:
+    def chat(self, messages: list[dict[str, Any]] | str, **options: Any) -> Any:
         from llama_cpp import LlamaGrammar
 
         from aiosd.llm import request, structured
-        from libaios.client import chat_body
+        from libaios.client import ChatResult, chat_body
 
         req = request.parse(chat_body(messages, **options))
         count = lambda s: len(self.llm.tokenize(s.encode(), add_bos=False))  # noqa: E731
@@ -146,8 +141,9 @@ class DirectOS:
                                               temperature=0.0, grammar=grammar, stop=req.stop or None)
         choice = out["choices"][0]
         finish = "length" if choice["finish_reason"] == "length" else "stop"
-        return _Reply(structured.parse_answer(req, choice["message"]["content"] or "", finish,
-                                              budget=req.max_tokens))
+        fields = structured.parse_answer(req, choice["message"]["content"] or "", finish,
+                                         budget=req.max_tokens)
+        return ChatResult.from_body({**fields, "usage": out["usage"]})
 
 
 def run_task(aios: Any, kind: str, task: str, check: Any) -> dict[str, Any]:

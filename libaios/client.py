@@ -350,8 +350,9 @@ class Client:
         is set once it is exhausted. A reply cut short by ``max_tokens`` has
         ``finish_reason="length"``; a call whose ``tool_choice`` asks for a
         tool call gets one, or raises :class:`~libaios.errors.ToolCallIncomplete`.
-        ``parallel_tool_calls=False`` allows one call an answer. ``min_tokens`` holds back the end of generation until
-        that many tokens are generated (as vLLM's server does).
+        ``parallel_tool_calls=False`` allows one call an answer. ``min_tokens``
+        holds back the end of generation until that many tokens are generated
+        (as vLLM's server does).
         """
         body = chat_body(
             messages, tools=tools, tool_choice=tool_choice,

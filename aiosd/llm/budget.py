@@ -124,9 +124,8 @@ def _cap_arrays(schema: Any) -> None:
     if schema.get("type") == "array" and isinstance(schema.get("items"), dict):
         schema["maxItems"] = min(schema.get("maxItems", ARRAY_CAP),
                                  max(schema.get("minItems", 0), ARRAY_CAP))
-    for key in ("properties",):
-        for sub in (schema.get(key) or {}).values():
-            _cap_arrays(sub)
+    for sub in (schema.get("properties") or {}).values():
+        _cap_arrays(sub)
     for key in ("items", "anyOf", "oneOf"):
         if key in schema:
             _cap_arrays(schema[key])

@@ -59,6 +59,18 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
     return float(value)
 
 
+def json_object(text: Any) -> dict[str, Any] | None:
+    """``text`` parsed, if it is a string holding a JSON object; else None
+    (a tool call's ``arguments``)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
     value = body.get(key, default)
     if not isinstance(value, bool):
@@ -91,7 +103,7 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                 if not isinstance(msg[extra], str):
                     raise InvalidArgument(f"llm.chat: messages[{i}].{extra} must be a string")
                 clean[extra] = msg[extra]
-        if msg.get("tool_calls") is not None and msg.get("tool_calls") != []:
+        if msg.get("tool_calls") not in (None, []):
             if role != "assistant":
                 raise InvalidArgument(f"llm.chat: messages[{i}].tool_calls is for assistant messages")
             clean["tool_calls"] = _tool_calls(msg["tool_calls"], f"messages[{i}].tool_calls")
@@ -109,11 +121,7 @@ def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise InvalidArgument(f"llm.chat: {where}[{j}].function.name must be a string")
         args = fn.get("arguments", "{}")
-        try:
-            parsed = json.loads(args) if isinstance(args, str) else None
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
+        if json_object(args) is None:
             raise InvalidArgument(
                 f"llm.chat: {where}[{j}].function.arguments must be a JSON object in a string")
         call_id = call.get("id", "")

@@ -160,9 +160,14 @@ def prompt_messages(req: ChatRequest) -> list[dict[str, Any]]:
     return msgs
 
 
+def new_call_id() -> str:
+    """A fresh id for a tool call."""
+    return f"call_{uuid.uuid4().hex[:12]}"
+
+
 def _as_call(value: dict[str, Any], call_id: str | None = None) -> dict[str, Any]:
     return {
-        "id": call_id or f"call_{uuid.uuid4().hex[:12]}",
+        "id": call_id or new_call_id(),
         "type": "function",
         "function": {"name": value["name"], "arguments": json.dumps(value["arguments"])},
     }
@@ -203,10 +208,9 @@ def parse_answer(req: ChatRequest, text: str, finish: str = "stop",
     text with ``finish_reason="length"``. ``ids`` are the ids the calls were
     streamed under, in order.
     """
-    schema = output_schema(req)
     fields: dict[str, Any] = {"text": text, "tool_calls": [], "parsed": None,
                               "finish_reason": finish}
-    if schema is None:
+    if not uses_tools(req) and req.json_schema is None:   # free text
         return fields
     try:
         value = json.loads(text)

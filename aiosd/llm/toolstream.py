@@ -11,14 +11,24 @@ for a reply, pieces of the reply's text. Pure logic, no I/O.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .structured import partial_reply
+from .structured import new_call_id, partial_reply
 
 Delta = dict[str, Any]
+
+
+def header_delta(index: int, call_id: str, name: str) -> Delta:
+    """The first delta of a streamed call: its index, id and name."""
+    return {"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                            "function": {"name": name, "arguments": ""}}]}
+
+
+def arguments_delta(index: int, fragment: str) -> Delta:
+    """A fragment of a streamed call's arguments."""
+    return {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}
 
 
 @dataclass
@@ -37,7 +47,7 @@ class ToolCallStream:
         self.emit = emit
         #: calls are numbered under this prefix (a resumed call's stream is
         #: rebuilt under the same one, so its calls keep their ids)
-        self.id_prefix = id_prefix or f"call_{uuid.uuid4().hex[:10]}"
+        self.id_prefix = id_prefix or new_call_id()
         self.text = ""
         self.calls: list[_Call] = []
         self._stack: list[str] = []
@@ -81,7 +91,7 @@ class ToolCallStream:
             self.emit = emit
 
     def _looks_like_reply(self) -> bool:
-        return partial_reply(self.text) is not None and '"reply"' in self.text
+        return partial_reply(self.text) is not None
 
     def _send_reply(self) -> None:
         text = partial_reply(self.text) or ""
@@ -142,9 +152,7 @@ class ToolCallStream:
         elif self._key == "name" and self.calls[-1].name is None:
             call = self.calls[-1]
             call.name = json.loads(f'"{self._string}"')
-            self.emit({"tool_calls": [{"index": len(self.calls) - 1, "id": call.id,
-                                       "type": "function",
-                                       "function": {"name": call.name, "arguments": ""}}]})
+            self.emit(header_delta(len(self.calls) - 1, call.id, call.name))
 
     def _send_arguments(self) -> None:
         for index, call in enumerate(self.calls):
@@ -152,5 +160,5 @@ class ToolCallStream:
                 continue
             fragment = call.arguments.lstrip()[call.sent:]
             if fragment:
-                self.emit({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
+                self.emit(arguments_delta(index, fragment))
                 call.sent += len(fragment)
