@@ -19,19 +19,16 @@ from libaios.errors import BackendError, InvalidArgument, ToolCallIncomplete, Un
 from ..config import CoreConfig
 from . import structured
 from .backend import ChatOutput, Emit, StopScanner
-from .request import ChatRequest
+from .request import ChatRequest, json_object
+from .toolstream import arguments_delta, header_delta
 
 
 def _valid_calls(calls: list[dict[str, Any]]) -> bool:
-    """Whether every call has a name and arguments that parse as a JSON object."""
-    for call in calls:
-        try:
-            args = json.loads(call["function"]["arguments"] or "{}")
-        except ValueError:
-            return False
-        if not call["function"]["name"] or not isinstance(args, dict):
-            return False
-    return bool(calls)
+    """Whether there are calls, each with a name and arguments that parse as
+    a JSON object."""
+    return bool(calls) and all(
+        c["function"]["name"] and json_object(c["function"]["arguments"] or "{}") is not None
+        for c in calls)
 
 
 def _delta(tc: Any) -> dict[str, Any]:
@@ -128,36 +125,47 @@ class OpenAIBackend:
             return out
         if _valid_calls(out.tool_calls):
             out.finish_reason = "tool_calls"
-            return out
-        if not structured.must_call(req):
+        elif not structured.must_call(req):
             if out.tool_calls:   # cut short inside a call
                 out.tool_calls, out.finish_reason = [], "length"
             return out
-        try:   # the model may have written the call as text
-            fields = structured.parse_answer(req, out.text, out.finish_reason, budget=req.max_tokens)
-        except ToolCallIncomplete:
-            again = self._errors(lambda: self._enforced(req))
-            out.prompt_tokens += again.prompt_tokens
-            out.completion_tokens += again.completion_tokens
-            fields = structured.parse_answer(req, again.text, again.finish_reason,
-                                             budget=req.max_tokens)
-        out.text, out.tool_calls, out.finish_reason = "", fields["tool_calls"], "tool_calls"
-        return out if not req.stream else self._sent(out, emit)
+        else:
+            try:   # the model may have written the call as text
+                fields = structured.parse_answer(req, out.text, out.finish_reason,
+                                                 budget=req.max_tokens)
+            except ToolCallIncomplete:
+                again = self._errors(lambda: self._enforced(req))
+                out.prompt_tokens += again.prompt_tokens
+                out.completion_tokens += again.completion_tokens
+                fields = structured.parse_answer(req, again.text, again.finish_reason,
+                                                 budget=req.max_tokens)
+            out.text, out.tool_calls, out.finish_reason = "", fields["tool_calls"], "tool_calls"
+        if req.stream and structured.must_call(req):
+            self._sent(out, emit)   # held back while it streamed (see _streamed)
+        return out
 
     def _enforced(self, req: ChatRequest) -> ChatOutput:
         """Ask for the answer as a JSON document that must be a tool call:
-        the tools described in the instruction, the calls as the schema."""
+        the tools described in the instruction, the calls as the schema.
+        The schema goes as OpenAI's ``json_schema`` response format, or, to
+        a server that refuses that form (llama-cpp-python's), as a
+        ``json_object`` with a ``schema``."""
+        schema = structured.fitted_schema(req, req.max_tokens)
         params = self._params(req)
         for key in ("tools", "tool_choice", "parallel_tool_calls", "stream_options"):
             params.pop(key, None)
         params["stream"] = False
         params["messages"] = structured.prompt_messages(req)
-        params["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "tool_calls",
-                            "schema": structured.fitted_schema(req, req.max_tokens)},
-        }
-        resp = self.client.chat.completions.create(**params)
+        forms = [{"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": schema}},
+                 {"type": "json_object", "schema": schema}]
+        for form in forms:
+            params["response_format"] = form
+            try:
+                resp = self.client.chat.completions.create(**params)
+                break
+            except self._openai.APIStatusError as exc:
+                if form is forms[-1] or "response_format" not in str(exc.message):
+                    raise
         choice = resp.choices[0]
         return ChatOutput(
             text=choice.message.content or "",
@@ -166,14 +174,12 @@ class OpenAIBackend:
             completion_tokens=resp.usage.completion_tokens if resp.usage else 0,
         )
 
-    def _sent(self, out: ChatOutput, emit: Emit) -> ChatOutput:
+    @staticmethod
+    def _sent(out: ChatOutput, emit: Emit) -> None:
         """Stream the calls of an answer that was held back."""
         for index, call in enumerate(out.tool_calls):
-            emit({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                  "function": {"name": call["function"]["name"], "arguments": ""}}]})
-            emit({"tool_calls": [{"index": index,
-                                  "function": {"arguments": call["function"]["arguments"]}}]})
-        return out
+            emit(header_delta(index, call["id"], call["function"]["name"]))
+            emit(arguments_delta(index, call["function"]["arguments"]))
 
     def _whole(self, req: ChatRequest) -> ChatOutput:
         params = self._params(req)
@@ -236,8 +242,10 @@ class OpenAIBackend:
         usage: Any = None
         calls: dict[int, dict[str, Any]] = {}
         pieces = 0
-        # an answer that must be a tool call is not streamed as text: text
-        # means the server did not honour the choice (see _held_to_choice)
+        # an answer that must be a tool call is held back, and its calls sent
+        # once they are known to be whole: text means the server did not
+        # honour the choice, and a call it cut short is asked for again (see
+        # _held_to_choice), so what streamed would not be the answer
         held = structured.must_call(req)
         stream = self.client.chat.completions.create(**params)
         suspended = False
@@ -270,7 +278,8 @@ class OpenAIBackend:
                             slot["function"]["name"] += tc.function.name
                         if tc.function and tc.function.arguments:
                             slot["function"]["arguments"] += tc.function.arguments
-                        emit({"tool_calls": [_delta(tc)]})
+                        if not held:
+                            emit({"tool_calls": [_delta(tc)]})
                     if choice.finish_reason:
                         finish = choice.finish_reason
         scanner.finish()

@@ -151,3 +151,37 @@ def test_remote_calls_are_preempted_text_based_and_resumed(server: Server, make_
     assert 0 < out["streamed"].usage["completion_tokens"] <= 64
     for key in ("p1", "p2"):
         assert out[key].text and out[key].finish_reason in ("stop", "length")
+
+
+CALC = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                   "required": ["expression"]}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_required_call_through_a_remote_core_arrives_or_fails_named(
+        server: Server, make_daemon, stream: bool) -> None:
+    d: Daemon = make_daemon(config=remote_config(server.url))
+    with d.client() as c:
+        for max_tokens in (40, 120):
+            try:
+                if stream:
+                    s = c.chat("What is 12 * 12 * 12? Use the calculator.", tools=[CALC],
+                               tool_choice="required", max_tokens=max_tokens, stream=True)
+                    pieces = list(s)
+                    reply = s.result
+                    # the calls come as deltas once whole, never as text
+                    assert not any(isinstance(p, str) for p in pieces)
+                    names = "".join(p.get("function", {}).get("name", "") for p in pieces)
+                    assert names == "".join(t["function"]["name"] for t in reply.tool_calls)
+                else:
+                    reply = c.chat("What is 12 * 12 * 12? Use the calculator.", tools=[CALC],
+                                   tool_choice="required", max_tokens=max_tokens)
+            except errors.ToolCallIncomplete as exc:
+                assert "'calculator'" in exc.message
+                continue
+            assert reply.finish_reason == "tool_calls" and reply.tool_calls
+            for call in reply.tool_calls:
+                jsonschema.validate(json.loads(call["function"]["arguments"]),
+                                    CALC["function"]["parameters"])
