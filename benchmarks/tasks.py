@@ -51,8 +51,10 @@ WORD_PROBLEMS = [
 ]
 
 CODING = [
-    ("Write a Python function add(a, b) that returns a + b.", "assert add(2, 3) == 5\nassert add(-1, 1) == 0"),
-    ("Write a Python function square(n) that returns n * n.", "assert square(4) == 16\nassert square(-3) == 9"),
+    ("Write a Python function add(a, b) that returns a + b.",
+     "assert add(2, 3) == 5\nassert add(-1, 1) == 0"),
+    ("Write a Python function square(n) that returns n * n.",
+     "assert square(4) == 16\nassert square(-3) == 9"),
     ("Write a Python function is_even(n) that returns True when n is even.",
      "assert is_even(4)\nassert not is_even(7)"),
     ("Write a Python function maximum(xs) that returns the largest number in the list xs.",
@@ -213,7 +215,8 @@ def start_daemon() -> tuple[subprocess.Popen, dict[str, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args()
     tasks = all_tasks()
     print(f"{len(tasks)} tasks: {len(WORD_PROBLEMS)} word problems (react + calculator), "

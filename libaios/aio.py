@@ -19,10 +19,10 @@ import zmq
 import zmq.asyncio
 
 from . import errors, protocol
-from .client import (DEFAULT_TIMEOUT, RESTARTED, ChatResult, chat_body, hello_body,
-                     kernel_socket_id, no_reply, resolve, stream_pieces)
+from .core import (DEFAULT_TIMEOUT, RESTARTED, ChatResult, ClientCore, chat_body, decode_reply,
+                   no_reply, stream_pieces)
 from .protocol import ErrorCode, MsgType
-from .services import Memory, Storage, Tools, awaited_field_of
+from .services import awaited_field_of
 from .wire import send_frames
 
 #: Seconds for which one look at the kernel socket file holds: a client
@@ -32,9 +32,10 @@ from .wire import send_frames
 RECHECK_S = 0.05
 
 
-class AsyncClient:
+class AsyncClient(ClientCore):
     """An asyncio connection to ``aiosd``; see :class:`libaios.Client` for
-    the arguments."""
+    the arguments. Its memory, storage and tool calls are awaited:
+    ``await aios.memory.add(...)``."""
 
     def __init__(
         self,
@@ -45,10 +46,8 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         operator: bool = False,
     ):
-        self.endpoint, self.token, self.name = resolve(endpoint, token, name)
-        self.timeout = timeout
-        self.operator = operator
-        self.identity: dict[str, Any] = {}
+        super().__init__(endpoint, token=token, name=name, timeout=timeout, operator=operator,
+                         take=awaited_field_of)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         #: the same socket without asyncio's bookkeeping, for sends that
@@ -58,9 +57,6 @@ class AsyncClient:
         # call id -> where its replies go: a queue for a stream, a future
         # for a call that only wants its final reply
         self._waiting: dict[str, asyncio.Queue[protocol.Message] | asyncio.Future[protocol.Message]] = {}
-        #: the kernel socket file's identity at connect (kernel_socket_id): a
-        #: restarted kernel binds a new file
-        self._inode: tuple[int, int] | None = None
         self._recheck_at = 0.0
         self._watch: asyncio.Task | None = None
         #: connections made so far: a call that finds its connection unknown
@@ -76,16 +72,11 @@ class AsyncClient:
         self._unknown_from: int | None = None
         #: sends waiting on asyncio (the socket's queue was full)
         self._sending = 0
-        #: memory, storage and tool system calls, as on the synchronous
-        #: client but awaited: ``await aios.memory.add(...)``
-        self.memory = Memory(self.call, awaited_field_of)
-        self.storage = Storage(self.call, awaited_field_of)
-        self.tools = Tools(self.call, awaited_field_of)
 
     async def connect(self) -> AsyncClient:
         if self._sock is not None:
             return self
-        self._inode = kernel_socket_id(self.endpoint)   # NotRunning if there is no kernel socket
+        self._attach()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
@@ -98,8 +89,7 @@ class AsyncClient:
         if self._inode is not None:
             self._watch = asyncio.create_task(self._watch_kernel())
         try:
-            self.identity = await self.call(MsgType.HELLO, hello_body(self),
-                                            min(self.timeout, 10.0))
+            self.identity = await self.call(MsgType.HELLO, *self._hello())
         except BaseException:
             await self.close()
             raise
@@ -125,8 +115,10 @@ class AsyncClient:
             _answer(waiter, protocol.error(call_id, code, message, retriable=True))
 
     def _kernel_replaced(self) -> bool:
+        """As a synchronous client's, but a kernel that is gone counts as
+        replaced: the calls out fail, and the next call says it is not running."""
         try:
-            return self._inode is not None and kernel_socket_id(self.endpoint) != self._inode
+            return super()._kernel_replaced()
         except errors.NotRunning:
             return True
 
@@ -219,19 +211,14 @@ class AsyncClient:
 
     def _deliver(self, frames: list[bytes]) -> None:
         try:
-            _, payload = protocol.split_envelope(frames)
-        except protocol.ProtocolError:
-            return
-        try:
-            rep = protocol.decode(payload)
-        except protocol.ProtocolError as exc:
+            rep = decode_reply(frames)
+        except errors.BadFrame as exc:
             # the call it answers, if that can be read, fails with the reason
             # (as the sync client's would) rather than waiting for its deadline
-            call_id = protocol.peek_id(payload, "re")
+            call_id = exc.details.get("re")
             if call_id is None or call_id not in self._waiting:
                 return
-            rep = protocol.error(call_id, ErrorCode.BAD_FRAME,
-                                 f"undecodable reply from aiosd: {exc.message}")
+            rep = protocol.error(call_id, ErrorCode.BAD_FRAME, exc.message)
         waiter = self._waiting.get(rep.re or "")
         if isinstance(waiter, asyncio.Queue):
             waiter.put_nowait(rep)
@@ -315,7 +302,7 @@ class AsyncClient:
                    timeout: float | None = None) -> dict[str, Any]:
         """Make one system call and return its final reply's body (partial
         replies, should the call stream, are passed over)."""
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self._timeout(timeout)
         if mtype is not MsgType.HELLO:
             await self._current()
             generation = self._generation
@@ -370,7 +357,7 @@ class AsyncClient:
                           ) -> AsyncIterator[str | dict[str, Any] | ChatResult]:
         """Stream a chat: yields text pieces (and, with tools, tool-call
         deltas as maps), then the final :class:`ChatResult`."""
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self._timeout(timeout)
         body = chat_body(messages, stream=True, **options)
         async for rep in self._stream(MsgType.LLM_CHAT, body, timeout):
             if rep.type is MsgType.REPLY:

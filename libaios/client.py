@@ -8,80 +8,18 @@ A client is meant for one thread; open one per thread (they are cheap).
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import zmq
 
-from . import errors, paths, protocol
+from . import errors, protocol
+from .core import (DEFAULT_TIMEOUT, RESTARTED, ChatResult, ClientCore, chat_body, decode_reply,
+                   no_reply, stream_pieces)
 from .protocol import ErrorCode, MsgType
-from .services import Memory, Storage, Tools
 from .wire import send_frames
-
-DEFAULT_TIMEOUT = 120.0
-
-
-@dataclass
-class ChatResult:
-    """The answer to :meth:`Client.chat`."""
-
-    text: str
-    finish_reason: str
-    usage: dict[str, int]
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    parsed: Any = None
-    core: str = ""
-
-    @classmethod
-    def from_body(cls, body: dict[str, Any]) -> ChatResult:
-        return cls(
-            text=body.get("text", ""),
-            finish_reason=body.get("finish_reason", ""),
-            usage=dict(body.get("usage", {})),
-            tool_calls=list(body.get("tool_calls") or []),
-            parsed=body.get("parsed"),
-            core=body.get("core", ""),
-        )
-
-
-def resolve(endpoint: str | None, token: str | None, name: str | None) -> tuple[str, str | None, str]:
-    """Endpoint, credential and name of a client: given, else what the kernel
-    put in the environment when it launched this agent, else the defaults."""
-    return (
-        endpoint or paths.kernel_endpoint(),
-        token if token is not None else os.environ.get("AIOS_AGENT_TOKEN"),
-        name or os.environ.get("AIOS_AGENT_NAME") or Path(sys.argv[0]).stem,
-    )
-
-
-def hello_body(client: Any) -> dict[str, Any]:
-    """How a client introduces its process to the kernel: the kernel checks
-    the pid against the connection's peer, never trusts it alone."""
-    return {"name": client.name, "pid": os.getpid(), "token": client.token,
-            "operator": client.operator}
-
-
-def no_reply(msg: protocol.Message, endpoint: str, timeout: float) -> errors.Timeout:
-    """The error of a call that got no answer in time, saying what to check."""
-    return errors.Timeout(f"no reply to {msg.type.value} from aiosd at {endpoint} within "
-                          f"{timeout:g}s: is aiosd running? `aiosctl status`")
-
-
-def chat_body(messages: list[dict[str, Any]] | str, *, stream: bool = False,
-              **options: Any) -> dict[str, Any]:
-    """The body of an ``llm.chat`` call; options left as None are not sent."""
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    body: dict[str, Any] = {"messages": messages, "stream": stream}
-    body.update({k: v for k, v in options.items() if v is not None})
-    return body
-
 
 class Stream:
     """Iterates the partial replies of a streamed call; after the loop,
@@ -95,34 +33,7 @@ class Stream:
         self.result = yield from self._parts
 
 
-#: what a call in flight when the kernel went away fails with
-RESTARTED = "aiosd restarted while this call was in flight; retry it"
-
-
-def kernel_socket_id(endpoint: str) -> tuple[int, int] | None:
-    """The identity of the kernel's ipc socket file: its inode and the time
-    it was made (a restarted kernel makes a new file, and a file system may
-    give it the old one's inode number). None for other transports;
-    NotRunning if there is no socket file."""
-    if not endpoint.startswith("ipc://"):
-        return None
-    path = Path(endpoint[len("ipc://"):])
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise errors.NotRunning(
-            f"aiosd is not running: no kernel socket at {path} "
-            "(start it with `aiosctl start`, or set AIOS_RUNTIME_DIR)"
-        ) from None
-    except PermissionError:
-        raise errors.PermissionDenied(
-            f"cannot reach the kernel socket at {path}: its directory is not open to this "
-            "user (aiosd's runtime directory is its own user's alone)"
-        ) from None
-    return st.st_ino, st.st_ctime_ns
-
-
-class Client:
+class Client(ClientCore):
     """A connection to ``aiosd``.
 
     ``endpoint`` defaults to the kernel socket in the runtime directory
@@ -140,25 +51,12 @@ class Client:
         operator: bool = False,
         context: zmq.Context | None = None,
     ):
-        self.endpoint, self.token, self.name = resolve(endpoint, token, name)
-        self.timeout = timeout
-        self.operator = operator
-        self.identity: dict[str, Any] = {}
+        super().__init__(endpoint, token=token, name=name, timeout=timeout, operator=operator)
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
-        self._inode: tuple[int, int] | None = None
         self._streaming = False   # a stream is being read (see _open_stream)
-        #: memory, storage and tool system calls: ``client.memory.add(...)``
-        self.memory = Memory(self.call)
-        self.storage = Storage(self.call)
-        self.tools = Tools(self.call)
 
     # -- connection ------------------------------------------------------
-
-    def _kernel_replaced(self) -> bool:
-        """Whether the kernel socket file is another than the one this
-        client connected to (NotRunning if there is none)."""
-        return self._inode is not None and kernel_socket_id(self.endpoint) != self._inode
 
     def _check_kernel(self) -> None:
         """Raise if the kernel this client talked to is gone or was replaced:
@@ -170,20 +68,17 @@ class Client:
         """Open the socket and introduce this process to the kernel."""
         if self._sock is not None:
             return self
-        self._inode = kernel_socket_id(self.endpoint)
+        self._attach()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         self._sock = sock
         try:
-            self._hello()
+            self.identity = self._roundtrip(MsgType.HELLO, *self._hello())
         except BaseException:
             self.close()
             raise
         return self
-
-    def _hello(self) -> None:
-        self.identity = self._roundtrip(MsgType.HELLO, hello_body(self), min(self.timeout, 10.0))
 
     def _current(self) -> None:
         """Connect, or connect again if the kernel was replaced since (a
@@ -245,12 +140,7 @@ class Client:
                     self._check_kernel()
                     continue
                 raise no_reply(msg, self.endpoint, timeout)
-            frames = self._sock.recv_multipart()
-            try:
-                _, payload = protocol.split_envelope(frames)
-                rep = protocol.decode(payload)
-            except protocol.ProtocolError as exc:
-                raise errors.BadFrame(f"undecodable reply from aiosd: {exc.message}") from None
+            rep = decode_reply(self._sock.recv_multipart())
             if rep.re != msg.id:
                 continue  # a late reply to an earlier call that timed out
             if rep.type is MsgType.PARTIAL:
@@ -291,7 +181,7 @@ class Client:
         """Make one system call and return its final reply's body. Setting
         ``cancelled`` (from another thread) gives up waiting for it: the
         call then fails with :class:`~libaios.errors.Cancelled`."""
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self._timeout(timeout)
         self._check_no_stream(mtype)
         return _final(self._call_replies(mtype, body or {}, timeout, cancelled))
 
@@ -299,7 +189,7 @@ class Client:
         self, mtype: MsgType, body: dict[str, Any] | None = None, timeout: float | None = None
     ) -> Stream:
         """Make a call whose answer streams; iterate the returned :class:`Stream`."""
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self._timeout(timeout)
         self._check_no_stream(mtype)
         return Stream(self._open_stream(mtype, self._call_replies(mtype, body or {}, timeout)))
 
@@ -392,16 +282,6 @@ def _final(replies: Generator[dict[str, Any], None, dict[str, Any]]) -> dict[str
             next(replies)
     except StopIteration as stop:
         return stop.value
-
-
-def stream_pieces(part: dict[str, Any]) -> Iterator[str | dict[str, Any]]:
-    """What a partial reply of a streamed chat gives its caller: a piece of
-    text, and each tool-call delta (OpenAI's shape: ``index``, then ``id``
-    and ``function.name``, then ``function.arguments`` fragments)."""
-    if part.get("text"):
-        yield part["text"]
-    for delta in part.get("tool_calls") or []:
-        yield delta
 
 
 class _TokenStream:
