@@ -72,14 +72,16 @@ def _text(value: Any, what: str, limit: int = MAX_NAME, empty: bool = False) -> 
 
 
 def clean_path(path: Any, what: str = "path", empty: bool = False) -> str:
-    """A relative file path, normalised; no '..', no NUL."""
+    """A relative file path, normalised; no '..' component, no NUL. Names
+    that merely begin with dots (``...``, ``..foo``) are ordinary names."""
     path = _text(path, what, empty=empty)
     if path.startswith("/"):
         raise InvalidArgument(f"{what} {path!r} must be relative to the agent's storage")
     norm = posixpath.normpath(path) if path else ""
-    if norm in (".",):
+    if norm == ".":
         norm = ""
-    if norm.startswith("..") or "/../" in f"/{norm}/":
+    # normpath resolves every '..' it can, so one that is left leads the path
+    if norm == ".." or norm.startswith("../"):
         raise InvalidArgument(f"{what} {path!r} leaves the agent's storage")
     return norm
 

@@ -58,6 +58,20 @@ def test_namespaces_files_and_paths(tmp_path: Path) -> None:
         s.write_file("a", "f", "text")
 
 
+@pytest.mark.parametrize("name", ["...", "..foo", "foo..", "docs/...", "docs/..x/y", ".../z"])
+def test_names_that_begin_with_dots_are_ordinary_names(tmp_path: Path, name: str) -> None:
+    s = store(tmp_path)
+    assert s.write_file("a", name, b"dots")["path"] == name
+    assert s.read_file("a", name)["data"] == b"dots"
+
+
+@pytest.mark.parametrize("path", ["..", "../x", "./..", "a/../..", "a/./../../b", "docs/../../x",
+                                  "/x", "/"])
+def test_a_dotdot_component_or_an_absolute_path_is_refused(tmp_path: Path, path: str) -> None:
+    with pytest.raises(InvalidArgument, match="leaves|relative"):
+        store(tmp_path).write_file("a", path, b"")
+
+
 def test_quota_is_exact_and_a_refused_write_changes_nothing(tmp_path: Path) -> None:
     s = store(tmp_path, quota=2000)
     s.put("a", "k", "x" * 1000)
