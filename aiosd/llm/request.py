@@ -59,14 +59,19 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
     return float(value)
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def json_object(text: Any) -> dict[str, Any] | None:
     """``text`` parsed, if it is a string holding a JSON object; else None
-    (a tool call's ``arguments``)."""
+    (a tool call's ``arguments``). NaN and Infinity, which Python's parser
+    takes but JSON has not, are not JSON here either."""
     if not isinstance(text, str):
         return None
     try:
-        value = json.loads(text)
-    except ValueError:
+        value = json.loads(text, parse_constant=_not_json)
+    except (ValueError, RecursionError):   # (RecursionError: nested too deep to parse)
         return None
     return value if isinstance(value, dict) else None
 
@@ -117,7 +122,10 @@ def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
         raise InvalidArgument(f"llm.chat: {where} must be a list of tool calls")
     calls = []
     for j, call in enumerate(raw):
-        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict):
+            raise InvalidArgument(f"llm.chat: {where}[{j}] must be a map with 'id', 'type' and "
+                                  f"'function', got {type(call).__name__}")
+        fn = call.get("function")
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise InvalidArgument(f"llm.chat: {where}[{j}].function.name must be a string")
         args = fn.get("arguments", "{}")

@@ -157,6 +157,13 @@ def test_several_tool_results_render_with_their_calls() -> None:
      r"tool_calls\[0\].function.arguments"),
     ({"role": "user", "content": "", "tool_calls": [{"function": {"name": "f"}}]}, "assistant"),
     ({"role": "tool", "content": "x", "tool_call_id": 3}, "tool_call_id"),
+    ({"role": "assistant", "content": None, "tool_calls": "x"}, r"messages\[1\].tool_calls must"),
+    ({"role": "assistant", "content": None, "tool_calls": [1]}, r"messages\[1\].tool_calls\[0\] must"),
+    *(({"role": "assistant", "content": None,
+        "tool_calls": [{"function": {"name": "f", "arguments": args}}]},
+       r"messages\[1\].tool_calls\[0\].function.arguments")
+      for args in ("not json", "[1]", '{"a": NaN}', '{"a": -Infinity}', {"a": 1},
+                   '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")),
 ])
 def test_bad_tool_turns_are_refused_naming_the_field(turn: dict, field: str) -> None:
     with pytest.raises(InvalidArgument, match=field):
