@@ -45,6 +45,10 @@ VERSION = 1
 MAX_HEADER_BYTES = 4 * 1024
 #: Largest body frame accepted, in bytes (a long conversation fits easily).
 MAX_BODY_BYTES = 16 * 1024 * 1024
+#: Largest body of a call, in bytes: the kernel sends a call's body on to a
+#: worker wrapped with the call's id, its caller and namespace, and that task
+#: must stay within :data:`MAX_BODY_BYTES` too.
+MAX_CALL_BODY_BYTES = MAX_BODY_BYTES - 64 * 1024
 #: Deepest nesting of maps and lists accepted in a body.
 MAX_DEPTH = 32
 #: Most identity frames a ROUTER message may carry before the delimiter.
@@ -259,6 +263,80 @@ def encode(msg: Message) -> list[bytes]:
     """Frames ``[b"", header, body]`` for a DEALER to send (prefix identities
     for a ROUTER)."""
     return [b"", _packb(msg.header()), _packb(msg.body)]
+
+
+def encode_call(msg: Message) -> list[bytes]:
+    """A call's frames, as :func:`encode`, refused before they are sent where
+    the kernel could not take them: a body msgpack cannot carry raises
+    ProtocolError(INVALID_ARGUMENT) naming the call and the field, one larger
+    than :data:`MAX_CALL_BODY_BYTES` ProtocolError(TOO_LARGE) with its size
+    (a message past the transport's own limit is dropped with its
+    connection, unanswered)."""
+    try:
+        body = _packb(msg.body)
+    except (TypeError, ValueError, OverflowError) as exc:   # what msgpack raises
+        raise ProtocolError(ErrorCode.INVALID_ARGUMENT, _unsendable(msg, exc)) from None
+    if len(body) > MAX_CALL_BODY_BYTES:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"{msg.type.value}: the body is too large to send: {len(body)} bytes; a call's "
+            f"body may be at most {MAX_CALL_BODY_BYTES} bytes; send less at a time")
+    return [b"", _packb(msg.header()), body]
+
+
+def _unsendable(msg: Message, exc: Exception) -> str:
+    """Why ``msg``'s body cannot be packed, naming the field where it can be told."""
+    found = _unpackable(msg.body, "", 0)
+    if found is None:
+        return f"{msg.type.value}: the arguments cannot be sent: {exc}"
+    where, what = found
+    return f"{msg.type.value}: {what} cannot be sent (field {where!r})"
+
+
+def _unpackable(value: Any, where: str, depth: int) -> tuple[str, str] | None:
+    """(field, what) for the first value under ``value`` that msgpack cannot
+    pack, or None. Walked only once packing has failed."""
+    if depth > MAX_DEPTH:
+        return where, f"a value nested deeper than {MAX_DEPTH} levels"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = _field(where, key)
+            found = _unpackable(key, inner, depth + 1) or _unpackable(item, inner, depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _unpackable(item, f"{where}[{i}]", depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(value, bool) or value is None or isinstance(
+            value, (float, bytes, bytearray, memoryview)):
+        return None
+    if isinstance(value, int):
+        return None if -(1 << 63) <= value < (1 << 64) else (where, "an integer beyond 64 bits")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where, "text with a lone surrogate (not valid UTF-8)"
+        return None
+    kind = type(value).__qualname__
+    if type(value).__module__ != "builtins":
+        kind = f"{type(value).__module__}.{kind}"
+    return where, f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _field(where: str, key: Any) -> str:
+    """The name of field ``key`` of the map at ``where``: ``messages[1].content``."""
+    if isinstance(key, str):
+        return f"{where}.{key}" if where else key
+    try:
+        shown = repr(key)
+    except ValueError:   # (an integer too long to write out)
+        shown = type(key).__name__
+    return f"{where}[{shown}]"
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:

@@ -80,3 +80,42 @@ def test_error_envelope_and_exception_classes_match() -> None:
     for code in ErrorCode:
         assert errors.error_class(code).code is code
     assert isinstance(errors.from_envelope({"code": 12345, "message": "?"}), errors.InternalError)
+
+
+SELF_NESTED: list = []
+SELF_NESTED.append(SELF_NESTED)
+
+
+@pytest.mark.parametrize("mtype, body, field, what", [
+    (MsgType.LLM_CHAT, {"messages": [], "max_tokens": 2**70}, "'max_tokens'", "integer beyond 64 bits"),
+    (MsgType.LLM_CHAT, {"seed": -2**63 - 1}, "'seed'", "integer beyond 64 bits"),
+    (MsgType.STORAGE_PUT, {"key": "k", "value": {1, 2}}, "'value'", "a set"),
+    (MsgType.STORAGE_PUT, {"key": "k", "value": {"a": [1, {"b": frozenset()}]}}, "'value.a[1].b'",
+     "a frozenset"),
+    (MsgType.STORAGE_PUT, {"key": "k", "value": {7: 10**5000}}, "'value[7]'", "integer beyond"),
+    (MsgType.MEMORY_ADD, {"text": "\udc80"}, "'text'", "lone surrogate"),
+    (MsgType.MEMORY_ADD, {"text": "t", "metadata": {"when": object()}}, "'metadata.when'",
+     "an object"),
+    (MsgType.STORAGE_PUT, {"key": "k", "value": SELF_NESTED}, "'value[0][0]", "nested deeper"),
+])
+def test_a_call_whose_body_cannot_be_packed_names_the_call_and_field(
+        mtype: MsgType, body: dict, field: str, what: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.encode_call(protocol.call(mtype, body))
+    assert info.value.code == ErrorCode.INVALID_ARGUMENT
+    assert info.value.message.startswith(f"{mtype.value}: ")
+    assert f"(field {field}" in info.value.message and what in info.value.message
+
+
+def test_a_call_body_is_refused_past_the_call_limit_and_sent_up_to_it() -> None:
+    limit = protocol.MAX_CALL_BODY_BYTES
+    assert limit < protocol.MAX_BODY_BYTES
+    # a map of one key "v" holding bin 32: 8 bytes around the data
+    at_limit = protocol.call(MsgType.STORAGE_PUT, {"v": b"x" * (limit - 8)})
+    frames = protocol.encode_call(at_limit)
+    assert len(frames[2]) == limit and frames == protocol.encode(at_limit)
+    with pytest.raises(ProtocolError) as info:
+        protocol.encode_call(protocol.call(MsgType.STORAGE_PUT, {"v": b"x" * (limit - 7)}))
+    assert info.value.code == ErrorCode.TOO_LARGE
+    assert "storage.put" in info.value.message and "too large" in info.value.message
+    assert f"{limit + 1} bytes" in info.value.message and str(limit) in info.value.message
