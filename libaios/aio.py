@@ -20,7 +20,7 @@ import zmq.asyncio
 
 from . import errors, protocol
 from .core import (DEFAULT_TIMEOUT, RESTARTED, ChatResult, ClientCore, chat_body, decode_reply,
-                   no_reply, stream_pieces)
+                   encode_call, no_reply, stream_pieces)
 from .protocol import ErrorCode, MsgType
 from .services import awaited_field_of
 from .wire import send_frames
@@ -273,13 +273,14 @@ class AsyncClient(ClientCore):
         """Send ``msg``; yield its partial replies, then its final reply."""
         await self._current()
         assert self._sock is not None
+        frames = encode_call(msg)
         queue: asyncio.Queue[protocol.Message] = asyncio.Queue()
         self._waiting[msg.id] = queue
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             try:
                 self._note_sent(msg.id)
-                await self._send(protocol.encode(msg), deadline)
+                await self._send(frames, deadline)
             except TimeoutError:
                 raise no_reply(msg, self.endpoint, timeout) from None
             while True:
@@ -317,6 +318,7 @@ class AsyncClient(ClientCore):
     async def _call(self, mtype: MsgType, body: dict[str, Any] | None,
                     timeout: float) -> dict[str, Any]:
         msg = protocol.call(mtype, body or {}, timeout)
+        frames = encode_call(msg)
         assert self._sock is not None
         # One future per call, resolved by the reader (or failed by a timer
         # at the deadline): the cheapest wait asyncio has, which matters to
@@ -329,7 +331,7 @@ class AsyncClient(ClientCore):
         try:
             try:
                 self._note_sent(msg.id)
-                await self._send(protocol.encode(msg), deadline)
+                await self._send(frames, deadline)
                 rep = await reply
             except TimeoutError:
                 raise no_reply(msg, self.endpoint, timeout) from None

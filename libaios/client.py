@@ -17,7 +17,7 @@ import zmq
 
 from . import errors, protocol
 from .core import (DEFAULT_TIMEOUT, RESTARTED, ChatResult, ClientCore, chat_body, decode_reply,
-                   no_reply, stream_pieces)
+                   encode_call, no_reply, stream_pieces)
 from .protocol import ErrorCode, MsgType
 from .wire import send_frames
 
@@ -107,7 +107,7 @@ class Client(ClientCore):
         """Send ``msg``, waiting until ``deadline`` (monotonic) at most for
         room in the socket's queue (a kernel that stopped reading fills it)."""
         assert self._sock is not None
-        frames = protocol.encode(msg)
+        frames = encode_call(msg)
         while True:
             try:
                 send_frames(self._sock, frames, nonblocking=True)

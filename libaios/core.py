@@ -12,6 +12,7 @@ and the waiting, each in its own I/O model.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -63,6 +64,23 @@ def no_reply(msg: protocol.Message, endpoint: str, timeout: float) -> errors.Tim
     """The error of a call that got no answer in time, saying what to check."""
     return errors.Timeout(f"no reply to {msg.type.value} from aiosd at {endpoint} within "
                           f"{timeout:g}s: is aiosd running? `aiosctl status`")
+
+
+def encode_call(msg: protocol.Message) -> list[bytes]:
+    """The frames of call ``msg``; a body the kernel could not take is
+    refused here, before it is sent: InvalidArgument naming the call and the
+    field (a value msgpack cannot carry), TooLarge with its size and the limit."""
+    try:
+        return protocol.encode_call(msg)
+    except protocol.ProtocolError as exc:
+        raise errors.error_class(exc.code)(exc.message) from None
+
+
+def seconds(timeout: Any) -> float:
+    """``timeout``, checked: a number of seconds (InvalidArgument if not)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout):
+        raise errors.InvalidArgument(f"'timeout' must be a number of seconds, got {timeout!r}")
+    return timeout
 
 
 def chat_body(messages: list[dict[str, Any]] | str, *, stream: bool = False,
@@ -139,7 +157,7 @@ class ClientCore:
     def __init__(self, endpoint: str | None, *, token: str | None, name: str | None,
                  timeout: float, operator: bool, take: Take = field_of):
         self.endpoint, self.token, self.name = resolve(endpoint, token, name)
-        self.timeout = timeout
+        self.timeout = seconds(timeout)
         self.operator = operator
         #: who the kernel says this client is (the hello's answer)
         self.identity: dict[str, Any] = {}
@@ -155,7 +173,7 @@ class ClientCore:
         raise NotImplementedError
 
     def _timeout(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else timeout
+        return self.timeout if timeout is None else seconds(timeout)
 
     def _attach(self) -> None:
         """Note the kernel socket this client connects to (NotRunning if
