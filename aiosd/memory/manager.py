@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import msgpack
 import psutil
 
-from libaios.errors import InvalidArgument, NotFound
+from libaios.errors import ApprovalRequired, InvalidArgument, NotFound
 
 from .bm25 import BM25Index
 from .klru import KLRUReplacer
@@ -34,6 +34,14 @@ from .trie import Node, Trie
 #: only its metadata and index statistics in RAM, reported apart.
 ITEM_OVERHEAD = 128
 MAX_TEXT = 1024 * 1024
+#: Characters of an item's text shown to the person asked to approve a change to it.
+PREVIEW = 80
+
+
+def preview(text: str, limit: int = PREVIEW) -> str:
+    """The start of ``text``, on one line, for a person to recognise it by."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -209,10 +217,32 @@ class MemoryManager:
         space, item = self._item(ns, item_id)
         return self._view(ns, space, item)
 
-    def update(self, ns: str, item_id: Any, text: Any = None, metadata: Any = None) -> dict[str, Any]:
+    def _approval(self, op: str, ns: str, space: Space, item: Item, what: str,
+                  **values: Any) -> ApprovalRequired:
+        """The refusal of a destructive ``op`` on ``item`` not yet approved,
+        naming the item and the start of its text for the person asked."""
+        self._touch(ns, item)
+        text = self._text_of(ns, space, item)
+        self._make_room(keep=(ns, item.id))
+        return ApprovalRequired(f"{op}: {what} item {item.id} of {ns} ({preview(text, 40)!r}) "
+                                "needs approval",
+                                details={"op": op, "id": item.id, "text": preview(text), **values})
+
+    def update(self, ns: str, item_id: Any, text: Any = None, metadata: Any = None,
+               approved: bool = False) -> dict[str, Any]:
+        """Replace an item's text or metadata (destructive: what it replaces
+        is gone, so unless ``approved`` it is refused with ApprovalRequired
+        once the arguments and the item are known good)."""
         space, item = self._item(ns, item_id)
         new_meta = self._metadata(metadata) if metadata is not None else item.metadata
-        new_text = self._text(text) if text is not None else self._text_of(ns, space, item)
+        new_text = self._text(text) if text is not None else None
+        if not approved:
+            new: dict[str, Any] = {"new_text": preview(new_text)} if new_text is not None else {}
+            if metadata is not None:
+                new["new_metadata"] = new_meta
+            raise self._approval("memory.update", ns, space, item, "changing", **new)
+        if new_text is None:
+            new_text = self._text_of(ns, space, item)
         updated = Item(item.id, new_meta, item.created, self.clock(), len(new_text.encode()),
                        item.handle)
         self._persist(ns, updated, new_text)
@@ -226,8 +256,12 @@ class MemoryManager:
         space.items[item.id] = updated
         return self._view(ns, space, updated)
 
-    def delete(self, ns: str, item_id: Any) -> dict[str, Any]:
+    def delete(self, ns: str, item_id: Any, approved: bool = False) -> dict[str, Any]:
+        """Delete an item (destructive: unless ``approved``, an item that
+        exists is refused with ApprovalRequired)."""
         space, item = self._item(ns, item_id)
+        if not approved:
+            raise self._approval("memory.delete", ns, space, item, "deleting")
         self.store.delete(ns, item.id)
         if item.handle is not None:
             space.trie.remove(item.handle)

@@ -73,9 +73,10 @@ class MemoryService:
             if task.type is MsgType.MEMORY_GET:
                 return {"item": m.get(ns, b.get("id"))}
             if task.type is MsgType.MEMORY_UPDATE:
-                return {"item": m.update(ns, b.get("id"), b.get("text"), b.get("metadata"))}
+                return {"item": m.update(ns, b.get("id"), b.get("text"), b.get("metadata"),
+                                         task.approved)}
             if task.type is MsgType.MEMORY_DELETE:
-                return m.delete(ns, b.get("id"))
+                return m.delete(ns, b.get("id"), task.approved)
             if task.type is MsgType.MEMORY_LIST:
                 return {"items": m.list(ns, b.get("filters"), b.get("limit"), b.get("offset"))}
             return {"items": m.search(ns, b.get("query"), b.get("filters"), b.get("limit"))}

@@ -214,7 +214,7 @@ class Store:
                 raise ApprovalRequired(
                     f"{op}: {kind} {name!r} of {ns} exists (version {head}); "
                     "overwriting it needs approval",
-                    details={"op": op, kind: name},
+                    details={"op": op, kind: name, "current_version": head},
                 )
             versions = self._versions(txn, nk)
             dropped = versions[: max(0, len(versions) + 1 - self.max_versions)]
@@ -281,8 +281,10 @@ class Store:
             if not versions:
                 raise NotFound(f"storage: no {kind} {name!r} in {ns}")
             if not approved:
-                raise ApprovalRequired(f"storage.delete: deleting {kind} {name!r} of {ns} needs "
-                                       "approval", details={"op": "storage.delete", kind: name})
+                raise ApprovalRequired(
+                    f"storage.delete: deleting {kind} {name!r} of {ns} ({len(versions)} "
+                    "versions) needs approval",
+                    details={"op": "storage.delete", kind: name, "versions": len(versions)})
             for version, _ in versions:
                 txn.delete(nk + SEP + _u64(version), db=self.objects)
             txn.delete(nk, db=self.heads)
@@ -340,9 +342,11 @@ class Store:
         name = clean_path(name, "name") if kind == "file" else _text(name, "name")
         _, rec = self._load(ns, kind, name, version)
         if not approved:
-            raise ApprovalRequired(f"storage.rollback: rolling {kind} {name!r} of {ns} back to "
-                                   f"version {version} needs approval",
-                                   details={"op": "storage.rollback", kind: name})
+            current = self._read(lambda txn: self._head(txn, self._name_key(ns, kind, name)))
+            raise ApprovalRequired(f"storage.rollback: rolling {kind} {name!r} of {ns} back from "
+                                   f"version {current} to version {version} needs approval",
+                                   details={"op": "storage.rollback", kind: name,
+                                            "to_version": version, "current_version": current})
         out = self._store(ns, kind, name, rec["v"], rec["n"], approved=True)
         return {**out, "restored": version}
 

@@ -7,9 +7,9 @@ import pytest
 
 from aiosd.memory.bm25 import BM25Index
 from aiosd.memory.klru import KLRUReplacer
-from aiosd.memory.manager import ITEM_OVERHEAD, MemoryManager
+from aiosd.memory.manager import ITEM_OVERHEAD, PREVIEW, MemoryManager, preview
 from aiosd.memory.trie import Trie
-from libaios.errors import InvalidArgument, NotFound
+from libaios.errors import ApprovalRequired, InvalidArgument, NotFound
 
 
 def test_trie_shares_prefixes_and_handles_survive_splits_and_merges() -> None:
@@ -113,9 +113,9 @@ def test_search_list_update_delete_and_errors() -> None:
     assert m.search("x", "cat")[0]["id"] == a["id"]
     assert [i["text"] for i in m.search("x", "revenue", {"kind": "note"})] == []
     assert [i["metadata"]["kind"] for i in m.list("x")] == ["report", "note"]
-    assert m.update("x", a["id"], text="the dog sat")["text"] == "the dog sat"
+    assert m.update("x", a["id"], text="the dog sat", approved=True)["text"] == "the dog sat"
     assert m.search("x", "dog")[0]["id"] == a["id"]
-    m.delete("x", a["id"])
+    m.delete("x", a["id"], approved=True)
     with pytest.raises(NotFound, match=a["id"]):
         m.get("x", a["id"])
     with pytest.raises(InvalidArgument, match="text"):
@@ -123,6 +123,40 @@ def test_search_list_update_delete_and_errors() -> None:
     with pytest.raises(InvalidArgument, match="metadata.bad"):
         m.add("x", "t", {"bad": [1]})
     assert m.list("nobody") == [] and m.search("nobody", "x") == []
+
+
+def test_delete_and_update_check_first_then_ask_naming_the_item() -> None:
+    m = manager(FakeStore(), budget=1 << 20)
+    text = "the meeting is on Monday at ten, in the small room by the stairs, with everyone " * 2
+    item = m.add("x", text)
+    for missing in ("5", 5, None):
+        with pytest.raises(NotFound, match="no item"):
+            m.delete("x", missing)
+        with pytest.raises(NotFound, match="no item"):
+            m.update("x", missing, text="new")
+    with pytest.raises(InvalidArgument, match="'text'"):
+        m.update("x", item["id"], text=7)
+    with pytest.raises(InvalidArgument, match="metadata"):
+        m.update("x", item["id"], metadata=[1])
+    with pytest.raises(ApprovalRequired) as info:
+        m.delete("x", item["id"])
+    assert info.value.details == {"op": "memory.delete", "id": item["id"], "text": preview(text)}
+    assert preview(text).startswith("the meeting is on Monday") and len(preview(text)) == PREVIEW
+    with pytest.raises(ApprovalRequired) as info:
+        m.update("x", item["id"], text="on Friday")
+    assert info.value.details == {"op": "memory.update", "id": item["id"], "text": preview(text),
+                                  "new_text": "on Friday"}
+    with pytest.raises(ApprovalRequired) as info:
+        m.update("x", item["id"], metadata={"day": "Friday"})
+    assert info.value.details["new_metadata"] == {"day": "Friday"}
+    assert "new_text" not in info.value.details
+    assert m.get("x", item["id"])["text"] == text   # nothing changed
+    assert m.delete("x", item["id"], approved=True) == {"deleted": item["id"]}
+
+
+def test_preview_is_one_short_line() -> None:
+    assert preview("a\n  b\tc") == "a b c"
+    assert preview("word " * 10, limit=12) == "word word w…"
 
 
 def test_filters_match_like_types_and_only_present_keys() -> None:
@@ -143,7 +177,7 @@ def test_an_update_that_fails_leaves_nothing_in_ram_untracked() -> None:
     assert m.evictions > 0
     evicted = next(i for i in ids if m._space("x").items[i].handle is None)
     with pytest.raises(InvalidArgument):   # bad metadata: refused before the text is read
-        m.update("x", evicted, metadata={"bad": [1]})
+        m.update("x", evicted, metadata={"bad": [1]}, approved=True)
     assert m._space("x").items[evicted].handle is None
 
     def failing_put(ns: str, block_id: str, data: bytes) -> None:
@@ -151,7 +185,7 @@ def test_an_update_that_fails_leaves_nothing_in_ram_untracked() -> None:
 
     store.put = failing_put
     with pytest.raises(OSError):
-        m.update("x", evicted, metadata={"ok": 1})   # the text is read in, the write fails
+        m.update("x", evicted, metadata={"ok": 1}, approved=True)   # the text is read in, the write fails
     del store.put
     for i in ids:   # the budget holds: what was read in can be evicted again
         m.get("x", i)

@@ -43,6 +43,42 @@ def test_versions_overwrite_approval_and_rollback(tmp_path: Path) -> None:
     assert s.stats("a")["bytes"] == 0
 
 
+def test_destructive_calls_are_checked_before_approval_and_name_what_they_act_on(
+        tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.put("a", "k", 1)
+    s.put("a", "k", 2, approved=True)
+    # wrong arguments and missing things are refused as such, unapproved or not
+    for version in ("a", 0, True, None):
+        with pytest.raises(InvalidArgument, match="'version'"):
+            s.rollback("a", "key", "k", version)
+    with pytest.raises(NotFound, match="version 9"):
+        s.rollback("a", "key", "k", 9)
+    with pytest.raises(NotFound):
+        s.rollback("a", "key", "missing", 1)
+    with pytest.raises(NotFound, match="missing"):
+        s.delete("a", "key", "missing")
+    with pytest.raises(NotFound):
+        s.delete("a", "file", "no/such/file")
+    # a valid one is refused for approval, naming the real values
+    with pytest.raises(ApprovalRequired) as info:
+        s.rollback("a", "key", "k", 1)
+    assert info.value.details == {"op": "storage.rollback", "key": "k", "to_version": 1,
+                                  "current_version": 2}
+    with pytest.raises(ApprovalRequired) as info:
+        s.delete("a", "key", "k")
+    assert info.value.details == {"op": "storage.delete", "key": "k", "versions": 2}
+    with pytest.raises(ApprovalRequired) as info:
+        s.put("a", "k", 3)
+    assert info.value.details == {"op": "storage.overwrite", "key": "k", "current_version": 2}
+    s.write_file("a", "f.txt", b"x")
+    with pytest.raises(ApprovalRequired) as info:
+        s.write_file("a", "f.txt", b"y")
+    assert info.value.details == {"op": "storage.overwrite", "file": "f.txt",
+                                  "current_version": 1}
+    assert s.get("a", "k")["value"] == 2 and s.read_file("a", "f.txt")["data"] == b"x"
+
+
 def test_namespaces_files_and_paths(tmp_path: Path) -> None:
     s = store(tmp_path)
     s.write_file("a", "docs/x.txt", b"x")
