@@ -32,7 +32,10 @@ NAMESPACED = MEMORY_READS | MEMORY_WRITES | STORAGE_READS | STORAGE_WRITES
 #: Calls only the kernel's own processes may make.
 INTERNAL = frozenset({MsgType.BLOCK_PUT, MsgType.BLOCK_GET, MsgType.BLOCK_DELETE,
                       MsgType.BLOCK_SCAN, MsgType.AUDIT_APPEND, MsgType.AUDIT_LIST})
-#: Operations destructive by their type (an overwrite is found by storage).
+#: Memory and storage operations destructive by their type (an overwrite is
+#: found by storage). The scheduler does not hold these itself: their worker,
+#: which sees the data, checks the call first and answers APPROVAL_REQUIRED,
+#: naming what it would act on, only for one that would run.
 DESTRUCTIVE = {
     MsgType.MEMORY_DELETE: "memory.delete",
     MsgType.MEMORY_UPDATE: "memory.update",   # the text or metadata it replaces is gone

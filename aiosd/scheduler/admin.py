@@ -31,10 +31,15 @@ class AdminCalls:
 
     # -- approvals -------------------------------------------------------------
 
-    def _hold(self, call: Call, op: str, detail: str, now: float) -> None:
-        """Keep ``call`` until a person approves or denies it, or time runs out."""
+    def _hold(self, call: Call, op: str, detail: str, now: float,
+              values: dict[str, Any] | None = None) -> None:
+        """Keep ``call`` until a person approves or denies it, or time runs
+        out. ``values``: what it would act on, as its worker found it (the
+        ``details`` of its APPROVAL_REQUIRED answer, less the op)."""
         call.state = CallState.PENDING
-        approval = self.approvals.request(call, op, detail, now, self.config.access.approval_timeout)
+        shown = {k: v for k, v in (values or {}).items() if k != "op" and isinstance(k, str)}
+        approval = self.approvals.request(call, op, detail, now,
+                                          self.config.access.approval_timeout, shown)
         info = approval.to_dict(now)
         self.publish(f"approval.{approval.id}.requested", info)
         self._audit("approval.requested", info)

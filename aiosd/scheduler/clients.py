@@ -278,7 +278,14 @@ class ClientCalls:
         self.calls[call.kid] = call
         if session.agent is not None and session.agent.usage.first_call is None:
             session.agent.usage.first_call = now
-        if decision.approval:
+        if decision.approval and msg.type in access.DESTRUCTIVE:
+            # A memory or storage call goes to its worker unapproved: the
+            # worker checks its arguments against the data (a bad or missing
+            # one is refused at once, no one asked) and answers
+            # APPROVAL_REQUIRED, naming what it would act on, only for a
+            # call that would run (see on_worker_result).
+            call.approved = False
+        elif decision.approval:
             self._hold(call, decision.approval, f"{msg.type.value} in {namespace or who.name}", now)
             return
         if destructive_tool is not None:

@@ -191,9 +191,12 @@ class WorkerMessages:
         elif msg.type is MsgType.REPLY:
             self.finish(call, for_caller(call, msg), now)
         elif msg.body.get("code") == ErrorCode.APPROVAL_REQUIRED and not call.approved:
-            # The worker found the call destructive (an overwrite): ask.
+            # The worker checked the call against the data and found it
+            # would destroy something (an overwrite, a delete, a rollback):
+            # ask, showing what it named in its details.
             call.service_s += now - call.dispatched
-            details = msg.body.get("details") or {}
+            details = msg.body.get("details")
+            details = details if isinstance(details, dict) else {}
             op = str(details.get("op", call.type.value))
             who = access.Principal(call.agent, call.caller.get("name", ""))
             if self.rules.preapproved(who, op):
@@ -206,7 +209,7 @@ class WorkerMessages:
                 self.queues[call.resource].requeue(call)
             else:
                 call.queued_at = now
-                self._hold(call, op, str(msg.body.get("message", "")), now)
+                self._hold(call, op, str(msg.body.get("message", "")), now, details)
         else:
             self.finish(call, for_caller(call, msg), now)
         self.dispatch()

@@ -3,7 +3,7 @@
 from aiosd.config import AccessConfig, GroupConfig
 from aiosd.scheduler import policy
 from aiosd.scheduler.access import AccessRules, Principal
-from aiosd.scheduler.approvals import ApprovalTable, summarize
+from aiosd.scheduler.approvals import DEADLINE_MARGIN, ApprovalTable, expiry, summarize
 import pytest
 import zmq
 
@@ -81,14 +81,32 @@ def test_approvals_expire_at_the_deadline_or_timeout() -> None:
     table = ApprovalTable()
     a = table.request(call(1, deadline=50.0), "storage.delete", "x", now=0.0, timeout=100.0)
     b = table.request(call(2), "storage.delete", "y", now=0.0, timeout=10.0)
-    assert a.expires == 50.0 and b.expires == 10.0
+    assert a.expires == 50.0 - DEADLINE_MARGIN and b.expires == 10.0
     assert table.expired(9.9) == [] and table.expired(10.0) == [b]
     assert table.take(a.id) is a and table.take(a.id) is None
 
 
+def test_approvals_end_before_the_deadline_their_caller_waits_for() -> None:
+    # the caller's client gives up at the call's deadline: the kernel's
+    # answer must come first, however the approval's timeout compares
+    assert expiry(0.0, 120.0, deadline=60.0) == 60.0 - DEADLINE_MARGIN
+    assert expiry(0.0, 120.0, deadline=120.0) == 120.0 - DEADLINE_MARGIN
+    assert expiry(0.0, 10.0, deadline=60.0) == 10.0          # the approval's own timeout
+    assert expiry(0.0, 10.0, deadline=None) == 10.0
+    assert expiry(0.0, 120.0, deadline=1.0) == 0.5           # a short call keeps half
+    assert expiry(5.0, 120.0, deadline=4.0) == 4.0           # (already past it: at once)
+    table = ApprovalTable()
+    a = table.request(call(1, deadline=30.0), "storage.delete", "x", now=0.0, timeout=120.0,
+                      values={"key": "k", "versions": 2})
+    assert a.expires < 30.0 and table.expired(a.expires - 0.01) == []
+    assert table.expired(a.expires) == [a]
+    assert a.to_dict(0.0)["values"] == {"key": "k", "versions": 2}
+
+
 def test_summaries_hide_bytes_and_shorten() -> None:
-    out = summarize({"data": b"x" * 10, "text": "y" * 500, "as_namespace": "z"}, limit=20)
-    assert out == {"data": "<10 bytes>", "text": "y" * 20 + "…"}
+    out = summarize({"data": b"x" * 10, "text": "y" * 500, "as_namespace": "z", "version": 3,
+                     "flag": None}, limit=20)
+    assert out == {"data": "<10 bytes>", "text": "y" * 20 + "…", "version": 3, "flag": None}
 
 
 def test_round_robin_preempts_only_while_others_wait() -> None:
