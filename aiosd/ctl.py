@@ -351,10 +351,13 @@ def approvals(as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
-    table = Table("id", "agent", "operation", "call", "arguments", "expires in")
+    table = Table("id", "agent", "operation", "acts on", "expires in")
     for row in rows:
-        args = ", ".join(f"{k}={v}" for k, v in row["arguments"].items())
-        table.add_row(row["id"], row["agent"], row["op"], row["call"], args,
+        # what its worker found the call would act on (the key and its
+        # versions, the memory item and its text); else its arguments
+        shown = row.get("values") or row["arguments"]
+        table.add_row(row["id"], f"{row['agent']} ({row.get('name')})", row["op"],
+                      ", ".join(f"{k}={v}" for k, v in shown.items()),
                       seconds(row["expires_in_s"]))
     out.print(table if rows else "no pending approvals")
 
