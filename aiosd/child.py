@@ -15,13 +15,17 @@ from pathlib import Path
 from libaios import paths
 
 from . import config as config_mod
-from . import logs
+from . import credentials, logs
 
 
 def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m aiosd.child scheduler | llm NAME", file=sys.stderr)
         return 2
+    # before anything else: the credential leaves the pipe it came in, and
+    # no process of our user may read this one's memory
+    credentials.receive()
+    credentials.not_dumpable()
     cfg = config_mod.from_dict(json.loads(os.environ.get("AIOS_CONFIG_JSON", "{}")))
     runtime_dir = Path(os.environ.get("AIOS_RUNTIME_DIR") or paths.runtime_dir())
     role = argv[0]

@@ -2,15 +2,14 @@
 items, a file tool reading an agent's storage): through the scheduler like
 everyone else, as a kernel-internal session.
 
-The session proves itself with the credential the supervisor gave every
-child; only such a session may make kernel-internal calls (``block.*``,
-``audit.*``) or act in an agent's namespace by naming it in ``as_namespace``.
-A client is per thread, as libaios clients are.
+The session proves itself with the credential the supervisor gave its
+process (see credentials); only such a session may make kernel-internal
+calls (``block.*``, ``audit.*``) or act in an agent's namespace by naming
+it in ``as_namespace``. A client is per thread, as libaios clients are.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,15 @@ from typing import Any
 from libaios import Client, paths
 from libaios.protocol import MsgType
 
+from . import credentials
+
 
 class KernelClient:
     def __init__(self, name: str, runtime_dir: Path | None = None, timeout: float = 60.0):
         self.name = name
         self.timeout = timeout
         self.endpoint = paths.ipc(runtime_dir or paths.runtime_dir(), paths.KERNEL_SOCKET)
-        self.token = os.environ.get("AIOS_SUPERVISOR_TOKEN", "")
+        self.token = credentials.mine()
         self._local = threading.local()
 
     def _client(self) -> Client:

@@ -13,7 +13,6 @@ import errno
 import fcntl
 import logging
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import zmq
 from libaios import paths, protocol
 from libaios.protocol import ErrorCode, MsgType
 
-from . import procs
+from . import credentials, procs
 from .config import Config
 from .procstate import ProcMachine, ProcState, RestartRules
 from .sdnotify import Notifier
@@ -89,7 +88,7 @@ class Supervisor:
         self.config = config
         self.runtime_dir = runtime_dir
         self.data_dir = data_dir
-        self.token = secrets.token_hex(16)
+        self.token = credentials.new_secret()
         self.notifier = Notifier()
         rules = rules_of(config)
         child_main = [sys.executable, "-m", "aiosd.child"]
@@ -152,25 +151,33 @@ class Supervisor:
                 "AIOS_RUNTIME_DIR": str(self.runtime_dir),
                 "AIOS_DATA_DIR": str(self.data_dir),
                 "AIOS_SUPERVISOR_PID": str(os.getpid()),
-                "AIOS_SUPERVISOR_TOKEN": self.token,
             }
         )
         # systemd talks to the supervisor only.
-        for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", credentials.FD_ENV):
             env.pop(var, None)
         return env
 
     # -- children ----------------------------------------------------------------
 
+    def credential_of(self, child: Child) -> str:
+        """What ``child`` is given: the secret itself for the scheduler,
+        which checks everyone; its own credential for any other."""
+        return self.token if child.kind == "scheduler" else credentials.derive(self.token, child.name)
+
     def spawn(self, child: Child) -> None:
         now = time.monotonic()
+        fd = credentials.pipe_with(self.credential_of(child))
+        env = {**self.child_env(), credentials.FD_ENV: str(fd)}
         try:
-            child.popen = procs.spawn(child.argv, self.child_env())
+            child.popen = procs.spawn(child.argv, env, pass_fds=(fd,))
         except OSError as exc:
             log.error("cannot start %s: %s", child.name, exc)
             child.machine.start(now)
             child.machine.exited(now, 127)
             return
+        finally:
+            os.close(fd)
         child.machine.start(now)
         log.info("started %s (pid %d)", child.name, child.popen.pid)
 
@@ -255,6 +262,9 @@ class Supervisor:
     # -- main loop ------------------------------------------------------------------
 
     def run(self) -> int:
+        if not credentials.not_dumpable():
+            log.warning("cannot make aiosd's processes non-dumpable: processes of its user "
+                        "may read their memory")
         self.lock()
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wfd)

@@ -28,6 +28,8 @@ from libaios import errors, protocol
 from libaios.protocol import ErrorCode, Message, MsgType
 from libaios.wire import send_frames
 
+from . import credentials
+
 log = logging.getLogger(__name__)
 
 #: Messages taken from a socket per wake-up: a burst costs one poll, and the
@@ -168,6 +170,9 @@ class WorkerRuntime:
             "name": self.name,
             "capacity": self.capacity,
             "pid": os.getpid(),
+            # proves to the scheduler that this is the process the
+            # supervisor started under this name (see aiosd.credentials)
+            "credential": credentials.mine(),
             "types": [t.value for t in self.handlers],
             "info": self.info,
             "running": list(self._tasks),
@@ -234,7 +239,6 @@ class WorkerRuntime:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.name.encode())
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(self.endpoint)
         outbox = self._ctx.socket(zmq.PULL)

@@ -1,10 +1,13 @@
-"""The scheduler's peers: a worker that registered, and a client connection
-that said hello."""
+"""The scheduler's peers: a worker that registered, a client connection
+that said hello, and what the operating system says of a peer."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import psutil
+import zmq
 
 from libaios.protocol import MsgType
 
@@ -28,6 +31,9 @@ class Worker:
     last_dispatch: float = 0.0
     #: the worker's own figures, as of its last heartbeat (an LLM core's KV cache)
     stats: dict[str, Any] = field(default_factory=dict)
+    #: its connection's routing id, which the socket assigned (never one the
+    #: worker chose: a process that named itself so would take its tasks)
+    identity: bytes = b""
 
     @property
     def free(self) -> int:
@@ -58,6 +64,9 @@ class Session:
     agent: Agent | None = None
     internal: bool = False    # one of the kernel's own processes
     pid: int | None = None    # the peer's process, as the OS reports it
+    uid: int | None = None    # and its user
+    #: agents whose output this connection follows (agent.run with wait)
+    watching: list[Agent] = field(default_factory=list)
 
     @property
     def account(self) -> str:
@@ -66,3 +75,24 @@ class Session:
     @property
     def principal(self) -> access.Principal:
         return access.Principal(self.account, self.name, self.operator, self.internal)
+
+
+def peer_credentials(frame: zmq.Frame) -> tuple[int | None, int | None]:
+    """(uid, pid) of the process at the other end of an ipc connection, as
+    the operating system reports it (libzmq appends uid:gid:pid to the
+    Peer-Address of ipc peers); (None, None) for other transports."""
+    try:
+        address = frame.get("Peer-Address")
+    except (zmq.ZMQError, KeyError, TypeError):
+        return None, None
+    parts = str(address).rsplit(":", 3)
+    if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
+        return None, None
+    return int(parts[1]), int(parts[3])
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
+        return None

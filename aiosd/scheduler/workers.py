@@ -10,13 +10,15 @@ import logging
 import time
 
 import psutil
+import zmq
 
 from libaios import errors, protocol
 from libaios.protocol import ErrorCode, Message, MsgType
 
+from .. import credentials
 from . import access
 from .calls import Call, CallState
-from .peers import Worker
+from .peers import Worker, parent_of, peer_credentials
 
 # the scheduler logs under one name, whichever of its modules a method is in
 log = logging.getLogger(__name__)
@@ -27,7 +29,9 @@ class WorkerMessages:
 
     # -- worker messages -----------------------------------------------------
 
-    def on_worker_frames(self, frames: list[bytes]) -> None:
+    def on_worker_frames(self, frames: list[bytes], peer: zmq.Frame | None = None) -> None:
+        """A worker's message; ``peer`` (its last frame) tells what the OS
+        says of the process that sent it."""
         try:
             routing, payload = protocol.split_envelope(frames)
             msg = protocol.decode(payload)
@@ -38,13 +42,25 @@ class WorkerMessages:
         if handler is None:
             log.warning("worker %r sent %s, which workers do not send", routing[0], msg.type.value)
             return
+        if msg.type is MsgType.WORKER_READY:
+            self.on_worker_ready(routing[0], msg, peer)
+            return
+        name = self.worker_names.get(routing[0])
+        if msg.type is MsgType.WORKER_HEARTBEAT and name not in self.workers:
+            # Not registered, refused, or taken for lost (we restarted, or
+            # its heartbeats came late): it is asked to register again.
+            self.workers_sock.send_multipart([routing[0], *protocol.encode(
+                protocol.error(None, ErrorCode.UNAUTHENTICATED, "register"))])
+            return
+        if name is None:
+            return   # a connection that did not register: nothing it says counts
         try:
-            handler(routing[0], msg)
+            handler(name, msg)
         except Exception:  # a worker's bad message must cost its call, not the kernel
-            log.exception("handling %s from worker %r failed", msg.type.value, routing[0])
-            self._bad_worker_message(routing[0], msg)
+            log.exception("handling %s from worker %s failed", msg.type.value, name)
+            self._bad_worker_message(name, msg)
 
-    def _bad_worker_message(self, wid: bytes, msg: Message) -> None:
+    def _bad_worker_message(self, name: str, msg: Message) -> None:
         """A worker's result could not be handled: its call, if it is still
         waiting for one, ends with an error rather than waiting forever."""
         if msg.type is MsgType.PARTIAL or msg.re is None:
@@ -54,27 +70,36 @@ class WorkerMessages:
             return
         self._release_held(call)
         self.fail(call, errors.InternalError("the kernel could not read the result of this "
-                                             f"call from worker {wid.decode(errors='replace')}"),
+                                             f"call from worker {name}"),
                   time.time())
 
-    def on_worker_ready(self, wid: bytes, msg: Message) -> None:
+    def on_worker_ready(self, identity: bytes, msg: Message, frame: zmq.Frame | None = None) -> None:
         body = msg.body
-        name = wid.decode(errors="replace")
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            log.warning("a worker's READY has no name")
+            return
+        pid = self._worker_pid(name, body.get("credential"), body.get("pid"), frame)
+        if pid is None:
+            return
+        for other in [i for i, n in self.worker_names.items() if n == name]:
+            del self.worker_names[other]   # a connection of its earlier process
+        self.worker_names[identity] = name
         old = self.workers.get(name)
         if old is not None:
-            if old.pid == body.get("pid"):
+            if old.pid == pid:
                 old.last_seen = time.time()
+                old.identity = identity
                 return
             self.worker_lost(old, "it was restarted")
         now = time.time()
         try:
             worker = Worker(
                 name=name, kind=str(body["kind"]), capacity=max(1, int(body["capacity"])),
-                pid=int(body["pid"]), types=frozenset(map(str, body.get("types", []))),
+                pid=pid, types=frozenset(map(str, body.get("types", []))),
                 info=dict(body.get("info") or {}), last_seen=now, registered=now,
+                identity=identity,
             )
-            if worker.pid <= 0:
-                raise ValueError(f"pid {worker.pid} is not a process")
             tools = dict(worker.info.get("tools") or {}) if worker.kind == "tool" else None
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("worker %s sent a bad READY: %s", name, exc)
@@ -86,6 +111,30 @@ class WorkerMessages:
         log.info("worker %s ready (pid %d, capacity %d)", name, worker.pid, worker.capacity)
         self.publish(f"worker.{name}.ready", worker.to_dict())
         self.dispatch()
+
+    def _worker_pid(self, name: str, credential: object, body_pid: object,
+                    frame: zmq.Frame | None) -> int | None:
+        """The pid of the process that registers as worker ``name``, as the OS
+        reports it, if it proves to be the process the supervisor started
+        under that name: it holds that name's credential and its parent is
+        the supervisor. None (and the registration is ignored) otherwise. A
+        pid the worker writes is never believed: it is the one the kernel
+        signals when the worker must be killed."""
+        peer_uid, peer_pid = peer_credentials(frame) if frame is not None else (None, None)
+        if self.supervisor_token is None:   # a scheduler run on its own (tests)
+            pid = body_pid if peer_pid is None else peer_pid
+            return pid if isinstance(pid, int) and pid > 0 else None
+        why = None
+        if not credentials.verify(self.supervisor_token, name, credential):
+            why = "it does not hold that worker's credential"
+        elif peer_pid is None or parent_of(peer_pid) != self.supervisor_pid:
+            why = f"its process (pid {peer_pid}) is not one the supervisor started"
+        if why is None:
+            return peer_pid
+        log.warning("refused a worker registering as %r (pid %s, uid %s): %s",
+                    name, peer_pid, peer_uid, why)
+        self._audit("worker.denied", {"name": name, "pid": peer_pid, "uid": peer_uid, "why": why})
+        return None
 
     def _adopt(self, worker: Worker, running: object, now: float) -> None:
         """A worker registering again (it was taken for lost: its heartbeats
@@ -129,22 +178,14 @@ class WorkerMessages:
     def _unservable(resource: str) -> errors.Unavailable:
         return errors.Unavailable(f"no {resource} worker can run: see `aiosctl status`")
 
-    def on_worker_heartbeat(self, wid: bytes, msg: Message) -> None:
-        worker = self.workers.get(wid.decode(errors="replace"))
-        if worker is None:
-            # We do not know it (we restarted, or dropped it): ask it to
-            # register again.
-            self.workers_sock.send_multipart(
-                [wid, *protocol.encode(protocol.error(None, ErrorCode.UNAUTHENTICATED, "register"))]
-            )
-            return
+    def on_worker_heartbeat(self, name: str, msg: Message) -> None:
+        worker = self.workers[name]
         worker.last_seen = time.time()
         stats = msg.body.get("stats")
         if isinstance(stats, dict):
             worker.stats = stats
 
-    def on_worker_result(self, wid: bytes, msg: Message) -> None:
-        name = wid.decode(errors="replace")
+    def on_worker_result(self, name: str, msg: Message) -> None:
         worker = self.workers.get(name)
         if msg.re is None:
             return

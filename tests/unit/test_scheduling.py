@@ -260,8 +260,10 @@ def _core(sched, name: str = "core0", capacity: int = 2):
 
     now = time.time()
     worker = Worker(name=name, kind="llm", capacity=capacity, pid=os.getpid(),
-                    types=frozenset({"llm.chat"}), info={}, last_seen=now, registered=now)
+                    types=frozenset({"llm.chat"}), info={}, last_seen=now, registered=now,
+                    identity=name.encode())
     sched.workers[name] = worker
+    sched.worker_names[worker.identity] = name
     return worker
 
 
@@ -514,8 +516,10 @@ def _tool_calls(sched, pid: int) -> tuple:
 
     now = time.time()
     worker = Worker(name="tools", kind="tool", capacity=4, pid=pid,
-                    types=frozenset({"tool.call"}), info={}, last_seen=now, registered=now)
+                    types=frozenset({"tool.call"}), info={}, last_seen=now, registered=now,
+                    identity=b"tools")
     sched.workers["tools"] = worker
+    sched.worker_names[b"tools"] = "tools"
     sched.tool_info = {"lookup": {"concurrency": 2, "read_only": True},
                        "deploy": {"concurrency": 2, "read_only": False}}
     made = []

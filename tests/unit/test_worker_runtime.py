@@ -69,10 +69,15 @@ def runtime(monkeypatch: pytest.MonkeyPatch):
     router.close(0)
 
 
+#: the worker's routing id, which the router assigned (a worker does not choose its own)
+ROUTE: dict[str, bytes] = {}
+
+
 def recv(router: zmq.Socket, skip_beats: bool = True) -> protocol.Message:
     while True:
         assert router.poll(5000), "nothing arrived"
         frames = router.recv_multipart()
+        ROUTE["id"] = frames[0]
         msg = protocol.decode(frames[2:])
         if not (skip_beats and msg.type is MsgType.WORKER_HEARTBEAT):
             return msg
@@ -81,7 +86,7 @@ def recv(router: zmq.Socket, skip_beats: bool = True) -> protocol.Message:
 def task(router: zmq.Socket, kind: MsgType, body: dict[str, Any]) -> str:
     kid = uuid.uuid4().hex
     msg = protocol.call(MsgType.WORKER_TASK, {"call": kid, "type": kind.value, "body": body})
-    router.send_multipart([b"w1", *protocol.encode(msg)])
+    router.send_multipart([ROUTE["id"], *protocol.encode(msg)])
     return kid
 
 
@@ -99,7 +104,7 @@ def test_ready_tasks_streams_errors_cancel_and_shutdown(runtime) -> None:
     assert [m.body.get("part") for m in got[:3]] == [0, 1, 2]
     kid = task(router, MsgType.LLM_CHAT, {"mode": "loop"})
     cancel = protocol.call(MsgType.WORKER_CANCEL, {"call": kid})
-    router.send_multipart([b"w1", *protocol.encode(cancel)])
+    router.send_multipart([ROUTE["id"], *protocol.encode(cancel)])
     rep = recv(router)
     assert rep.re == kid and rep.body["code"] == ErrorCode.CANCELLED
     task(router, MsgType.LLM_CHAT, {"mode": "invalid"})
@@ -110,7 +115,7 @@ def test_ready_tasks_streams_errors_cancel_and_shutdown(runtime) -> None:
     assert recv(router).body == {"echo": 1}
     assert recv(router, skip_beats=False).type is MsgType.WORKER_HEARTBEAT
     shutdown = protocol.call(MsgType.WORKER_SHUTDOWN)
-    router.send_multipart([b"w1", *protocol.encode(shutdown)])
+    router.send_multipart([ROUTE["id"], *protocol.encode(shutdown)])
     thread.join(5)
     assert not thread.is_alive()
 
@@ -119,7 +124,7 @@ def test_what_the_scheduler_says_is_gone_reaches_the_handler(runtime) -> None:
     router, _, forgets = runtime
     assert recv(router).type is MsgType.WORKER_READY
     for body in ({"agent": "buggy"}, {"agent": "a1", "snapshots": ["s1"]}):
-        router.send_multipart([b"w1", *protocol.encode(protocol.call(MsgType.WORKER_FORGET, body))])
+        router.send_multipart([ROUTE["id"], *protocol.encode(protocol.call(MsgType.WORKER_FORGET, body))])
     task(router, MsgType.SYS_NULL, {"x": 2})    # after a failed forget, still serving
     assert recv(router).body == {"echo": 2}
     assert forgets == [{"agent": "buggy"}, {"agent": "a1", "snapshots": ["s1"]}]
