@@ -39,6 +39,15 @@ class KernelConfig:
     max_queue: int = field(default=4096, metadata=_check("positive"))
     #: How often a call may be re-dispatched after its worker died.
     max_redispatch: int = field(default=1, metadata=_check("non-negative"))
+    #: Most connections one process may hold open (agents' threads each
+    #: have one); more are refused, naming this limit.
+    max_sessions_per_process: int = field(default=256, metadata=_check("positive"))
+    #: Most connections the processes of one uid may hold open.
+    max_sessions_per_uid: int = field(default=4096, metadata=_check("positive"))
+    #: Where aiosd runs as root, whom the agents it launches run as: "dynamic"
+    #: (each agent a uid of its own, from 61184-65519, with no name or files),
+    #: or a user name or uid. Never root: "root" or 0 is refused.
+    agent_user: str = field(default="dynamic", metadata=_check("not root"))
     log_level: str = field(
         default="info", metadata=_check("one of: debug, info, warning, error")
     )
@@ -270,6 +279,9 @@ def _validate_rule(key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"{key}: must be 0 or more, got {value!r}")
     if rule == "fraction" and not 0 < value <= 1:
         raise ConfigError(f"{key}: must be a fraction in (0, 1], got {value!r}")
+    if rule == "not root" and str(value).strip() in ("root", "0", ""):
+        raise ConfigError(f"{key}: launched agents never run as root; give \"dynamic\", "
+                          f"or an unprivileged user's name or uid, not {value!r}")
     if rule.startswith("one of: "):
         allowed = rule[len("one of: "):].split(", ")
         if value not in allowed:

@@ -206,16 +206,20 @@ def agents_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--all", "show_all", is_flag=True, help="Include agents that have ended.")
-def ps(as_json: bool, show_all: bool) -> None:
+@click.option("--limit", default=200, show_default=True, help="Show at most this many agents.")
+def ps(as_json: bool, show_all: bool, limit: int) -> None:
     """List agents with what each has used of the kernel."""
     with kernel() as client:
-        rows = client.call(MsgType.ADMIN_PS)["agents"]
-    if not show_all:
-        rows = [r for r in rows if r["state"] in ("running", "connected")]
+        page = client.call(MsgType.ADMIN_PS, {"live": not show_all, "limit": limit})
+    rows = page["agents"]
     if as_json:
         emit_json(rows)
         return
     out.print(agents_table(rows))
+    if page["total"] > len(rows):
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(page["counts"].items()))
+        out.print(f"{len(rows)} of {page['total']} shown (all agents: {counts}); "
+                  "more with --limit")
 
 
 # -- agents -------------------------------------------------------------------------
@@ -321,7 +325,7 @@ def top(interval: float, once: bool, as_json: bool) -> None:
     with kernel() as client:
         def snapshot() -> tuple[dict[str, Any], list[dict[str, Any]]]:
             return (client.call(MsgType.ADMIN_STATUS, {"calls": True}),
-                    client.call(MsgType.ADMIN_PS)["agents"])
+                    client.call(MsgType.ADMIN_PS, {"live": True})["agents"])
 
         if as_json:
             status, agents = snapshot()
@@ -474,8 +478,7 @@ def demo(count: int, agents_dir: Path, as_json: bool) -> None:
             ids.append(client.call(MsgType.AGENT_RUN, body)["agent"])
 
         def rows() -> list[dict[str, Any]]:
-            all_rows = {r["id"]: r for r in client.call(MsgType.ADMIN_PS)["agents"]}
-            return [all_rows[i] for i in ids if i in all_rows]
+            return client.call(MsgType.ADMIN_PS, {"ids": ids})["agents"]
 
         with Live(console=err, refresh_per_second=4, transient=True) as live:
             while True:

@@ -23,7 +23,7 @@ from .core import (DEFAULT_TIMEOUT, RESTARTED, ChatResult, ClientCore, chat_body
                    encode_call, no_reply, stream_pieces)
 from .protocol import ErrorCode, MsgType
 from .services import awaited_field_of
-from .wire import send_frames
+from .wire import say_bye, send_frames
 
 #: Seconds for which one look at the kernel socket file holds: a client
 #: making thousands of calls a second looks once per interval, not once per
@@ -104,8 +104,9 @@ class AsyncClient(ClientCore):
                 except (asyncio.CancelledError, Exception):
                     pass
         self._reader = self._watch = None
-        if self._sock is not None:
-            self._sock.close(0)
+        if self._sock is not None and self._raw is not None:
+            say_bye(self._raw, bool(self.identity))
+            self._sock.close(linger=100)
             self._sock = self._raw = None
         # calls still out on this connection will never be answered on it
         self._fail_waiting(ErrorCode.CANCELLED, "the client was closed while this call was out")

@@ -19,7 +19,7 @@ from . import errors, protocol
 from .core import (DEFAULT_TIMEOUT, RESTARTED, ChatResult, ClientCore, chat_body, decode_reply,
                    encode_call, no_reply, stream_pieces)
 from .protocol import ErrorCode, MsgType
-from .wire import send_frames
+from .wire import say_bye, send_frames
 
 class Stream:
     """Iterates the partial replies of a streamed call; after the loop,
@@ -91,7 +91,8 @@ class Client(ClientCore):
 
     def close(self) -> None:
         if self._sock is not None:
-            self._sock.close(0)
+            say_bye(self._sock, bool(self.identity))
+            self._sock.close(linger=100)
             self._sock = None
 
     def __enter__(self) -> Client:

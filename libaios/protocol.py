@@ -53,6 +53,12 @@ MAX_CALL_BODY_BYTES = MAX_BODY_BYTES - 64 * 1024
 MAX_DEPTH = 32
 #: Most identity frames a ROUTER message may carry before the delimiter.
 MAX_ROUTING_FRAMES = 4
+#: Most values (map keys included) a frame may hold: this many, plus one
+#: for every OBJECT_BYTES bytes of it. A value decodes to a Python object of
+#: tens of bytes however few it took on the wire (an empty list takes one),
+#: so without a limit a body could grow many times its size when decoded.
+MAX_VALUES_FLOOR = 65536
+OBJECT_BYTES = 16
 
 
 class MsgType(str, enum.Enum):
@@ -60,6 +66,7 @@ class MsgType(str, enum.Enum):
 
     # -- agent and aiosctl -> scheduler (calls) --
     HELLO = "hello"                   # bind the connection to an identity
+    BYE = "bye"                       # the connection closes: forget it (no answer)
     LLM_CHAT = "llm.chat"
     AGENT_WHOAMI = "agent.whoami"
     AGENT_RUN = "agent.run"           # launch an agent process
@@ -348,17 +355,70 @@ def _unpack(frame: bytes, limit: int, what: str) -> Any:
         raise ProtocolError(
             ErrorCode.TOO_LARGE, f"{what} frame is {len(frame)} bytes; the limit is {limit}"
         )
+    most = MAX_VALUES_FLOOR + len(frame) // OBJECT_BYTES
+    if len(frame) > MAX_VALUES_FLOOR:   # (a value takes a byte at least)
+        _count_values(frame, most, what)
     try:
         return msgpack.unpackb(
             frame,
             raw=False,
             strict_map_key=True,
             ext_hook=_refuse_ext,
+            max_array_len=most,
+            max_map_len=most,
         )
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several unrelated classes
         raise ProtocolError(ErrorCode.BAD_FRAME, f"{what} frame is not valid msgpack: {exc}") from None
+
+
+# msgpack's formats by their first byte: scalars of a fixed size; strings,
+# binaries and extensions that give their size first (bytes of the size);
+# arrays and maps that give their length first.
+_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
+          0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}
+_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}
+_EXT = {0xC7: 1, 0xC8: 2, 0xC9: 4}
+_ARRAY = {0xDC: 2, 0xDD: 4}
+_MAP = {0xDE: 2, 0xDF: 4}
+
+
+def _count_values(frame: bytes, most: int, what: str) -> None:
+    """Refuse ``frame`` if it holds more than ``most`` values, found by
+    walking its encoding without building anything (a string is skipped
+    over at once, so the walk costs at most ``most`` steps). Where the frame
+    is not valid msgpack the walk stops, and decoding it says what is wrong."""
+    pos, left, count, end = 0, 1, 0, len(frame)
+    while left and pos < end:
+        byte = frame[pos]
+        pos += 1
+        left -= 1
+        count += 1
+        if count > most:
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE,
+                f"{what} frame holds more than {most} values (at most {MAX_VALUES_FLOOR} and one "
+                f"per {OBJECT_BYTES} bytes of it): send fewer, larger values")
+        if byte <= 0x7F or byte >= 0xE0:      # fixint
+            continue
+        if byte <= 0x8F:                      # fixmap
+            left += 2 * (byte & 0x0F)
+        elif byte <= 0x9F:                    # fixarray
+            left += byte & 0x0F
+        elif byte <= 0xBF:                    # fixstr
+            pos += byte & 0x1F
+        elif byte in _FIXED:
+            pos += _FIXED[byte]
+        elif byte in _SIZED or byte in _EXT:
+            n = _SIZED.get(byte) or _EXT[byte]
+            pos += n + int.from_bytes(frame[pos:pos + n], "big") + (byte in _EXT)
+        elif byte in _ARRAY or byte in _MAP:
+            n = _ARRAY.get(byte) or _MAP[byte]
+            left += int.from_bytes(frame[pos:pos + n], "big") * (2 if byte in _MAP else 1)
+            pos += n
+        else:
+            return
 
 
 def _check_depth(obj: Any, depth: int = 0) -> None:

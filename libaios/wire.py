@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import zmq
 
+from . import protocol
+
 _MORE = int(zmq.SNDMORE)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -26,3 +28,15 @@ def send_frames(sock: zmq.Socket, frames: Sequence[bytes], nonblocking: bool = F
     for frame in frames[:-1]:
         sock.send(frame, more)
     sock.send(frames[-1], last)
+
+
+def say_bye(sock: zmq.Socket, said_hello: bool) -> None:
+    """Before a client closes its socket: if it said hello, tell the kernel
+    (best effort; close with a short linger for it to leave), so that the
+    kernel forgets the connection now rather than when this process ends."""
+    if said_hello:
+        try:
+            send_frames(sock, protocol.encode(protocol.call(protocol.MsgType.BYE)),
+                        nonblocking=True)
+        except zmq.ZMQError:
+            pass

@@ -59,7 +59,7 @@ class Daemon:
 
     def ps(self) -> list[dict[str, Any]]:
         with self.client(operator=True, timeout=10) as c:
-            return c.call(MsgType.ADMIN_PS)["agents"]
+            return c.call(MsgType.ADMIN_PS, {"limit": 5000})["agents"]
 
     def core_pid(self, name: str = "core0") -> int | None:
         """The pid of core ``name`` while it is registered, else None."""

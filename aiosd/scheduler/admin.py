@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import libaios
 from libaios import errors, protocol
 from libaios.protocol import Message, MsgType
 
+from .. import confine, credentials
 from .agents import Agent, agent_name_ok
 from .approvals import Approval
 from .calls import Call, CallState
@@ -24,6 +26,11 @@ from .peers import Session
 
 #: The kernel services besides the LLM cores: worker name -> kind.
 SERVICES = {"memory": "memory", "storage": "storage", "tools": "tool"}
+
+
+#: Agents in one page of admin.ps by default, and at most.
+PS_PAGE = 200
+PS_MOST = 5000
 
 
 class AdminCalls:
@@ -153,19 +160,45 @@ class AdminCalls:
         cwd = body.get("cwd")
         if cwd is not None and (not isinstance(cwd, str) or not os.path.isdir(cwd)):
             raise errors.InvalidArgument(f"agent.run: 'cwd' {cwd!r} is not a directory")
+        run_as = self._run_as(session)
         try:
-            agent = self.agents.launch(path, args, name, cwd, env)
-        except OSError as exc:
-            raise errors.InvalidArgument(f"agent.run: cannot start {path}: {exc.strerror}") from None
+            plan = confine.plan(path, cwd, self.runtime_dir, self.data_dir, run_as,
+                                self.landlock_abi)
+            agent = self.agents.launch(path, args, name, cwd, env, plan)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.users.release(run_as[0] if run_as else None)
+            raise errors.InvalidArgument(f"agent.run: cannot start {path}: "
+                                         f"{getattr(exc, 'strerror', None) or exc}") from None
         for fd in agent.pipes:
             self.poller.register(fd, zmq.POLLIN)
         self.publish(f"agent.{agent.id}.started", {"agent": agent.id, "pid": agent.pid, "path": path})
         info = {"agent": agent.id, "pid": agent.pid, "name": agent.name}
         if body.get("wait"):
             agent.watchers.append((identity, msg.id))
+            session.watching.append(agent)
             self.send_client(identity, protocol.partial(msg.id, {"event": "started", **info}))
         else:
             self.send_client(identity, protocol.reply(msg.id, info))
+
+    def _run_as(self, session: Session) -> tuple[int, int] | None:
+        """The uid and gid an agent that ``session`` starts runs as (None:
+        the daemon's). Never the daemon's where that is root; never the
+        daemon's for another user's agent, which runs as its own user."""
+        kernel_side = session.operator or session.internal or (
+            session.agent is not None and session.agent.launched)
+        caller = session.uid
+        if not kernel_side and caller is not None and caller != self.rules.daemon_uid:
+            if os.getuid() != 0:
+                raise errors.PermissionDenied(
+                    f"agent.run: aiosd runs as uid {os.getuid()} and cannot start a program as "
+                    f"uid {caller}; run it yourself: it connects as a hand-started agent")
+            return caller, caller
+        if os.getuid() != 0:
+            return None
+        try:
+            return self.users.allot()
+        except LookupError as exc:
+            raise errors.Overloaded(f"agent.run: {exc}") from None
 
     def on_status(self, session: Session | None, identity: bytes, msg: Message) -> None:
         status = self.status()
@@ -242,21 +275,66 @@ class AdminCalls:
             "preemptions": self.preemptions,
             "running": sum(len(w.inflight) for w in self.workers.values()),
             "agents": sum(1 for a in self.agents.agents.values() if a.alive),
+            "sessions": len(self.sessions),
+            "confinement": self.confinement(),
+        }
+
+    def confinement(self) -> dict[str, Any]:
+        """What keeps launched agents from the kernel, as in force here."""
+        root = os.getuid() == 0
+        setting = self.config.kernel.agent_user
+        if root:
+            run_as = ("a dynamic user each (uids 61184-65519)" if setting == "dynamic"
+                      else f"user {setting}")
+        else:
+            run_as = f"the daemon's user (uid {os.getuid()}): aiosd does not run as root"
+        abi = self.landlock_abi
+        files = (f"Landlock ABI {abi}: no data or runtime directory, writes in /tmp, "
+                 f"/var/tmp, /dev and the start directory only" if abi else
+                 "by file permissions only: this kernel has no Landlock"
+                 + ("" if root else "; agents can read the data directory"))
+        return {
+            "agents_run_as": run_as,
+            "landlock_abi": abi,
+            "files": files,
+            "signals": ("confined to the agent's own processes" if abi >= 6 else
+                        "by user" if root else "unconfined: agents share the daemon's user"),
+            "kernel_dumpable": credentials.dumpable(),
         }
 
     def on_ps(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        """The agents, one page of them: those named in 'ids', or (with
+        'live') those running or connected, newest first; 'limit' (default
+        PS_PAGE) and 'offset' choose the page, and 'total' and 'counts'
+        (agents by state) summarise them all."""
+        body = msg.body
+        limit, offset, ids = body.get("limit", PS_PAGE), body.get("offset", 0), body.get("ids")
+        for key, value in (("limit", limit), ("offset", offset)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise errors.InvalidArgument(f"admin.ps: '{key}' must be a whole number >= 0")
+        if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+            raise errors.InvalidArgument("admin.ps: 'ids' must be a list of agent ids")
+        agents = list(self.agents.agents.values())
+        counts: dict[str, int] = {}
+        for agent in agents:
+            counts[agent.state.value] = counts.get(agent.state.value, 0) + 1
+        if ids is not None:
+            chosen = [a for a in (self.agents.get(i) for i in ids) if a is not None]
+        else:
+            chosen = [a for a in reversed(agents) if a.alive or not body.get("live")]
+        page = chosen[offset:offset + min(limit, PS_MOST)]
+        calls: dict[tuple[str, CallState], int] = {}
+        for call in self.calls.values():
+            calls[call.agent, call.state] = calls.get((call.agent, call.state), 0) + 1
         now = time.time()
         rows = []
-        for agent in self.agents.agents.values():
+        for agent in page:
             row = agent.to_dict(now)
-            row["queued"] = sum(
-                1 for c in self.calls.values() if c.agent == agent.id and c.state is CallState.QUEUED
-            )
-            row["running"] = sum(
-                1 for c in self.calls.values() if c.agent == agent.id and c.state is CallState.RUNNING
-            )
+            row["queued"] = calls.get((agent.id, CallState.QUEUED), 0)
+            row["running"] = calls.get((agent.id, CallState.RUNNING), 0)
             rows.append(row)
-        self.send_client(identity, protocol.reply(msg.id, {"agents": rows}))
+        self.send_client(identity, protocol.reply(
+            msg.id, {"agents": rows, "total": len(chosen), "offset": offset, "counts": counts}))
 
     def _find_agent(self, ref: Any) -> Agent:
         if isinstance(ref, str):
@@ -286,7 +364,7 @@ class AdminCalls:
         if not agent.alive:
             raise errors.NotFound(f"agent {agent.id} has already ended ({agent.state.value})")
         self.agents.kill(agent, time.time())
-        self.forget_agent(agent.id)
+        self.forget_agent(agent)
         self.send_client(identity, protocol.reply(msg.id, {"agent": agent.id, "pid": agent.pid}))
 
     def on_shutdown(self, session: Session | None, identity: bytes, msg: Message) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from .. import procs
+from .. import confine, credentials, procs
 
 
 class AgentState(enum.Enum):
@@ -91,6 +91,10 @@ class Agent:
     #: open output pipes: fd -> stream name
     pipes: dict[int, str] = field(default_factory=dict)
     kill_at: float | None = None
+    #: the client connections (identities) bound to this agent
+    sessions: set[bytes] = field(default_factory=set)
+    #: the uid its process runs as (a launched agent's, as the kernel chose)
+    uid: int | None = None
 
     @property
     def alive(self) -> bool:
@@ -124,6 +128,9 @@ class AgentTable:
         self.agents: dict[str, Agent] = {}
         self._by_token: dict[str, Agent] = {}
         self._by_fd: dict[int, Agent] = {}
+        #: hand-started agents connected now, by name: a name is its
+        #: holder's while it is connected
+        self._connected: dict[str, Agent] = {}
         self._counter = 0
 
     def _new_id(self, name: str) -> str:
@@ -140,12 +147,15 @@ class AgentTable:
         return self._by_fd.get(fd)
 
     def launch(
-        self, path: str, args: list[str], name: str, cwd: str | None, env: dict[str, str]
+        self, path: str, args: list[str], name: str, cwd: str | None, env: dict[str, str],
+        confinement: confine.Plan | None = None,
     ) -> Agent:
-        """Start an agent process with its credential in the environment."""
+        """Start an agent process with its credential in the environment,
+        confined as ``confinement`` says."""
         agent = Agent(
             id=self._new_id(name), name=name, launched=True, started=time.time(),
             state=AgentState.RUNNING, token=secrets.token_hex(16), path=path,
+            uid=confinement.uid if confinement is not None else None,
         )
         child_env = dict(os.environ)
         child_env.update(env)
@@ -159,12 +169,15 @@ class AgentTable:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        for var in ("AIOS_SUPERVISOR_TOKEN", "AIOS_CONFIG_JSON"):
+        for var in ("AIOS_CONFIG_JSON", "AIOS_DATA_DIR", credentials.FD_ENV):
             child_env.pop(var, None)
+        if agent.uid is not None:
+            child_env["HOME"] = "/"   # a dynamic user has no home
         agent.popen = procs.spawn(
             [sys.executable, path, *args],
             child_env,
             death_signal=signal.SIGTERM,
+            preexec=confinement.preexec() if confinement is not None else None,
             cwd=cwd or None,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -194,7 +207,13 @@ class AgentTable:
             except psutil.Error:
                 agent.create_time = None
         self.agents[agent.id] = agent
+        self._connected[name] = agent
         return agent
+
+    def connected(self, name: str) -> Agent | None:
+        """The hand-started agent connected now under ``name``, if any."""
+        agent = self._connected.get(name)
+        return agent if agent is not None and agent.state is AgentState.CONNECTED else None
 
     def read_output(self, fd: int) -> tuple[Agent, str, bytes] | None:
         """Read what an agent wrote on ``fd`` (b"" at end of file); None if
@@ -287,6 +306,8 @@ class AgentTable:
     def disconnect(self, agent: Agent, now: float) -> None:
         agent.state = AgentState.DISCONNECTED
         agent.ended = now
+        if self._connected.get(agent.name) is agent:
+            del self._connected[agent.name]
 
     def kill(self, agent: Agent, now: float, grace: float = 3.0) -> None:
         """SIGTERM the agent's process group now, SIGKILL after ``grace``."""

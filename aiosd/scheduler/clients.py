@@ -16,11 +16,12 @@ import libaios
 from libaios import errors, protocol
 from libaios.protocol import ErrorCode, Message, MsgType
 
+from .. import credentials
 from ..llm import request as chat_request
 from . import access
 from .agents import agent_name_ok
 from .calls import Call
-from .peers import Session
+from .peers import Session, parent_of, peer_credentials
 
 # the scheduler logs under one name, whichever of its modules a method is in
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ OPERATOR_ONLY = frozenset({
     MsgType.ADMIN_PROCS, MsgType.ADMIN_APPROVALS, MsgType.ADMIN_APPROVE, MsgType.ADMIN_DENY,
     MsgType.ADMIN_AUDIT,
 })
+#: The largest body read from a connection that has not said hello (a
+#: hello is a name, a credential and a few flags).
+MAX_HELLO_BODY = 4096
 #: Longest deadline accepted for a call, seconds from now.
 MAX_DEADLINE = 24 * 3600.0
 
@@ -69,15 +73,26 @@ class ClientCalls:
         except protocol.ProtocolError as exc:
             self.send_client(identity, protocol.error(None, exc.code, exc.message))
             return
+        session = self.sessions.get(identity)
+        size = len(payload[1]) if len(payload) == 2 else 0
+        # Nothing is decoded before the size is known to be fit, nor, before
+        # a connection has said who it is, anything but a small hello.
+        refusal = None
+        if session is None and size > MAX_HELLO_BODY:
+            refusal = errors.TooLarge(
+                f"the body is {size} bytes, too large: this connection has not said hello, and "
+                f"until it does only a hello of at most {MAX_HELLO_BODY} bytes is read")
+        elif size > MAX_CALL_BODY:
+            refusal = errors.TooLarge(
+                f"the body is {size} bytes, too large: a call's body may be at most "
+                f"{MAX_CALL_BODY} bytes (what the kernel adds for its worker must fit too)")
+        if refusal is not None:
+            self.reply_error(identity, protocol.peek_id(payload), refusal)
+            return
         try:
             msg = protocol.decode(payload)
         except protocol.ProtocolError as exc:
             self.send_client(identity, protocol.error(protocol.peek_id(payload), exc.code, exc.message))
-            return
-        if len(payload[1]) > MAX_CALL_BODY:
-            self.reply_error(identity, msg.id, errors.TooLarge(
-                f"{msg.type.value}: the body is {len(payload[1])} bytes; a call's body may be at "
-                f"most {MAX_CALL_BODY} (what the kernel adds for its worker must fit too)"))
             return
         handler = self.client_handlers.get(msg.type)
         if handler is None:
@@ -86,7 +101,14 @@ class ClientCalls:
                 protocol.error(msg.id, ErrorCode.UNKNOWN_TYPE, f"{msg.type.value!r} is not a system call"),
             )
             return
-        session = self.sessions.get(identity)
+        if msg.deadline is not None and msg.deadline < time.time():
+            self.reply_error(identity, msg.id, errors.Timeout(
+                f"{msg.type.value}: its deadline had passed when it arrived "
+                f"({time.time() - msg.deadline:.3f}s before); it was not run"))
+            return
+        if msg.type is MsgType.BYE:
+            self.client_gone(identity)
+            return
         if session is None and msg.type is not MsgType.HELLO:
             self.send_client(
                 identity,
@@ -123,11 +145,16 @@ class ClientCalls:
                               else (None, None))
         if peer_pid is not None:
             pid = peer_pid  # what the OS says, not what the client wrote
-        if token and token == self.supervisor_token:
-            # The supervisor and the kernel's own workers.
-            session = Session(identity, name, operator=True, internal=True)
-            if name == "supervisor":
-                session.name = "supervisor"
+        kernel = bool(token and isinstance(token, str) and self.supervisor_token and (
+            token == self.supervisor_token or credentials.verify(self.supervisor_token, name, token)))
+        if not kernel:
+            self._check_room(peer_uid, peer_pid)
+        if kernel:
+            # The supervisor (its secret) or one of the kernel's processes
+            # (the credential of its name); the OS must confirm it is one.
+            self._check_kernel_process(name, peer_pid, supervisor=token == self.supervisor_token)
+            session = Session(identity, "supervisor" if token == self.supervisor_token else name,
+                              operator=True, internal=True)
         elif token:
             agent = self.agents.by_token(token) if isinstance(token, str) else None
             if agent is None or not agent.alive:
@@ -144,9 +171,38 @@ class ClientCalls:
         else:
             session = self._hello_without_credential(identity, name, pid, bool(body.get("operator")),
                                                      peer_uid, peer_pid)
-        session.pid = peer_pid
-        self.sessions[identity] = session
+        session.pid, session.uid = peer_pid, peer_uid
+        self.add_session(session)
         self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
+
+    def _check_room(self, uid: int | None, pid: int | None) -> None:
+        """Refuse a connection past the per-process or per-uid limit."""
+        kernel = self.config.kernel
+        for key, most, setting, who in (
+                (("pid", pid), kernel.max_sessions_per_process, "max_sessions_per_process",
+                 f"process {pid}"),
+                (("uid", uid), kernel.max_sessions_per_uid, "max_sessions_per_uid",
+                 f"the processes of uid {uid}")):
+            if key[1] is not None and self.session_counts[key] >= most:
+                raise errors.Overloaded(
+                    f"hello: {who} already hold {self.session_counts[key]} connections, the most "
+                    f"allowed (kernel.{setting}); close some, or raise the limit")
+
+    def _check_kernel_process(self, name: str, peer_pid: int | None, supervisor: bool) -> None:
+        """A kernel credential is honoured only from the process it belongs
+        to, as the OS reports it: the supervisor's own, or a child of it."""
+        if self.supervisor_pid is None:
+            return   # a scheduler run on its own (tests): no supervisor to ask
+        if supervisor:
+            ok = peer_pid == self.supervisor_pid
+        else:
+            ok = peer_pid is not None and parent_of(peer_pid) == self.supervisor_pid
+        if not ok:
+            self._audit("hello.denied", {"name": name, "pid": peer_pid,
+                                         "why": "a kernel credential from another process"})
+            raise errors.Unauthenticated(
+                f"hello: a kernel credential presented by pid {peer_pid}, which is not "
+                f"{'the supervisor' if supervisor else 'a process the supervisor started'}")
 
     def _hello_without_credential(self, identity: bytes, name: str, pid: int | None,
                                   operator: bool, peer_uid: int | None,
@@ -183,6 +239,14 @@ class ClientCalls:
                     f"hello: only processes of the daemon's user (uid {self.rules.daemon_uid}) "
                     f"or root may be operators; this one is uid {peer_uid}")
             return Session(identity, name, operator=True)
+        if "@" in name:
+            raise errors.InvalidArgument(
+                f"hello: {name!r}: '@' is the kernel's: it names the agents of other users "
+                "NAME@UID; choose a name without one")
+        if peer_uid is not None and peer_uid != self.rules.daemon_uid:
+            # Another user's agent: its name, and with it its data, is its
+            # user's own, apart from every other user's.
+            name = f"{name}@{peer_uid}"
         if "." in name:
             raise errors.InvalidArgument(
                 f"hello: {name!r}: a name with '.' is a sub-agent's, which only the kernel "
@@ -196,6 +260,17 @@ class ClientCalls:
                 f"hello: the name {name!r} belongs to agent {holder.id} (pid {holder.pid}), "
                 "which the kernel launched; choose another name (libaios.connect(name=...) "
                 "or AIOS_AGENT_NAME)")
+        holder = self.agents.connected(name)
+        if holder is not None:
+            if peer_pid is not None and holder.pid == peer_pid:
+                # the same process, another connection (a thread's)
+                return Session(identity, name, operator=False, agent=holder)
+            self._audit("hello.denied", {"name": name, "pid": pid, "holder": holder.id,
+                                         "why": "the name of a connected agent"})
+            raise errors.PermissionDenied(
+                f"hello: the name {name!r} belongs to agent {holder.id} (pid {holder.pid}), "
+                "which is connected; a name is its holder's while it is connected: choose "
+                "another (libaios.connect(name=...) or AIOS_AGENT_NAME)")
         agent = self.agents.register(name, pid)
         self.publish(f"agent.{agent.id}.connected", {"agent": agent.id, "pid": pid})
         return Session(identity, name, operator=False, agent=agent)
@@ -311,18 +386,3 @@ class ClientCalls:
         if not agent_name_ok(target):
             raise errors.InvalidArgument("'agent' must be the name of an agent")
         return target
-
-
-def peer_credentials(frame: zmq.Frame) -> tuple[int | None, int | None]:
-    """(uid, pid) of the process at the other end of an ipc connection, as
-    the operating system reports it (libzmq appends uid:gid:pid to the
-    Peer-Address of ipc peers); (None, None) for other transports."""
-    try:
-        address = frame.get("Peer-Address")
-    except (zmq.ZMQError, KeyError, TypeError):
-        return None, None
-    parts = str(address).rsplit(":", 3)
-    if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
-        return None, None
-    return int(parts[1]), int(parts[3])
-

@@ -11,6 +11,7 @@ import time
 from libaios import errors, protocol
 from libaios.protocol import Message, MsgType
 
+from .agents import Agent
 from .calls import Call, CallState
 from .peers import Worker
 
@@ -230,11 +231,14 @@ class Dispatch:
         if worker is not None:
             self.send_worker(worker, protocol.call(MsgType.WORKER_CANCEL, {"call": call.kid}))
 
-    def forget_agent(self, agent_id: str) -> None:
+    def forget_agent(self, agent: Agent) -> None:
         """The agent is gone (or going): drop its calls, and tell every LLM
         core to let go of what it keeps for the agent (its cached
-        conversation, in the KV cache or in RAM)."""
+        conversation, in the KV cache or in RAM), if it made a call."""
+        if agent.usage.first_call is None:
+            return
         now = time.time()
+        agent_id = agent.id
         for call in list(self.calls.values()):
             if call.agent != agent_id:
                 continue

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from libaios import errors, paths, protocol
 from libaios.protocol import Message, MsgType
 from libaios.wire import send_frames
 
-from .. import procs
+from .. import confine, credentials, procs
 from ..config import Config
 from . import access
 from . import policy as policies
@@ -42,7 +43,7 @@ from .approvals import ApprovalTable
 from .calls import Call, CallState
 from .clients import RESOURCES, ClientCalls
 from .dispatch import Dispatch
-from .peers import Session, Worker
+from .peers import Session, Worker, parent_of
 from .quota import TokenBucket
 from .workers import WorkerMessages, not_run_again
 
@@ -60,9 +61,15 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
         self.runtime_dir = runtime_dir
         self.started = time.time()
         self.supervisor_pid = int(os.environ.get("AIOS_SUPERVISOR_PID", "0")) or None
-        self.supervisor_token = os.environ.get("AIOS_SUPERVISOR_TOKEN") or None
+        #: the supervisor's secret (see credentials): it proves the
+        #: supervisor, and every kernel process's credential derives from it
+        self.supervisor_token = credentials.mine() or None
         self.endpoint = paths.ipc(runtime_dir, paths.KERNEL_SOCKET)
         self.agents = AgentTable(self.endpoint, runtime_dir)
+        self.data_dir = Path(os.environ.get("AIOS_DATA_DIR") or paths.data_dir())
+        #: whom launched agents run as (see confine)
+        self.users = confine.Users(config.kernel.agent_user)
+        self.landlock_abi = confine.landlock_abi()
         sched = config.scheduler
         self.rules_by_agent = {rule.agent: rule for rule in sched.agents}
         #: per agent name: its token-rate quota, if it has one
@@ -82,7 +89,11 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
         self.tool_running: dict[str, int] = {}
         self.calls: dict[str, Call] = {}
         self.workers: dict[str, Worker] = {}
+        #: a registered worker's connection (its routing id) -> its name
+        self.worker_names: dict[bytes, str] = {}
         self.sessions: dict[bytes, Session] = {}
+        #: open connections per ("pid", pid) and per ("uid", uid)
+        self.session_counts: Counter[tuple[str, int | None]] = Counter()
         self.procs: list[dict[str, Any]] = []
         self.stopping = False
         self._next_pid_check = 0.0
@@ -93,6 +104,7 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
         self.preemptions = 0
         self.client_handlers: dict[MsgType, Callable[[Session | None, bytes, Message], None]] = {
             MsgType.HELLO: self.on_hello,
+            MsgType.BYE: lambda session, identity, msg: self.client_gone(identity),
             **{mtype: self.on_schedulable for mtype in RESOURCES},
             MsgType.AGENT_WHOAMI: self.on_whoami,
             MsgType.AGENT_RUN: self.on_agent_run,
@@ -124,8 +136,6 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
         self.clients.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_BODY_BYTES)
         self.workers_sock = ctx.socket(zmq.ROUTER)
         self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A restarted worker reconnects under the same name: let it take over.
-        self.workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.workers_sock.setsockopt(zmq.LINGER, 500)
         self.events = ctx.socket(zmq.PUB)
         self.events.setsockopt(zmq.LINGER, 0)
@@ -147,6 +157,14 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
                 sock.bind(paths.ipc(self.runtime_dir, name))
         finally:
             os.umask(old_umask)
+        # Agents of other users (the dynamic users of launched agents, the
+        # uids in access.allow_uids) reach kernel.sock, and nothing else
+        # here: the directory can be passed through but not listed, the
+        # workers' and events' sockets stay the daemon's own. Who may do
+        # what over kernel.sock is decided at hello, from what the OS says.
+        if os.getuid() == 0 or self.config.access.allow_uids:
+            os.chmod(self.runtime_dir, 0o711)
+            os.chmod(self.runtime_dir / paths.KERNEL_SOCKET, 0o666)
         self.poller.register(self.clients, zmq.POLLIN)
         self.poller.register(self.workers_sock, zmq.POLLIN)
 
@@ -167,7 +185,7 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
         """Send ``msg`` to ``worker``; False if it cannot take it (and, with
         ``gone_if_unreachable``, the worker is then taken for lost)."""
         try:
-            send_frames(self.workers_sock, [worker.name.encode(), *protocol.encode(msg)],
+            send_frames(self.workers_sock, [worker.identity, *protocol.encode(msg)],
                         nonblocking=True)
             return True
         except zmq.ZMQError as exc:
@@ -197,15 +215,36 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
         for identity, call_id in list(agent.watchers):
             self.send_client(identity, protocol.partial(call_id, {"stream": stream, "data": text}))
 
-    def client_gone(self, identity: bytes) -> None:
+    def add_session(self, session: Session) -> None:
+        self.sessions[session.identity] = session
+        for key in (("pid", session.pid), ("uid", session.uid)):
+            self.session_counts[key] += 1
+        if session.agent is not None:
+            session.agent.sessions.add(session.identity)
+
+    def drop_session(self, identity: bytes) -> Session | None:
+        """Forget one connection: its cost is its own, never all sessions'."""
         session = self.sessions.pop(identity, None)
         if session is None:
-            return
-        for agent in self.agents.agents.values():
+            return None
+        for key in (("pid", session.pid), ("uid", session.uid)):
+            self.session_counts[key] -= 1
+            if self.session_counts[key] <= 0:
+                del self.session_counts[key]
+        if session.agent is not None:
+            session.agent.sessions.discard(identity)
+        for agent in session.watching:
             agent.watchers = [w for w in agent.watchers if w[0] != identity]
-        if session.agent is not None and not session.agent.launched:
-            self.agents.disconnect(session.agent, time.time())
-            self.forget_agent(session.agent.id)
+        return session
+
+    def client_gone(self, identity: bytes) -> None:
+        session = self.drop_session(identity)
+        if session is None:
+            return
+        agent = session.agent
+        if agent is not None and not agent.launched and not agent.sessions:
+            self.agents.disconnect(agent, time.time())
+            self.forget_agent(agent)
 
     def _prune_operator_sessions(self) -> None:
         """An operator's connection (one per aiosctl run) leaves no trace
@@ -216,10 +255,11 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
                 self.client_gone(identity)
 
     def agent_ended(self, agent: Agent) -> None:
-        self.forget_agent(agent.id)
-        for identity, session in list(self.sessions.items()):
-            if session.agent is agent:
-                del self.sessions[identity]
+        self.forget_agent(agent)
+        if agent.launched:
+            self.users.release(agent.uid)
+        for identity in list(agent.sessions):
+            self.drop_session(identity)
         body = {"event": "exited", "agent": agent.id, "exit_code": agent.exit_code,
                 "state": agent.state.value}
         for identity, call_id in agent.watchers:
@@ -229,7 +269,19 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
 
     # -- time ------------------------------------------------------------------
 
+    def drain_workers(self) -> None:
+        """Handle what the workers sent (a burst at most)."""
+        for _ in range(1000):
+            try:
+                raw = self.workers_sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.on_worker_frames([f.bytes for f in raw], raw[-1])
+
     def tick(self, now: float) -> None:
+        # Heartbeats that came while this loop was busy (a big client
+        # message) count before any worker is taken for lost.
+        self.drain_workers()
         liveness = self.config.kernel.heartbeat_interval * self.config.kernel.heartbeat_liveness
         for worker in list(self.workers.values()):
             if now - worker.last_seen > liveness:
@@ -293,6 +345,10 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
             return
         log.warning("worker %s ignored a cancel for %ss: killing it", worker.name, CANCEL_GRACE)
         try:
+            # only a process the supervisor started (the pid is what the OS
+            # reported when it registered; it may have ended and been reused)
+            if self.supervisor_pid is not None and parent_of(worker.pid) != self.supervisor_pid:
+                raise ProcessLookupError(f"pid {worker.pid} is no longer a process of aiosd's")
             os.kill(worker.pid, signal.SIGKILL)
         except OSError as exc:   # gone already, or (a bad READY) not ours
             log.warning("could not kill worker %s (pid %d): %s", worker.name, worker.pid, exc)
@@ -343,11 +399,7 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
                     continue
                 raise
             if self.workers_sock in ready:
-                for _ in range(1000):
-                    try:
-                        self.on_worker_frames(self.workers_sock.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                self.drain_workers()
             if self.clients in ready:
                 for _ in range(1000):
                     try:

@@ -119,3 +119,20 @@ def test_a_call_body_is_refused_past_the_call_limit_and_sent_up_to_it() -> None:
     assert info.value.code == ErrorCode.TOO_LARGE
     assert "storage.put" in info.value.message and "too large" in info.value.message
     assert f"{limit + 1} bytes" in info.value.message and str(limit) in info.value.message
+
+
+def test_a_body_of_many_tiny_values_is_refused_before_it_is_built() -> None:
+    flood = msgpack.packb({"x": [[]] * 2_000_000})
+    with pytest.raises(protocol.ProtocolError) as caught:
+        protocol.decode([protocol.encode(protocol.call(MsgType.SYS_NULL))[1], flood])
+    assert caught.value.code == ErrorCode.TOO_LARGE and "values" in caught.value.message
+    # as large, but of a few large values: read as ever
+    big = msgpack.packb({"text": "x" * 2_000_000, "blob": b"\0" * 2_000_000,
+                         "items": [{"n": n} for n in range(50_000)]})
+    msg = protocol.decode([protocol.encode(protocol.call(MsgType.SYS_NULL))[1], big])
+    assert len(msg.body["text"]) == 2_000_000 and len(msg.body["items"]) == 50_000
+    # a map claiming more entries than it holds is the decoder's to refuse
+    lying = b"\xdf\xff\xff\xff\xff" + b"\xa1a\xc0" * 30_000
+    with pytest.raises(protocol.ProtocolError) as caught:
+        protocol.decode([protocol.encode(protocol.call(MsgType.SYS_NULL))[1], lying])
+    assert caught.value.code in (ErrorCode.BAD_FRAME, ErrorCode.TOO_LARGE)
