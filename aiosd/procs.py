@@ -32,10 +32,13 @@ def spawn(
     env: dict[str, str],
     *,
     death_signal: int = signal.SIGKILL,
+    preexec: Callable[[], None] | None = None,
     **popen: Any,
 ) -> subprocess.Popen:
-    """Start ``argv`` in its own session, dying with this process."""
-    preexec = _pdeathsig(death_signal) if sys.platform.startswith("linux") else None
+    """Start ``argv`` in its own session, dying with this process (or, with
+    ``preexec``, as that sets it up between fork and exec)."""
+    if preexec is None and sys.platform.startswith("linux"):
+        preexec = _pdeathsig(death_signal)
     return subprocess.Popen(
         argv, env=env, start_new_session=True, preexec_fn=preexec, close_fds=True, **popen
     )
