@@ -17,7 +17,7 @@ ifneq ($(NO_AMX),)
 export CMAKE_ARGS := $(CMAKE_ARGS) -DCMAKE_C_FLAGS=$(NO_AMX) -DCMAKE_CXX_FLAGS=$(NO_AMX)
 endif
 
-.PHONY: install run demo test test-unit test-integration bench bench-tasks lint clean
+.PHONY: install run demo test test-unit test-integration bench bench-tasks bench-trust lint clean
 
 install: $(STAMP)
 
@@ -52,6 +52,11 @@ bench: $(STAMP)
 # one agent at a time, then all agents at once through aiosd.
 bench-tasks: $(STAMP)
 	$(BIN)/python -m benchmarks.tasks
+
+# What one hostile local process costs other agents: big bodies before and
+# after hello, and a flood of connections, against a bystander's null calls.
+bench-trust: $(STAMP)
+	$(BIN)/python -m benchmarks.trust
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
