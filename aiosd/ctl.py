@@ -184,6 +184,10 @@ def status(as_json: bool) -> None:
         services.add_row(svc["name"], svc["kind"], svc["state"], str(svc.get("pid", "-")),
                          str(svc.get("running", "-")), str(svc.get("served", "-")))
     out.print(services)
+    conf = data.get("confinement") or {}
+    if conf:
+        out.print(f"launched agents run as {conf['agents_run_as']}; files: {conf['files']}; "
+                  f"signals: {conf['signals']}")
     failed = [c["name"] for c in data["cores"] + data["services"] if c["state"] == "failed"]
     if failed:
         fail(f"failed: {', '.join(failed)} (restart budget spent; see the log)")

@@ -26,10 +26,8 @@ from .peers import Session, parent_of, peer_credentials
 # the scheduler logs under one name, whichever of its modules a method is in
 log = logging.getLogger(__name__)
 
-#: The largest body of a call: the task a worker is sent wraps it with the
-#: call's id, its caller and namespace, and must stay within the protocol's
-#: limit (a worker cannot read a larger one, and the call would never end).
-MAX_CALL_BODY = protocol.MAX_BODY_BYTES - 64 * 1024
+#: The largest body of a call (libaios refuses a larger one before sending).
+MAX_CALL_BODY = protocol.MAX_CALL_BODY_BYTES
 
 
 def _resources() -> dict[MsgType, str]:
