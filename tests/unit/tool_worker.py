@@ -29,11 +29,17 @@ def scheduler(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[zmq.Socket, str
     router.close(0)
 
 
+#: the worker's routing id, which the router assigned (a worker does not choose its own)
+ROUTE: dict[str, bytes] = {}
+
+
 def recv(router: zmq.Socket, timeout: float = 10.0) -> protocol.Message:
     """The worker's next message other than a heartbeat."""
     while True:
         assert router.poll(int(timeout * 1000)), "nothing arrived"
-        msg = protocol.decode(router.recv_multipart()[2:])
+        frames = router.recv_multipart()
+        ROUTE["id"] = frames[0]
+        msg = protocol.decode(frames[2:])
         if msg.type is not MsgType.WORKER_HEARTBEAT:
             return msg
 
@@ -44,7 +50,7 @@ def send_task(router: zmq.Socket, mtype: MsgType, body: dict[str, Any]) -> str:
     msg = protocol.call(MsgType.WORKER_TASK, {"call": kid, "type": mtype.value, "body": body,
                                               "namespace": "alice",
                                               "caller": {"agent": "a1", "name": "alice"}})
-    router.send_multipart([b"tools", *protocol.encode(msg)])
+    router.send_multipart([ROUTE["id"], *protocol.encode(msg)])
     return kid
 
 
@@ -55,6 +61,6 @@ def serve_in_thread(config: Any, endpoint: str) -> threading.Thread:
 
 
 def stop(router: zmq.Socket, thread: threading.Thread, timeout: float = 15.0) -> None:
-    router.send_multipart([b"tools", *protocol.encode(protocol.call(MsgType.WORKER_SHUTDOWN))])
+    router.send_multipart([ROUTE["id"], *protocol.encode(protocol.call(MsgType.WORKER_SHUTDOWN))])
     thread.join(timeout)
     assert not thread.is_alive()
