@@ -19,7 +19,6 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from libaios import Client, errors, paths, protocol
+from libaios import Client, paths, protocol
 from libaios.protocol import MsgType
 
 from .tasks import start_daemon
@@ -37,28 +36,49 @@ RESULTS = ROOT / "benchmarks" / "results" / "trust.json"
 BODY = 16 * 2**20 - 64 * 1024
 
 
-class Bystander(threading.Thread):
-    """An agent making null calls, one after another, timing each."""
+BYSTANDER = """
+import json, sys, time
+from libaios import Client, errors
+from libaios.protocol import MsgType
+samples, failures = [], []
+with Client(sys.argv[1], name="bystander", timeout=120).connect() as c:
+    print("ready", flush=True)
+    while True:
+        t0 = time.monotonic()
+        try:
+            c.call(MsgType.SYS_NULL)
+        except errors.AIOSError as exc:
+            failures.append(repr(exc))
+        samples.append((time.time(), time.monotonic() - t0))
+        if len(samples) % 64 == 0:
+            import select
+            if select.select([sys.stdin], [], [], 0)[0] and not sys.stdin.readline():
+                break
+print(json.dumps({"samples": samples, "failures": failures}), flush=True)
+"""
+
+
+class Bystander:
+    """An agent of its own process, making null calls one after another and
+    timing each, until its stdin closes."""
 
     def __init__(self, endpoint: str):
-        super().__init__(daemon=True)
-        self.endpoint = endpoint
+        self.proc = subprocess.Popen([sys.executable, "-c", BYSTANDER, endpoint],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
         self.samples: list[tuple[float, float]] = []   # (when it ended, latency)
         self.failures: list[str] = []
-        self.stop = threading.Event()
 
-    def run(self) -> None:
-        with Client(self.endpoint, name="bystander", timeout=120).connect() as c:
-            while not self.stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    c.call(MsgType.SYS_NULL)
-                except errors.AIOSError as exc:
-                    self.failures.append(repr(exc))
-                self.samples.append((time.monotonic(), time.monotonic() - t0))
+    def finish(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        out = self.proc.stdout.read()
+        self.proc.wait(timeout=60)
+        got = json.loads(out.strip().splitlines()[-1])
+        self.samples, self.failures = got["samples"], got["failures"]
 
     def between(self, start: float, end: float) -> list[float]:
-        return [lat for at, lat in self.samples if start <= at <= end + 30]
+        return [lat for at, lat in self.samples if start <= at <= end]
 
 
 def send_bodies(endpoint: str, count: int, hello: bool) -> list[str]:
@@ -90,20 +110,22 @@ def send_bodies(endpoint: str, count: int, hello: bool) -> list[str]:
     return answers
 
 
-def phase(bystander: Bystander, name: str, action: Any, baseline: float | None) -> dict[str, Any]:
-    failed = len(bystander.failures)
-    start = time.monotonic()
+def phase(name: str, action: Any) -> dict[str, Any]:
+    start = time.time()
     detail = action()
-    end = time.monotonic()
-    time.sleep(0.5)   # the calls that were waiting through the end
-    lat = bystander.between(start, end)
-    row = {"phase": name, "seconds": round(end - start, 2), "calls": len(lat),
-           "median_ms": round(1000 * statistics.median(lat), 2) if lat else None,
-           "worst_ms": round(1000 * max(lat), 2) if lat else None,
-           "failed": len(bystander.failures) - failed, "detail": detail}
+    end = time.time()
+    time.sleep(0.5)
+    return {"phase": name, "start": start, "end": end + 0.5, "seconds": round(end - start, 2),
+            "detail": detail}
+
+
+def figures(row: dict[str, Any], bystander: Bystander, baseline: float | None) -> None:
+    """The bystander's latencies while ``row``'s phase ran."""
+    lat = bystander.between(row.pop("start"), row.pop("end"))
+    row.update(calls=len(lat), median_ms=round(1000 * statistics.median(lat), 2) if lat else None,
+               worst_ms=round(1000 * max(lat), 2) if lat else None)
     if baseline and lat:
         row["worst_vs_baseline"] = round(max(lat) / baseline, 1)
-    return row
 
 
 def flood(endpoint: str, count: int) -> dict[str, Any]:
@@ -122,33 +144,33 @@ def main() -> None:
     rows = []
     try:
         bystander = Bystander(endpoint)
-        bystander.start()
-        base = phase(bystander, "baseline", lambda: time.sleep(3.0), None)
-        rows.append(base)
-        worst = (base["worst_ms"] or 1.0) / 1000
-        rows.append(phase(bystander, "16 MB bodies before hello",
-                          lambda: send_bodies(endpoint, 5, hello=False), worst))
-        rows.append(phase(bystander, "16 MB bodies after hello",
-                          lambda: send_bodies(endpoint, 5, hello=True), worst))
-        rows.append(phase(bystander, "20,000 hello-and-exit connections",
-                          lambda: flood(endpoint, 20_000), worst))
-        bystander.stop.set()
-        bystander.join(60)
+        rows.append(phase("baseline", lambda: time.sleep(3.0)))
+        rows.append(phase("16 MB bodies before hello",
+                          lambda: send_bodies(endpoint, 5, hello=False)))
+        rows.append(phase("16 MB bodies after hello",
+                          lambda: send_bodies(endpoint, 5, hello=True)))
+        rows.append(phase("20,000 hello-and-exit connections", lambda: flood(endpoint, 20_000)))
+        bystander.finish()
         with Client(endpoint, name="after", operator=True, timeout=30).connect() as c:
             status = c.call(MsgType.ADMIN_STATUS)
     finally:
         daemon.terminate()
         daemon.wait(timeout=60)
-    print(f"\n{'phase':<36} {'calls':>6} {'median ms':>10} {'worst ms':>9} {'x base':>7} "
-          f"{'failed':>6}")
+    figures(rows[0], bystander, None)
+    base = (rows[0]["worst_ms"] or 1.0) / 1000
+    for row in rows[1:]:
+        figures(row, bystander, base)
+    print(f"\n{'phase':<36} {'calls':>6} {'median ms':>10} {'worst ms':>9} {'x base':>7}")
     for r in rows:
         print(f"{r['phase']:<36} {r['calls']:>6} {r['median_ms']!s:>10} {r['worst_ms']!s:>9} "
-              f"{r.get('worst_vs_baseline', 1.0)!s:>7} {r['failed']:>6}")
+              f"{r.get('worst_vs_baseline', 1.0)!s:>7}")
+    print(f"bystander's calls that failed: {len(bystander.failures)}")
     for r in rows[1:]:
         print(f"  {r['phase']}: {r['seconds']} s; {json.dumps(r['detail'])[:160]}")
     print(f"after: healthy={status['healthy']}, sessions={status['sessions']}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"phases": rows, "healthy_after": status["healthy"]}, indent=2))
+    RESULTS.write_text(json.dumps({"phases": rows, "failed_calls": bystander.failures,
+                                   "healthy_after": status["healthy"]}, indent=2))
     print(f"results: {RESULTS.relative_to(ROOT)}")
 
 

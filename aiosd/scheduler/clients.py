@@ -183,7 +183,8 @@ class ClientCalls:
                  f"the processes of uid {uid}")):
             if key[1] is not None and self.session_counts[key] >= most:
                 raise errors.Overloaded(
-                    f"hello: {who} already hold {self.session_counts[key]} connections, the most "
+                    f"hello: {who} already {'holds' if key[0] == 'pid' else 'hold'} "
+                    f"{self.session_counts[key]} connections, the most "
                     f"allowed (kernel.{setting}); close some, or raise the limit")
 
     def _check_kernel_process(self, name: str, peer_pid: int | None, supervisor: bool) -> None:

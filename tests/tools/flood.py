@@ -19,7 +19,9 @@ from libaios.protocol import MsgType
 def main() -> None:
     endpoint, count = sys.argv[1], int(sys.argv[2])
     batch = int(sys.argv[3]) if len(sys.argv) > 3 else 500
-    ctx = zmq.Context.instance()
+    ctx = zmq.Context()
+    # closed sockets count until ZeroMQ's reaper has freed them
+    ctx.set(zmq.MAX_SOCKETS, 8 * batch + 1024)
     ok = refused = silent = 0
     first_refusal = ""
     done = 0
