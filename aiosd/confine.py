@@ -216,7 +216,11 @@ def _beneath_except(root: str, hidden: list[str], rights: int) -> list[tuple[str
     except OSError:
         return []
     for entry in entries:
-        rules += _beneath_except(os.path.join(root, entry), inside, rights)
+        path = os.path.join(root, entry)
+        if not os.path.islink(path):
+            # (a link's rule would be its target's: one to a directory above
+            # a hidden one would open it; its target has rules of its own)
+            rules += _beneath_except(path, inside, rights)
     return rules
 
 

@@ -343,3 +343,46 @@ def test_a_100mb_frame_is_refused_and_the_kernel_serves_on(daemon: Daemon) -> No
         sock.close(0)
     with daemon.client(name="after-big") as c:
         assert c.call(MsgType.SYS_NULL) is not None
+
+
+LANDLOCKED = """
+import json, os, signal, sys
+out = {}
+for what, action in (("read data", lambda: open(os.path.join(sys.argv[1], "secret")).read()),
+                     ("list runtime", lambda: os.listdir(sys.argv[2])),
+                     ("write data", lambda: open(os.path.join(sys.argv[1], "planted"), "w")),
+                     ("signal parent", lambda: os.kill(int(sys.argv[3]), 0)),
+                     ("read python", lambda: bool(os.listdir(os.path.dirname(os.__file__)))),
+                     ("write tmp", lambda: open(os.path.join(sys.argv[4], "ok"), "w").close())):
+    try:
+        action()
+        out[what] = "allowed"
+    except OSError as exc:
+        out[what] = "denied"
+print(json.dumps(out))
+"""
+
+
+def test_landlock_alone_keeps_a_same_user_agent_out(tmp_path: Path) -> None:
+    """Where aiosd does not run as root its agents share its user: Landlock
+    is then what keeps them from the kernel's files and processes (here
+    even a root process is kept out)."""
+    abi = confine.landlock_abi()
+    if not abi:
+        pytest.skip("this kernel has no Landlock")
+    data, run, scratch = tmp_path / "data", tmp_path / "run", tmp_path / "scratch"
+    for d in (data, run, scratch):
+        d.mkdir()
+    (data / "secret").write_text("the kernel's")
+    script = tmp_path / "landlocked.py"
+    script.write_text(LANDLOCKED)
+    rules = confine.landlock_rules([str(data), str(run)], [str(scratch), "/dev"])
+    plan = confine.Plan(None, None, (), rules, abi)
+    result = subprocess.run(
+        [sys.executable, str(script), str(data), str(run), str(os.getpid()), str(scratch)],
+        preexec_fn=plan.preexec(), capture_output=True, text=True, timeout=60, check=False)
+    got = last_json(result.stdout + result.stderr)
+    assert got["read data"] == got["list runtime"] == got["write data"] == "denied", got
+    assert got["read python"] == got["write tmp"] == "allowed", got
+    if abi >= 6:
+        assert got["signal parent"] == "denied", got
