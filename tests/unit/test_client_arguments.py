@@ -52,6 +52,11 @@ def check(exc: errors.AIOSError, cls: type[errors.AIOSError], says: list[str]) -
         assert part in exc.message
 
 
+def calls(seen: list[MsgType]) -> list[MsgType]:
+    """The calls a stand-in kernel received, but for the bye of a closing client."""
+    return [t for t in seen if t is not MsgType.BYE]
+
+
 def answer(seen: list[MsgType]) -> Callable[[bytes, protocol.Message], list[protocol.Message]]:
     def reply(identity: bytes, msg: protocol.Message) -> list[protocol.Message]:
         seen.append(msg.type)
@@ -90,7 +95,7 @@ def test_the_sync_client_refuses_before_sending(stand_in: tuple[str, list[MsgTyp
             bad(c)
         check(info.value, cls, says)
         assert c.null()["text"] == "ok"   # the connection is as good as before
-    assert seen == [MsgType.HELLO, MsgType.SYS_NULL]
+    assert calls(seen) == [MsgType.HELLO, MsgType.SYS_NULL]
 
 
 @pytest.mark.parametrize("why, bad, cls, says", BAD, ids=[b[0] for b in BAD])
@@ -107,15 +112,15 @@ def test_the_asyncio_client_refuses_before_sending(tmp_path: Path, why: str,
             for rep in reply(frames[0], protocol.decode(frames[2:])):
                 await router.send_multipart([frames[0], *protocol.encode(rep)])
 
-    async def calls(c: aio.AsyncClient) -> list[object]:
+    async def make(c: aio.AsyncClient) -> list[object]:
         with pytest.raises(errors.AIOSError) as info:
             await bad(c)
         return [info.value, await c.null(), c._waiting]
 
-    exc, null, waiting = asyncio.run(serving(tmp_path, kernel, calls))
+    exc, null, waiting = asyncio.run(serving(tmp_path, kernel, make))
     check(exc, cls, says)
     assert null["text"] == "ok" and not waiting
-    assert seen == [MsgType.HELLO, MsgType.SYS_NULL]
+    assert calls(seen) == [MsgType.HELLO, MsgType.SYS_NULL]
 
 
 def test_a_client_s_own_timeout_is_checked() -> None:
