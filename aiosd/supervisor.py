@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -68,11 +69,16 @@ class Child:
 
 
 def prepare_dir(path: Path) -> None:
-    """Create ``path`` with mode 0700, or tighten it to 0700 if it is ours."""
+    """Create ``path`` with mode 0700, or tighten it to 0700 if it is ours
+    and others may read or write it (a running daemon's runtime directory
+    may be 0711, passable to other users' agents: a second aiosd that finds
+    it taken must not close it on them)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_uid != os.getuid():
+    st = path.stat()
+    if st.st_uid != os.getuid():
         raise PermissionError(f"{path} belongs to another user")
-    os.chmod(path, 0o700)
+    if stat.S_IMODE(st.st_mode) & ~0o711:
+        os.chmod(path, 0o700)
 
 
 def rules_of(config: Config) -> RestartRules:

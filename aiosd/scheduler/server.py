@@ -162,8 +162,9 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
         # here: the directory can be passed through but not listed, the
         # workers' and events' sockets stay the daemon's own. Who may do
         # what over kernel.sock is decided at hello, from what the OS says.
-        if os.getuid() == 0 or self.config.access.allow_uids:
-            os.chmod(self.runtime_dir, 0o711)
+        others = os.getuid() == 0 or bool(self.config.access.allow_uids)
+        os.chmod(self.runtime_dir, 0o711 if others else 0o700)
+        if others:
             os.chmod(self.runtime_dir / paths.KERNEL_SOCKET, 0o666)
         self.poller.register(self.clients, zmq.POLLIN)
         self.poller.register(self.workers_sock, zmq.POLLIN)

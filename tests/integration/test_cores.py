@@ -61,14 +61,16 @@ def test_agents_taking_turns_on_a_small_kv_cache_continue_from_kept_cells(make_d
                 assert reply.usage["completion_tokens"] > 0
                 convs[k] += [{"role": "assistant", "content": reply.text},
                              {"role": "user", "content": "Go on."}]
+        # (while the agents are connected: a closing client's agent ends,
+        # and what the core kept for it goes)
+        stats = d.wait_for(lambda s: s["cores"][0].get("stats", {}).get("restored_seqs", 0) >= 3,
+                           what="the second turns to restore kept cells")["cores"][0]["stats"]
+        assert stats["seqs"] == 2 and stats["evicted_seqs"] >= 4
+        assert stats["evicted_kept"] >= 1 and 0 < stats["evicted_kept_mb"] <= 64
+        assert "evicted kept" in d.ctl("top", "--once").stdout
     finally:
         for c in clients.values():
             c.close()
-    stats = d.wait_for(lambda s: s["cores"][0].get("stats", {}).get("restored_seqs", 0) >= 3,
-                       what="the second turns to restore kept cells")["cores"][0]["stats"]
-    assert stats["seqs"] == 2 and stats["evicted_seqs"] >= 4
-    assert stats["evicted_kept"] >= 1 and 0 < stats["evicted_kept_mb"] <= 64
-    assert "evicted kept" in d.ctl("top", "--once").stdout
 
 
 def test_agents_that_ended_leave_nothing_kept_on_the_core(make_daemon) -> None:

@@ -386,3 +386,14 @@ def test_landlock_alone_keeps_a_same_user_agent_out(tmp_path: Path) -> None:
     assert got["read python"] == got["write tmp"] == "allowed", got
     if abi >= 6:
         assert got["signal parent"] == "denied", got
+
+
+def test_a_closing_client_says_bye_and_its_agent_ends(daemon: Daemon) -> None:
+    before = daemon.status()["sessions"]
+    c = daemon.client(name="leaving")
+    agent = c.call(MsgType.AGENT_WHOAMI)["agent"]
+    assert daemon.status()["sessions"] == before + 1
+    c.close()
+    daemon.wait_for(lambda s: s["sessions"] == before, what="the session to go")
+    row = next(r for r in daemon.ps() if r["id"] == agent)
+    assert row["state"] == "disconnected"
