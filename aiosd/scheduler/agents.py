@@ -131,6 +131,9 @@ class AgentTable:
         #: hand-started agents connected now, by name: a name is its
         #: holder's while it is connected
         self._connected: dict[str, Agent] = {}
+        #: variables of the kernel's environment an agent is not given (the
+        #: API keys of remote cores)
+        self.withheld: set[str] = set()
         self._counter = 0
 
     def _new_id(self, name: str) -> str:
@@ -169,7 +172,7 @@ class AgentTable:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        for var in ("AIOS_CONFIG_JSON", "AIOS_DATA_DIR", credentials.FD_ENV):
+        for var in ("AIOS_CONFIG_JSON", "AIOS_DATA_DIR", credentials.FD_ENV, *self.withheld):
             child_env.pop(var, None)
         if agent.uid is not None:
             child_env["HOME"] = "/"   # a dynamic user has no home

@@ -66,6 +66,8 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
         self.supervisor_token = credentials.mine() or None
         self.endpoint = paths.ipc(runtime_dir, paths.KERNEL_SOCKET)
         self.agents = AgentTable(self.endpoint, runtime_dir)
+        self.agents.withheld = {core.api_key_env for core in config.llm.cores
+                                if core.backend == "openai" and core.api_key_env}
         self.data_dir = Path(os.environ.get("AIOS_DATA_DIR") or paths.data_dir())
         #: whom launched agents run as (see confine)
         self.users = confine.Users(config.kernel.agent_user)
