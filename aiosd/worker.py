@@ -1,6 +1,6 @@
 """The worker runtime: the one piece of socket code every worker shares.
 
-A worker (an LLM core, later the memory, storage and tool managers) is a
+A worker (an LLM core, the memory, storage and tool managers) is a
 dispatch table from :class:`MsgType` to a handler that takes a :class:`Task`
 and returns the reply body. The runtime owns the DEALER socket to the
 scheduler: it registers with READY (kind, name, capacity), heartbeats, runs
@@ -56,12 +56,20 @@ class Task:
     approved: bool = False
     #: Set when the scheduler asks for the call to be suspended (preemption).
     suspend: threading.Event = field(default_factory=threading.Event)
+    #: The snapshot a suspended call resumes from (an LLM core's own).
+    resume: str | None = None
     _emit: Callable[[dict[str, Any]], None] | None = None
+    _report: Callable[[int], None] | None = None
 
     def emit(self, part: dict[str, Any]) -> None:
         """Stream one partial reply to the caller."""
         if self._emit is not None:
             self._emit(part)
+
+    def progress(self, tokens: int) -> None:
+        """Tell the scheduler how far the call got (for its policy)."""
+        if self._report is not None:
+            self._report(tokens)
 
     def check(self) -> None:
         """Raise if the call was cancelled or its deadline passed."""
@@ -194,9 +202,12 @@ class WorkerRuntime:
                 caller=msg.body.get("caller") or {},
                 namespace=msg.body.get("namespace"),
                 approved=bool(msg.body.get("approved")),
+                resume=msg.body.get("resume") if isinstance(msg.body.get("resume"), str) else None,
                 _emit=lambda part, cid=call_id: self._push(
                     protocol.encode(protocol.partial(cid, part))
                 ),
+                _report=lambda n, cid=call_id: self._push(protocol.encode(protocol.Message(
+                    MsgType.WORKER_PROGRESS, protocol.new_id(), {"tokens": n}, re=cid))),
             )
             if call_type in self.inline:
                 send_frames(sock, self._result(task))

@@ -118,6 +118,7 @@ class MsgType(str, enum.Enum):
     WORKER_TASK = "worker.task"
     WORKER_CANCEL = "worker.cancel"
     WORKER_SUSPEND = "worker.suspend"
+    WORKER_PROGRESS = "worker.progress"   # how many tokens a running call has generated
     WORKER_FORGET = "worker.forget"   # an agent or a suspended call is gone: drop its state
     WORKER_SHUTDOWN = "worker.shutdown"
 

@@ -1,15 +1,17 @@
 """What every LLM backend offers a core, and the incremental text decoder.
 
 A backend turns a checked :class:`ChatRequest` into a :class:`ChatOutput`,
-calling ``emit`` with each new piece of text as it is generated (or, for an
-answer with tools, each tool-call delta: ``{"tool_calls": [...]}`` in the
-OpenAI API's shape) and stopping at the next token boundary once
-``task.check()`` raises.
+given the call's :class:`CallContext`: it calls ``emit`` with each new piece
+of text as it is generated (or, for an answer with tools, each tool-call
+delta: ``{"tool_calls": [...]}`` in the OpenAI API's shape), stops at the
+next token boundary once ``check()`` raises, continues from the snapshot
+``resume`` names, and, asked through ``suspend``, stops and snapshots.
 """
 
 from __future__ import annotations
 
 import codecs
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,6 +20,26 @@ from .request import ChatRequest
 
 #: takes a piece of text, or a delta as a map (``{"text": ...}`` or ``{"tool_calls": [...]}``)
 Emit = Callable[[str | dict[str, Any]], None]
+
+
+@dataclass
+class CallContext:
+    """What a backend is given with one call besides its request."""
+
+    #: takes each new piece of text, or a delta (see Emit)
+    emit: Emit
+    #: raises once the call must stop (cancelled, or past its deadline)
+    check: Callable[[], None]
+    #: the agent whose call it is: the key of its cached conversation
+    key: str = ""
+    #: a snapshot of this core to continue from (a suspended call resumed)
+    resume: str | None = None
+    #: set when the kernel asks the call to stop at the next token and be
+    #: snapshotted; None where the kernel never preempts
+    suspend: threading.Event | None = None
+    #: told the tokens generated so far, now and then (for the scheduling
+    #: policy); None where the kernel does not need it
+    progress: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -56,8 +78,8 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]:
         """What ``aiosctl status`` shows of this backend."""
 
-    def chat(self, req: ChatRequest, emit: Emit, check: Callable[[], None]) -> ChatOutput:
-        """Generate the answer to ``req``; ``check()`` raises to stop early."""
+    def chat(self, req: ChatRequest, ctx: CallContext) -> ChatOutput:
+        """Generate the answer to ``req`` (see CallContext)."""
 
     def forget(self, agent: str | None, snapshots: list[str]) -> None:
         """Drop what is kept for ``agent``, which has ended, and the named

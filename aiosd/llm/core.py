@@ -19,8 +19,7 @@ from libaios.protocol import MsgType
 from ..config import Config, CoreConfig
 from ..worker import Task, WorkerRuntime
 from . import request
-from .backend import Backend
-from .llamacpp import LlamaCppBackend
+from .backend import Backend, CallContext
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +59,13 @@ class LLMCore:
             if stream:
                 task.emit({"text": part} if isinstance(part, str) else part)
 
-        progress = lambda n: task.emit({"_progress": n})  # noqa: E731
-        if isinstance(self.backend, LlamaCppBackend):
-            out = self.backend.chat(req, emit, task.check, key=task.caller.get("agent", ""),
-                                    resume=task.body.get("resume"), suspend=task.suspend,
-                                    progress=progress)
-        else:
-            # only a preempting kernel asks for suspensions: stream then
-            preempting = self.preempting
-            out = self.backend.chat(req, emit, task.check, resume=task.body.get("resume"),
-                                    suspend=task.suspend if preempting else None,
-                                    progress=progress if preempting else None)
+        # only a preempting kernel suspends calls, or needs to know how far
+        # one got
+        preempting = self.preempting
+        ctx = CallContext(emit, task.check, key=task.caller.get("agent", ""), resume=task.resume,
+                          suspend=task.suspend if preempting else None,
+                          progress=task.progress if preempting else None)
+        out = self.backend.chat(req, ctx)
         return out.to_body(self.cfg.name)
 
     def forget(self, body: dict[str, Any]) -> None:

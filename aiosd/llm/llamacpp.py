@@ -15,7 +15,6 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from libaios.errors import AIOSError, BackendError, InvalidArgument
 
 from ..config import ConfigError, CoreConfig
 from . import structured
-from .backend import ChatOutput, Emit, StopScanner
+from .backend import CallContext, ChatOutput, StopScanner
 from .request import ChatRequest
 from .snapshots import SnapshotStore, snapshot_dir
 from .toolstream import ToolCallStream
@@ -166,12 +165,11 @@ class LlamaCppBackend:
             raise InvalidArgument(f"llm.chat: the schema cannot be turned into a grammar: {exc}") from None
         return grammar
 
-    def chat(self, req: ChatRequest, emit: Emit, check: Callable[[], None], key: str = "",
-             resume: str | None = None, suspend: Any = None,
-             progress: Callable[[int], None] | None = None) -> ChatOutput:
-        """Generate the answer to ``req`` for agent ``key``. ``resume`` names
-        a snapshot of this core to continue from; ``suspend`` (an Event) asks
-        for the generation to stop at the next token and be snapshotted."""
+    def chat(self, req: ChatRequest, ctx: CallContext) -> ChatOutput:
+        """Generate the answer to ``req`` for agent ``ctx.key``; a resumed
+        call continues from its snapshot, a suspended one is snapshotted."""
+        emit, check, key, resume = ctx.emit, ctx.check, ctx.key, ctx.resume
+        suspend, progress = ctx.suspend, ctx.progress
         from .generation import Finish, Request
 
         tokens, stops = self._prompt_tokens(req)

@@ -18,7 +18,7 @@ from libaios.errors import BackendError, InvalidArgument, ToolCallIncomplete, Un
 
 from ..config import CoreConfig
 from . import structured
-from .backend import ChatOutput, Emit, StopScanner
+from .backend import CallContext, ChatOutput, Emit, StopScanner
 from .request import ChatRequest, json_object
 from .toolstream import arguments_delta, header_delta
 
@@ -92,12 +92,12 @@ class OpenAIBackend:
             params["response_format"] = req.response_format
         return params
 
-    def chat(self, req: ChatRequest, emit: Emit, check: Callable[[], None],
-             resume: str | None = None, suspend: Any = None,
-             progress: Callable[[int], None] | None = None) -> ChatOutput:
+    def chat(self, req: ChatRequest, ctx: CallContext) -> ChatOutput:
         """Generate the answer to ``req``. Suspension is text-based: the text
         generated so far is kept, and a resumed call asks the server to go on
         from it (``continue_final_message`` where the server supports it)."""
+        emit, check, resume = ctx.emit, ctx.check, ctx.resume
+        suspend, progress = ctx.suspend, ctx.progress
         prior, prior_tokens = "", 0
         if resume is not None:
             if resume not in self.snapshots:

@@ -53,14 +53,18 @@ class Call:
     turn_tokens: int = 0      # generated since its latest dispatch
     suspending: bool = False  # asked to suspend, not yet answered
     affinity: str | None = None  # the core holding its snapshot
+    resume: str | None = None    # the snapshot it resumes from (suspended, queued again)
     preemptions: int = 0
     throttled: bool = False   # held back by its agent's token quota at least once
     held_for: str | None = None  # a worker taken for lost that may still run it (see worker_lost)
 
     def task_body(self) -> dict[str, Any]:
         """What the worker is told about this call."""
-        return {"call": self.kid, "type": self.type.value, "body": self.body,
+        task = {"call": self.kid, "type": self.type.value, "body": self.body,
                 "caller": self.caller, "namespace": self.namespace, "approved": self.approved}
+        if self.resume is not None:
+            task["resume"] = self.resume
+        return task
 
     def remaining(self, now: float) -> float | None:
         return None if self.deadline is None else self.deadline - now

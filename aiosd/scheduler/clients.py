@@ -302,10 +302,6 @@ class ClientCalls:
         tool = None
         destructive_tool = None
         if msg.type is MsgType.LLM_CHAT:
-            if "resume" in body:
-                raise errors.InvalidArgument(
-                    "llm.chat: 'resume' is the kernel's own (it names the snapshot a suspended "
-                    "call resumes from); a call cannot carry it")
             chat_request.parse(body)  # reject bad input before it queues
         elif msg.type is MsgType.TOOL_CALL:
             tool = body.get("name")

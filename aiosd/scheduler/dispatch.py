@@ -160,11 +160,11 @@ class Dispatch:
         (``result`` None: the caller already has its answer, or is gone)."""
         self.calls.pop(call.kid, None)
         self.approvals.drop_call(call)
-        if call.state is CallState.QUEUED and "resume" in call.body:
+        if call.state is CallState.QUEUED and call.resume is not None:
             # suspended, and never to resume
             worker = self.workers.get(call.affinity or "")
             if worker is not None:
-                self.drop_snapshot(worker, call.body["resume"])
+                self.drop_snapshot(worker, call.resume)
         if call.state is CallState.RUNNING:
             call.service_s += now - call.dispatched
         elif call.state is CallState.QUEUED:

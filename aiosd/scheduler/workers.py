@@ -63,7 +63,7 @@ class WorkerMessages:
     def _bad_worker_message(self, name: str, msg: Message) -> None:
         """A worker's result could not be handled: its call, if it is still
         waiting for one, ends with an error rather than waiting forever."""
-        if msg.type is MsgType.PARTIAL or msg.re is None:
+        if msg.type in (MsgType.PARTIAL, MsgType.WORKER_PROGRESS) or msg.re is None:
             return
         call = self.calls.get(msg.re)
         if call is None or call.state is not CallState.RUNNING:
@@ -149,7 +149,7 @@ class WorkerMessages:
             # (a held call has its slot whatever the worker's count says:
             # it never left the worker)
             if (call is not None and call.state is CallState.QUEUED and call.attempts
-                    and "resume" not in call.body and call.resource == worker.kind
+                    and call.resume is None and call.resource == worker.kind
                     and (call.held_for == worker.name
                          or (worker.free > 0 and self.queues[call.resource].remove(call)))):
                 call.held_for = None
@@ -196,11 +196,12 @@ class WorkerMessages:
         call = worker.inflight.get(msg.re)
         if call is None:
             return  # the answer to a call already settled
+        if msg.type is MsgType.WORKER_PROGRESS:   # how far it got: for the policy
+            call.turn_tokens = int(msg.body["tokens"])
+            self._preempt()
+            return
         if msg.type is MsgType.PARTIAL:
-            if "_progress" in msg.body:  # how far the call got: for the policy, not the caller
-                call.turn_tokens = int(msg.body["_progress"])
-                self._preempt()
-            elif call.state is CallState.RUNNING:
+            if call.state is CallState.RUNNING:
                 call.streamed = True
                 self.send_client(call.client, protocol.partial(call.client_call_id, msg.body))
             return
@@ -223,7 +224,7 @@ class WorkerMessages:
             call.tokens += call.turn_tokens
             call.preemptions += 1
             self.preemptions += 1
-            call.body = {**call.body, "resume": msg.body["snapshot"]}
+            call.resume = msg.body["snapshot"]
             call.affinity = worker.name
             call.state = CallState.QUEUED
             call.worker = None
@@ -321,14 +322,13 @@ class WorkerMessages:
         orphaned = []
         for call in list(self.calls.values()):
             if call.affinity == worker.name and call.state is CallState.QUEUED:
-                orphaned.append(call.body.get("resume"))
+                orphaned.append(call.resume)
                 if call.streamed:
                     self.queues[call.resource].remove(call)
                     self.fail(call, errors.WorkerLost(
                         f"{worker.name} stopped while this call was suspended ({why}); retry"), now)
                 else:
-                    call.affinity = None
-                    call.body = {k: v for k, v in call.body.items() if k != "resume"}
+                    call.affinity = call.resume = None
         if orphaned:
             # A core taken for lost may be alive still (its heartbeat came
             # late), and would keep those snapshots for good (if it is gone

@@ -187,14 +187,14 @@ def test_a_worker_result_the_scheduler_cannot_read_ends_its_call_not_the_kernel(
     for n, (mtype, body) in enumerate([
         (MsgType.REPLY, {"finish_reason": "suspended"}),
         (MsgType.REPLY, {"text": "hi", "usage": "lots"}),
-        (MsgType.PARTIAL, {"_progress": "many"}),
+        (MsgType.WORKER_PROGRESS, {"tokens": "many"}),
     ]):
         c = Call(f"k{n}", b"client", f"c{n}", "a1", MsgType.LLM_CHAT, "llm", {}, None, now)
         sched.calls[c.kid] = c
         sched._start(c, worker)
         msg = protocol.Message(mtype, protocol.new_id(), body, re=c.kid)
         sched.on_worker_frames([b"core0", *protocol.encode(msg)])
-        if mtype is MsgType.PARTIAL:   # a progress note it cannot read is ignored
+        if mtype is MsgType.WORKER_PROGRESS:   # a progress note it cannot read is ignored
             assert c.state is CallState.RUNNING and not sent
             continue
         assert c.kid not in sched.calls and c.kid not in worker.inflight
@@ -410,7 +410,7 @@ def test_a_call_that_times_out_is_charged_what_it_generated(sched) -> None:
     c = _queued(sched, 1, agent=agent.id)
     c.caller = {"name": "flood"}
     sched.dispatch()
-    progress = protocol.Message(MsgType.PARTIAL, protocol.new_id(), {"_progress": 40}, re=c.kid)
+    progress = protocol.Message(MsgType.WORKER_PROGRESS, protocol.new_id(), {"tokens": 40}, re=c.kid)
     sched.on_worker_frames([b"core0", *protocol.encode(progress)])
     c.deadline = time.time() - 1
     sched.tick(time.time())
@@ -454,14 +454,15 @@ def test_a_core_taken_for_lost_is_told_to_drop_the_snapshots_of_calls_that_start
     sched.on_worker_frames([b"core0", *protocol.encode(suspended)])
     assert c.state is CallState.QUEUED and c.affinity == "core0"
     sched.worker_lost(worker, "no heartbeat for 2.1s")
-    assert c.affinity is None and "resume" not in c.body
+    assert c.affinity is None and c.resume is None
     forgets = [(name, m.body) for name, m in sched.sent_workers if m.type is MsgType.WORKER_FORGET]
     assert forgets == [("core0", {"snapshots": ["snap-1"]})]
 
 
 def test_a_chat_cannot_name_a_snapshot_to_resume_from(sched) -> None:
-    """'resume' is the kernel's own field of a suspended call: a caller that
-    sets it gets a clear error, and nothing is queued."""
+    """The snapshot a suspended call resumes from is a field of the kernel's
+    task, never of the caller's body: a caller that writes one in its body
+    changes nothing of what its core is told."""
     from aiosd.scheduler.peers import Session
 
     _core(sched)
@@ -470,10 +471,8 @@ def test_a_chat_cannot_name_a_snapshot_to_resume_from(sched) -> None:
     chat = protocol.call(MsgType.LLM_CHAT, {"messages": [{"role": "user", "content": "hi"}],
                                             "resume": "0123456789abcdef"})
     sched.on_client_frames([zmq.Frame(f) for f in [b"a", *protocol.encode(chat)]])
-    identity, reply = sched.sent_clients[-1]
-    assert identity == b"a" and reply.re == chat.id
-    assert reply.body["code"] == ErrorCode.INVALID_ARGUMENT and "'resume'" in reply.body["message"]
-    assert not sched.calls and len(sched.queues["llm"]) == 0
+    tasks = [m for _, m in sched.sent_workers if m.type is MsgType.WORKER_TASK]
+    assert len(tasks) == 1 and "resume" not in tasks[0].body
 
 
 def test_a_call_too_large_to_hand_to_a_worker_is_refused_at_once(sched) -> None:
