@@ -15,12 +15,13 @@ from pathlib import Path
 from libaios import paths
 
 from . import config as config_mod
-from . import credentials, logs
+from . import credentials, logs, roles
 
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m aiosd.child scheduler | llm NAME", file=sys.stderr)
+        print("usage: python -m aiosd.child scheduler | llm NAME | storage | memory | tools",
+              file=sys.stderr)
         return 2
     # before anything else: the credential leaves the pipe it came in, and
     # no process of our user may read this one's memory
@@ -29,13 +30,13 @@ def main(argv: list[str]) -> int:
     cfg = config_mod.from_dict(json.loads(os.environ.get("AIOS_CONFIG_JSON", "{}")))
     runtime_dir = Path(os.environ.get("AIOS_RUNTIME_DIR") or paths.runtime_dir())
     role = argv[0]
-    if role == "scheduler":
+    if role == roles.SCHEDULER:
         logs.setup(cfg.kernel.log_level, "scheduler")
         from .scheduler.server import serve
 
         serve(cfg, runtime_dir)
         return 0
-    if role == "llm" and len(argv) == 2:
+    if role == roles.LLM and len(argv) == 2:
         logs.setup(cfg.kernel.log_level, f"llm:{argv[1]}")
         from .llm.core import serve as serve_core
 
@@ -43,15 +44,13 @@ def main(argv: list[str]) -> int:
             serve_core(cfg, argv[1], paths.ipc(runtime_dir, paths.WORKERS_SOCKET))
         except config_mod.ConfigError as exc:
             print(f"llm core {argv[1]}: {exc}", file=sys.stderr)
-            return 78  # EX_CONFIG: restarting cannot help
+            return roles.EX_CONFIG  # restarting cannot help
         return 0
-    services = {"storage": "aiosd.storage.service", "memory": "aiosd.memory.service",
-                "tools": "aiosd.tools.service"}
-    if role in services and len(argv) == 1:
+    if role in roles.SERVICES and len(argv) == 1:
         import importlib
 
         logs.setup(cfg.kernel.log_level, role)
-        module = importlib.import_module(services[role])
+        module = importlib.import_module(roles.SERVICES[role][1])
         module.serve(cfg, paths.ipc(runtime_dir, paths.WORKERS_SOCKET))
         return 0
     print(f"unknown child role {argv!r}", file=sys.stderr)

@@ -97,7 +97,7 @@ def start(config_path: str | None, timeout: float) -> None:
     if status is not None:
         out.print(f"aiosd is already running (pid {status['supervisor_pid']}) on {status['runtime_dir']}")
         return
-    from .supervisor import prepare_dir
+    from .rundir import prepare_dir
 
     runtime = paths.runtime_dir()
     prepare_dir(runtime)

@@ -10,7 +10,9 @@ from libaios import paths
 
 from . import config as config_mod
 from . import logs
-from .supervisor import EX_CONFIG, AlreadyRunning, Supervisor
+from .roles import EX_CONFIG
+from .rundir import AlreadyRunning
+from .supervisor import Supervisor
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,7 +22,8 @@ from .supervisor import EX_CONFIG, AlreadyRunning, Supervisor
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
 @click.version_option(package_name="aios", prog_name="aiosd")
 def main(config_path: str | None, print_default_config: bool, check_config: bool) -> None:
-    """Run the AIOS kernel: the scheduler and one worker per LLM core.
+    """Run the AIOS kernel: the scheduler, one worker per LLM core, and the
+    storage, memory and tool managers.
 
     Sockets go to AIOS_RUNTIME_DIR (else systemd's RuntimeDirectory, else
     $XDG_RUNTIME_DIR/aios); data to AIOS_DATA_DIR likewise.

@@ -1,7 +1,8 @@
 """The supervisor: aiosd's main process.
 
 It prepares the runtime directory (mode 0700, one daemon per directory),
-spawns the scheduler and one process per LLM core, reaps and restarts them
+spawns the scheduler, one process per LLM core and one per kernel service
+(storage, memory, tools: see roles), reaps and restarts them
 with back-off and a restart budget, reports their states to the scheduler
 (so ``aiosctl status`` shows them), talks to systemd, and on SIGTERM runs
 the shutdown ladder: shutdown message, then SIGTERM, then SIGKILL.
@@ -9,12 +10,9 @@ the shutdown ladder: shutdown message, then SIGTERM, then SIGKILL.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -27,20 +25,15 @@ import zmq
 from libaios import paths, protocol
 from libaios.protocol import ErrorCode, MsgType
 
-from . import credentials, procs
+from . import credentials, procs, roles, rundir
 from .config import Config
 from .procstate import ProcMachine, ProcState, RestartRules
 from .sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
-EX_CONFIG = 78
 #: How often the supervisor asks the scheduler whether it is healthy.
 HEALTH_INTERVAL = 1.0
-
-
-class AlreadyRunning(Exception):
-    pass
 
 
 @dataclass(eq=False)
@@ -68,19 +61,6 @@ class Child:
         }
 
 
-def prepare_dir(path: Path) -> None:
-    """Create ``path`` with mode 0700, or tighten it to 0700 if it is ours
-    and others may read or write it (a running daemon's runtime directory
-    may be 0711, passable to other users' agents: a second aiosd that finds
-    it taken must not close it on them)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid():
-        raise PermissionError(f"{path} belongs to another user")
-    if stat.S_IMODE(st.st_mode) & ~0o711:
-        os.chmod(path, 0o700)
-
-
 def rules_of(config: Config) -> RestartRules:
     s = config.supervisor
     return RestartRules(
@@ -98,13 +78,13 @@ class Supervisor:
         self.notifier = Notifier()
         rules = rules_of(config)
         child_main = [sys.executable, "-m", "aiosd.child"]
-        self.children = [Child("scheduler", "scheduler", [*child_main, "scheduler"], ProcMachine(rules))]
+        self.children = [Child(roles.SCHEDULER, roles.SCHEDULER, [*child_main, roles.SCHEDULER],
+                               ProcMachine(rules))]
         for core in config.llm.cores:
             self.children.append(
-                Child(core.name, "llm", [*child_main, "llm", core.name], ProcMachine(rules))
+                Child(core.name, roles.LLM, [*child_main, roles.LLM, core.name], ProcMachine(rules))
             )
-        # The kernel services: child name -> the resource (worker kind) it serves.
-        for name, kind in (("storage", "storage"), ("memory", "memory"), ("tools", "tool")):
+        for name, (kind, _) in roles.SERVICES.items():
             self.children.append(Child(name, kind, [*child_main, name], ProcMachine(rules)))
         self.stopping = False
         self.ready = False
@@ -119,34 +99,14 @@ class Supervisor:
 
     def lock(self) -> None:
         """Take the runtime directory: one aiosd per directory."""
-        prepare_dir(self.runtime_dir)
-        prepare_dir(self.data_dir)
-        pidfile = self.runtime_dir / paths.PID_FILE
-        fd = os.open(pidfile, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                other = pidfile.read_text().strip() or "?"
-                raise AlreadyRunning(
-                    f"aiosd is already running on {self.runtime_dir} (pid {other})"
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        rundir.prepare_dir(self.runtime_dir)
+        rundir.prepare_dir(self.data_dir)
+        self._lock_fd = rundir.lock(self.runtime_dir)
 
     def unlock(self) -> None:
-        from .scheduler.server import remove_sockets
-
-        remove_sockets(self.runtime_dir)
+        rundir.remove_sockets(self.runtime_dir)
         if self._lock_fd is not None:
-            try:
-                (self.runtime_dir / paths.PID_FILE).unlink()
-            except FileNotFoundError:
-                pass
-            os.close(self._lock_fd)
+            rundir.unlock(self.runtime_dir, self._lock_fd)
             self._lock_fd = None
 
     def child_env(self) -> dict[str, str]:
@@ -169,7 +129,7 @@ class Supervisor:
     def credential_of(self, child: Child) -> str:
         """What ``child`` is given: the secret itself for the scheduler,
         which checks everyone; its own credential for any other."""
-        return self.token if child.kind == "scheduler" else credentials.derive(self.token, child.name)
+        return self.token if child.kind == roles.SCHEDULER else credentials.derive(self.token, child.name)
 
     def spawn(self, child: Child) -> None:
         now = time.monotonic()
@@ -201,7 +161,7 @@ class Supervisor:
             code = procs.exit_code(status)
             child.popen.returncode = code  # tell Popen it is reaped
             was = child.machine.state
-            child.machine.exited(time.monotonic(), code, permanent=code == EX_CONFIG)
+            child.machine.exited(time.monotonic(), code, permanent=code == roles.EX_CONFIG)
             level = logging.INFO if was is ProcState.STOPPING else logging.WARNING
             log.log(level, "%s (pid %d) ended: %s; now %s", child.name, pid,
                     procs.describe_exit(code), child.machine.state.value)

@@ -18,14 +18,15 @@ import libaios
 from libaios import errors, protocol
 from libaios.protocol import Message, MsgType
 
-from .. import confine, credentials
+from .. import confine, credentials, roles
 from .agents import Agent, agent_name_ok
 from .approvals import Approval
 from .calls import Call, CallState
 from .peers import Session
 
 #: The kernel services besides the LLM cores: worker name -> kind.
-SERVICES = {"memory": "memory", "storage": "storage", "tools": "tool"}
+#: kernel service -> the worker kind it registers as
+SERVICES = {name: kind for name, (kind, _) in roles.SERVICES.items()}
 
 
 #: Agents in one page of admin.ps by default, and at most.

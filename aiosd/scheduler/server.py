@@ -33,7 +33,7 @@ from libaios import errors, paths, protocol
 from libaios.protocol import Message, MsgType
 from libaios.wire import send_frames
 
-from .. import confine, credentials, procs
+from .. import confine, credentials, procs, rundir
 from ..config import Config
 from . import access
 from . import policy as policies
@@ -124,6 +124,7 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
             MsgType.WORKER_READY: self.on_worker_ready,
             MsgType.WORKER_HEARTBEAT: self.on_worker_heartbeat,
             MsgType.PARTIAL: self.on_worker_result,
+            MsgType.WORKER_PROGRESS: self.on_worker_result,
             MsgType.REPLY: self.on_worker_result,
             MsgType.ERROR: self.on_worker_result,
         }
@@ -420,17 +421,7 @@ class Scheduler(ClientCalls, AdminCalls, WorkerMessages, Dispatch):
     def close(self) -> None:
         for sock in (self.clients, self.workers_sock, self.events):
             sock.close()
-        remove_sockets(self.runtime_dir)
-
-
-def remove_sockets(runtime_dir: Path) -> None:
-    """Remove the kernel's socket files, so no client mistakes a stale one
-    for a running kernel."""
-    for name in (paths.KERNEL_SOCKET, paths.WORKERS_SOCKET, paths.EVENTS_SOCKET):
-        try:
-            (runtime_dir / name).unlink()
-        except FileNotFoundError:
-            pass
+        rundir.remove_sockets(self.runtime_dir)
 
 
 def serve(config: Config, runtime_dir: Path) -> None:

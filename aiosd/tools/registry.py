@@ -59,7 +59,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jsonschema
 from jsonschema.exceptions import best_match
@@ -67,9 +67,6 @@ from jsonschema.exceptions import best_match
 from libaios.errors import InvalidArgument, NotFound
 
 from ..config import ToolsConfig
-
-if TYPE_CHECKING:
-    from ..kernel_client import KernelClient
 
 log = logging.getLogger(__name__)
 
@@ -294,22 +291,6 @@ class Registry:
             changes["read_only"] = bool(getattr(limit, "read_only", False)) or tool.read_only
             changes["destructive"] = bool(getattr(limit, "destructive", False)) or tool.destructive
             self.tools[limit.name] = replace(tool, **changes)
-
-    @classmethod
-    def from_config(cls, cfg: ToolsConfig, kernel: KernelClient | None = None,
-                    mcp_tools: Iterable[Tool] = ()) -> Registry:
-        """The registry ``cfg`` describes: built-ins, entry points, then the
-        given MCP tools (connecting to servers is the bridge's business),
-        with the limits applied."""
-        from .builtins import builtin_tools
-
-        registry = cls()
-        registry.add_all(builtin_tools(cfg, kernel))
-        if cfg.entry_points:
-            registry.load_entry_points()
-        registry.add_all(mcp_tools)
-        registry.apply_limits(cfg)
-        return registry
 
     def get(self, name: Any) -> Tool:
         tool = self.tools.get(name) if isinstance(name, str) else None

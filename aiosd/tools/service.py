@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -35,9 +36,10 @@ import msgpack
 from libaios.errors import AIOSError, BackendError, Cancelled, Timeout, TooLarge
 from libaios.protocol import MAX_BODY_BYTES, MsgType
 
-from ..config import Config
+from ..config import Config, ToolsConfig
 from ..kernel_client import KernelClient
 from ..worker import Handler, Task, WorkerRuntime
+from .builtins import builtin_tools
 from .mcp_tools import McpBridge
 from .registry import Context, Registry, Tool
 from .sandbox import landlock_status
@@ -168,12 +170,26 @@ def capacity_of(registry: Registry) -> int:
     return max(MIN_CAPACITY, sum(t.concurrency for t in registry.tools.values()))
 
 
+def registry_of(cfg: ToolsConfig, kernel: KernelClient | None = None,
+                mcp_tools: Iterable[Tool] = ()) -> Registry:
+    """The registry ``cfg`` describes: built-ins, entry points, then the
+    given MCP tools (connecting to servers is the bridge's business), with
+    the limits applied."""
+    registry = Registry()
+    registry.add_all(builtin_tools(cfg, kernel))
+    if cfg.entry_points:
+        registry.load_entry_points()
+    registry.add_all(mcp_tools)
+    registry.apply_limits(cfg)
+    return registry
+
+
 def build(config: Config, kernel: KernelClient | None) -> tuple[Registry, McpBridge | None]:
     """The registry, and the bridge holding the MCP servers (if any)."""
     bridge = McpBridge(config.tools.mcp) if config.tools.mcp else None
     try:
         mcp_tools = bridge.start() if bridge is not None else []
-        registry = Registry.from_config(config.tools, kernel, mcp_tools)
+        registry = registry_of(config.tools, kernel, mcp_tools)
     except BaseException:
         if bridge is not None:
             bridge.close()

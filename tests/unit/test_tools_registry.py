@@ -20,6 +20,7 @@ from aiosd.tools.registry import (
     parameters_from_signature,
     tool_from_object,
 )
+from aiosd.tools.service import registry_of
 from libaios.errors import InvalidArgument, NotFound
 
 ALL_BUILTINS = {"calculator", "python", "read_file", "write_file", "list_files"}
@@ -190,7 +191,7 @@ def test_from_config_builtins_subset_and_limits() -> None:
     cfg = from_dict({"tools": {"builtin": ["calculator", "read_file"], "entry_points": False,
                                "limits": [{"name": "read_file", "concurrency": 2,
                                            "timeout": 5.0}]}}).tools
-    reg = Registry.from_config(cfg)
+    reg = registry_of(cfg)
     assert set(reg.tools) == {"calculator", "read_file"}
     assert reg.info()["read_file"]["concurrency"] == 2
 
@@ -248,7 +249,7 @@ def test_entry_points(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCapture
 
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
     caplog.set_level(logging.ERROR)
-    reg = Registry.from_config(ToolsConfig(builtin=["calculator"]))
+    reg = registry_of(ToolsConfig(builtin=["calculator"]))
     assert seen == ["aios.tools"]
     assert set(reg.tools) == {"calculator", "shout", "wipe", "weather"}
     assert reg.tools["calculator"].source == "builtin"
@@ -279,7 +280,7 @@ def test_entry_points_off(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("entry points were read although tools.entry_points is off")
 
     monkeypatch.setattr(importlib.metadata, "entry_points", boom)
-    reg = Registry.from_config(ToolsConfig(builtin=[], entry_points=False))
+    reg = registry_of(ToolsConfig(builtin=[], entry_points=False))
     assert reg.tools == {}
 
 
