@@ -132,7 +132,8 @@ class DirectOS:
     def chat(self, messages: list[dict[str, Any]] | str, **options: Any) -> Any:
         from llama_cpp import LlamaGrammar
 
-        from aiosd.llm import request, structured
+        from aiosd import chat as request
+        from aiosd.llm import structured
         from libaios.client import ChatResult, chat_body
 
         req = request.parse(chat_body(messages, **options))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .request import ChatRequest
+from ..chat import ChatRequest
 
 #: takes a piece of text, or a delta as a map (``{"text": ...}`` or ``{"tool_calls": [...]}``)
 Emit = Callable[[str | dict[str, Any]], None]

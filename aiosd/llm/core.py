@@ -16,9 +16,9 @@ from typing import Any
 
 from libaios.protocol import MsgType
 
+from .. import chat as request
 from ..config import Config, CoreConfig
 from ..worker import Task, WorkerRuntime
-from . import request
 from .backend import Backend, CallContext
 
 log = logging.getLogger(__name__)

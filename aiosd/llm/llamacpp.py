@@ -20,10 +20,10 @@ from typing import Any
 
 from libaios.errors import AIOSError, BackendError, InvalidArgument
 
+from ..chat import ChatRequest
 from ..config import ConfigError, CoreConfig
 from . import structured
 from .backend import CallContext, ChatOutput, StopScanner
-from .request import ChatRequest
 from .snapshots import SnapshotStore, snapshot_dir
 from .toolstream import ToolCallStream
 

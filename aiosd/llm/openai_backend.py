@@ -16,10 +16,10 @@ from typing import Any
 
 from libaios.errors import BackendError, InvalidArgument, ToolCallIncomplete, Unavailable
 
+from ..chat import ChatRequest, json_object
 from ..config import CoreConfig
 from . import structured
 from .backend import CallContext, ChatOutput, Emit, StopScanner
-from .request import ChatRequest, json_object
 from .toolstream import arguments_delta, header_delta
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from libaios.errors import InvalidArgument, ToolCallIncomplete
 
+from ..chat import ChatRequest
 from . import budget as budgets
-from .request import ChatRequest
 
 #: The most calls one answer may make at once (``parallel_tool_calls``).
 PARALLEL_MAX = 4

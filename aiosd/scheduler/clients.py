@@ -16,8 +16,8 @@ import libaios
 from libaios import errors, protocol
 from libaios.protocol import ErrorCode, Message, MsgType
 
+from .. import chat as chat_request
 from .. import credentials
-from ..llm import request as chat_request
 from . import access
 from .agents import agent_name_ok
 from .calls import Call

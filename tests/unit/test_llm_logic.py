@@ -6,7 +6,8 @@ import json
 import jsonschema
 import pytest
 
-from aiosd.llm import request, structured
+from aiosd import chat as request
+from aiosd.llm import structured
 from aiosd.llm.backend import StopScanner
 from libaios.errors import InvalidArgument
 

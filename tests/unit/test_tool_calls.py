@@ -11,7 +11,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from aiosd.llm import budget, request, structured
+from aiosd import chat as request
+from aiosd.llm import budget, structured
 from aiosd.llm.toolstream import ToolCallStream
 from libaios.errors import InvalidArgument, ToolCallIncomplete
 

@@ -17,8 +17,8 @@ from typing import Any
 import psutil
 import pytest
 
+from aiosd import chat as chat_request
 from aiosd.config import McpServerConfig, from_dict
-from aiosd.llm import request as chat_request
 from aiosd.tools.mcp_tools import McpBridge, tool_name
 from aiosd.tools.registry import Context, Registry
 from libaios import errors

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from aiosd import chat as chat_request
 from aiosd.config import ToolLimits, ToolsConfig, from_dict
-from aiosd.llm import request as chat_request
 from aiosd.tools.builtins import builtin_tools, calculator
 from aiosd.tools.registry import (
     Context,

@@ -1,4 +1,5 @@
-"""The ``llm.chat`` request: checked once, in the scheduler, before it queues.
+"""The ``llm.chat`` request: checked by the scheduler before it queues, and
+read by the LLM cores (and so in neither's package).
 
 Pure logic, no I/O. Every rejection names the field and what was wrong, and
 is raised as :class:`libaios.errors.InvalidArgument`.
