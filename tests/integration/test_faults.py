@@ -41,17 +41,15 @@ def test_core_killed_during_a_call_is_restarted_and_the_caller_answered(make_dae
                 outcome["error"] = exc
 
     t = threading.Thread(target=call)
-    started = time.monotonic()
     t.start()
     d.wait_for(lambda s: running_calls(s) == 1, what="the call to run")
     os.kill(old_pid, signal.SIGKILL)
     t.join(timeout=150)
     assert not t.is_alive(), "the caller hung"
-    assert time.monotonic() - started < 150
-    if "error" in outcome:
-        assert outcome["error"].retriable, outcome["error"]
-    else:
-        assert outcome["reply"].usage["completion_tokens"] > 0
+    # nothing had streamed, and kernel.max_redispatch is 1: the call runs
+    # again on the restarted core, and its caller gets the answer
+    assert "error" not in outcome, outcome
+    assert outcome["reply"].usage["completion_tokens"] > 0
     status = d.wait_for(lambda s: s["ready"] and d.core_pid() not in (old_pid, None),
                         what="the core to come back")
     core = next(p for p in status["procs"] if p["name"] == "core0")
@@ -232,7 +230,8 @@ def test_async_clients_carry_on_after_the_scheduler_restarts(make_daemon) -> Non
         async with aio.connect(d.endpoint, name="async", timeout=300) as aios:
             assert (await aios.null())["core"] == "core0"
             out = asyncio.ensure_future(aios.chat("Tell a long story.", **LONG))
-            await asyncio.sleep(0.5)
+            await asyncio.to_thread(d.wait_for, lambda s: s["running"] >= 1,
+                                    what="the chat to run")
             os.kill(sched["pid"], signal.SIGKILL)
             with pytest.raises(errors.WorkerLost) as info:
                 await asyncio.wait_for(out, 120)   # its own deadline is 300 s
