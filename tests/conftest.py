@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -218,3 +219,31 @@ def make_daemon(short_tmp: Path) -> Iterator[Callable[..., Daemon]]:
     finally:
         for d in started:
             d.stop()
+
+
+def pending_approval(d: Daemon, name: str | None = None, timeout: float = 60) -> dict[str, Any]:
+    """The first pending approval (of agent ``name``, if given), once one appears."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with d.client(operator=True) as op:
+            rows = [r for r in op.call(MsgType.ADMIN_APPROVALS)["approvals"]
+                    if name is None or r["name"] == name]
+        if rows:
+            return rows[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no approval request{f' of {name}' if name else ''} appeared")
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``fn`` on a thread: its value or its AIOSError lands in the dict."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except errors.AIOSError as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out

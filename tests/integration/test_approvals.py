@@ -7,9 +7,7 @@ before its caller's own timeout."""
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,7 +16,7 @@ import libaios
 from libaios import errors
 from libaios.protocol import MsgType
 
-from ..conftest import Daemon
+from ..conftest import Daemon, in_thread, pending_approval
 
 pytestmark = pytest.mark.integration
 
@@ -33,32 +31,6 @@ def _requested(d: Daemon, agent: str) -> list[dict[str, Any]]:
     result = d.ctl("audit", "--json", "--agent", agent, "--limit", "1000")
     assert result.returncode == 0, result.stderr
     return [r for r in json.loads(result.stdout) if r["event"] == "approval.requested"]
-
-
-def _pending(d: Daemon, name: str, timeout: float = 60) -> dict[str, Any]:
-    """The pending approval of agent ``name``, once it appears."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with d.client(operator=True) as op:
-            rows = [r for r in op.call(MsgType.ADMIN_APPROVALS)["approvals"] if r["name"] == name]
-        if rows:
-            return rows[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no approval request of {name} appeared")
-
-
-def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except errors.AIOSError as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
 
 
 @pytest.fixture
@@ -125,8 +97,8 @@ def test_rollback_shows_the_key_and_versions_and_runs_when_approved(
     agent.storage.put("doc", "v1")
     with daemon.client(operator=True) as op:  # (an operator's overwrite needs no approval)
         op.storage.put("doc", "v2", agent=name)
-    t, out = _in_thread(lambda: agent.storage.rollback("doc", 1, timeout=120))
-    pending = _pending(daemon, name)
+    t, out = in_thread(lambda: agent.storage.rollback("doc", 1, timeout=120))
+    pending = pending_approval(daemon, name)
     assert pending["op"] == "storage.rollback"
     assert pending["values"] == {"key": "doc", "to_version": 1, "current_version": 2}
     listing = daemon.ctl("approvals")
@@ -145,8 +117,8 @@ def test_memory_delete_shows_the_item_and_obeys_the_decision(daemon: Daemon,
     item = agent.memory.add(text)
     name = agent.identity["name"]
     for decision in ("deny", "approve"):
-        t, out = _in_thread(lambda: agent.memory.delete(item["id"], timeout=120))
-        pending = _pending(daemon, name)
+        t, out = in_thread(lambda: agent.memory.delete(item["id"], timeout=120))
+        pending = pending_approval(daemon, name)
         assert pending["op"] == "memory.delete"
         assert pending["values"]["id"] == item["id"]
         preview = pending["values"]["text"]
@@ -166,15 +138,15 @@ def test_memory_delete_shows_the_item_and_obeys_the_decision(daemon: Daemon,
 def test_delete_and_overwrite_show_the_key(daemon: Daemon, agent: libaios.Client) -> None:
     name = agent.identity["name"]
     agent.storage.put("keep", "me")
-    t, out = _in_thread(lambda: agent.storage.put("keep", "you", timeout=120))
-    pending = _pending(daemon, name)
+    t, out = in_thread(lambda: agent.storage.put("keep", "you", timeout=120))
+    pending = pending_approval(daemon, name)
     assert (pending["op"], pending["values"]) == ("storage.overwrite",
                                                   {"key": "keep", "current_version": 1})
     assert daemon.ctl("deny", pending["id"]).returncode == 0
     t.join(120)
     assert isinstance(out.get("error"), errors.PermissionDenied), out
-    t, out = _in_thread(lambda: agent.storage.delete("keep", timeout=120))
-    pending = _pending(daemon, name)
+    t, out = in_thread(lambda: agent.storage.delete("keep", timeout=120))
+    pending = pending_approval(daemon, name)
     assert (pending["op"], pending["values"]) == ("storage.delete", {"key": "keep", "versions": 1})
     assert daemon.ctl("deny", pending["id"]).returncode == 0
     t.join(120)

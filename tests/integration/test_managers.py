@@ -18,7 +18,7 @@ import pytest
 from libaios import errors
 from libaios.protocol import MsgType
 
-from ..conftest import Daemon, daemon_with
+from ..conftest import Daemon, daemon_with, in_thread, pending_approval
 
 pytestmark = pytest.mark.integration
 
@@ -176,36 +176,11 @@ def test_cross_agent_access_follows_the_groups(grouped: Daemon) -> None:
     assert '"access.denied"' in records.stdout
 
 
-def _pending(d: Daemon, timeout: float = 30) -> dict[str, Any]:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with d.client(operator=True) as op:
-            rows = op.call(MsgType.ADMIN_APPROVALS)["approvals"]
-        if rows:
-            return rows[0]
-        time.sleep(0.05)
-    raise AssertionError("no approval request appeared")
-
-
-def _in_thread(fn) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except errors.AIOSError as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
-
-
 def test_overwrite_waits_for_approval_and_runs_when_granted(grouped: Daemon) -> None:
     with grouped.client(name="dave") as dave:
         dave.storage.put("doc", "v1")
-        t, out = _in_thread(lambda: dave.storage.put("doc", "v2", timeout=60))
-        pending = _pending(grouped)
+        t, out = in_thread(lambda: dave.storage.put("doc", "v2", timeout=60))
+        pending = pending_approval(grouped, timeout=30)
         assert pending["op"] == "storage.overwrite" and pending["name"] == "dave"
         assert grouped.ctl("approve", pending["id"]).returncode == 0
         t.join(60)
@@ -217,8 +192,8 @@ def test_overwrite_waits_for_approval_and_runs_when_granted(grouped: Daemon) -> 
 def test_delete_denied_by_the_operator(grouped: Daemon) -> None:
     with grouped.client(name="erin") as erin:
         erin.storage.put("keep", "me")
-        t, out = _in_thread(lambda: erin.storage.delete("keep", timeout=60))
-        pending = _pending(grouped)
+        t, out = in_thread(lambda: erin.storage.delete("keep", timeout=60))
+        pending = pending_approval(grouped, timeout=30)
         assert pending["op"] == "storage.delete"
         listing = grouped.ctl("approvals")
         assert pending["id"] in listing.stdout
@@ -234,9 +209,9 @@ def test_memory_update_waits_for_approval_and_a_denied_one_changes_nothing(group
     with grouped.client(name="erin") as erin:
         item = erin.memory.add("the meeting is on Monday")
         for decision in ("deny", "approve"):
-            t, out = _in_thread(lambda: erin.memory.update(item["id"], text="on Friday",
+            t, out = in_thread(lambda: erin.memory.update(item["id"], text="on Friday",
                                                            timeout=60))
-            pending = _pending(grouped)
+            pending = pending_approval(grouped, timeout=30)
             assert pending["op"] == "memory.update" and pending["name"] == "erin"
             assert grouped.ctl(decision, pending["id"]).returncode == 0
             t.join(60)
@@ -314,9 +289,9 @@ def test_saturated_slow_tool_does_not_block_other_calls(tooled: Daemon) -> None:
     # python's concurrency is 1: a second python call must wait, but the
     # calculator calls queued behind it run meanwhile
     slow = "import time\ntime.sleep(4)\nprint('slept')"
-    t1, out1 = _in_thread(lambda: tooled.client(name="slow1").tools.call("python", {"code": slow}))
+    t1, out1 = in_thread(lambda: tooled.client(name="slow1").tools.call("python", {"code": slow}))
     tooled.wait_for(lambda s: s["tools_running"].get("python") == 1, what="python to run")
-    t2, out2 = _in_thread(lambda: tooled.client(name="slow2").tools.call("python", {"code": slow}))
+    t2, out2 = in_thread(lambda: tooled.client(name="slow2").tools.call("python", {"code": slow}))
     tooled.wait_for(lambda s: s["queues"]["tool"] == 1, what="the second python call to queue")
     with tooled.client(name="quick") as c:
         for i in range(5):
@@ -350,7 +325,7 @@ def test_mcp_server_dies_with_a_killed_tool_worker(make_daemon) -> None:
     (server,) = [p for p in psutil.Process(worker).children()
                  if any("mcp_server.py" in part for part in p.cmdline())]
     mark = d.root / "frozen"
-    t, out = _in_thread(lambda: d.client(name="freezer").tools.call(
+    t, out = in_thread(lambda: d.client(name="freezer").tools.call(
         "demo__freeze", {"seconds": 90, "mark": str(mark)}, timeout=120))
     end = time.monotonic() + 60
     while not mark.exists():
