@@ -89,7 +89,6 @@ class Plan:
     rules: tuple[tuple[str, int], ...] = ()
     abi: int = 0
     death_signal: int = signal.SIGTERM
-    notes: list[str] = field(default_factory=list, compare=False)
 
     def preexec(self) -> Callable[[], None]:
         def setup() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import zmq
 
@@ -19,7 +19,7 @@ from libaios.protocol import ErrorCode, Message, MsgType
 from .. import chat as chat_request
 from .. import credentials
 from . import access
-from .agents import agent_name_ok
+from .agents import Agent, agent_name_ok
 from .calls import Call
 from .peers import Session, parent_of, peer_credentials
 
@@ -253,26 +253,26 @@ class ClientCalls:
                 "AIOS_AGENT_NAME)")
         holder = self.agents.live_launched(name)
         if holder is not None:
-            self._audit("hello.denied", {"name": name, "pid": pid, "holder": holder.id,
-                                         "why": "the name of a launched agent"})
-            raise errors.PermissionDenied(
-                f"hello: the name {name!r} belongs to agent {holder.id} (pid {holder.pid}), "
-                "which the kernel launched; choose another name (libaios.connect(name=...) "
-                "or AIOS_AGENT_NAME)")
+            self._name_taken(name, pid, holder, "a launched agent", "which the kernel launched")
         holder = self.agents.connected(name)
         if holder is not None:
             if peer_pid is not None and holder.pid == peer_pid:
                 # the same process, another connection (a thread's)
                 return Session(identity, name, operator=False, agent=holder)
-            self._audit("hello.denied", {"name": name, "pid": pid, "holder": holder.id,
-                                         "why": "the name of a connected agent"})
-            raise errors.PermissionDenied(
-                f"hello: the name {name!r} belongs to agent {holder.id} (pid {holder.pid}), "
-                "which is connected; a name is its holder's while it is connected: choose "
-                "another (libaios.connect(name=...) or AIOS_AGENT_NAME)")
+            self._name_taken(name, pid, holder, "a connected agent",
+                             "which is connected; a name is its holder's while it is connected")
         agent = self.agents.register(name, pid)
         self.publish(f"agent.{agent.id}.connected", {"agent": agent.id, "pid": pid})
         return Session(identity, name, operator=False, agent=agent)
+
+    def _name_taken(self, name: str, pid: int | None, holder: Agent, what: str,
+                    which: str) -> NoReturn:
+        """Refuse a hello under the name ``holder`` holds (and audit it)."""
+        self._audit("hello.denied", {"name": name, "pid": pid, "holder": holder.id,
+                                     "why": f"the name of {what}"})
+        raise errors.PermissionDenied(
+            f"hello: the name {name!r} belongs to agent {holder.id} (pid {holder.pid}), {which}: "
+            "choose another (libaios.connect(name=...) or AIOS_AGENT_NAME)")
 
     def _whoami(self, session: Session) -> dict[str, Any]:
         agent = session.agent
