@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml setup.cfg
 	@echo "==> upgrading pip"
 	$(BIN)/python -m pip install --progress-bar on --upgrade pip setuptools wheel
 	@echo "==> installing AIOS and its dependencies (llama-cpp-python compiles from source, about 4 minutes)"
-	$(BIN)/python -m pip install --no-cache-dir --progress-bar on -e '.[test]'
+	$(BIN)/python -m pip install --no-cache-dir --progress-bar on -e '.[test,bench]'
 	@touch $(STAMP)
 
 # Start aiosd in the background on the embedded model, run the demo agents,
@@ -44,6 +44,8 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration
 
+# The workload at N = 1, 8 and 32 agents (N=8: one size): prints the figures,
+# writes benchmarks/results/latest.json and draws it as latest.png.
 N ?=
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run $(if $(N),--n $(N),)

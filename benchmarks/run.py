@@ -1,8 +1,9 @@
 """``make bench``: the workload of N agents on aiosd, on agents calling the
 model directly, and on one shared OpenAI-compatible server; the lower
 bound for the workload on this machine; and the kernel's overhead for a null
-system call beside a bare pyzmq round trip. Prints figures and ratios and
-writes ``benchmarks/results/latest.json``.
+system call beside a bare pyzmq round trip. Prints figures and ratios,
+writes ``benchmarks/results/latest.json`` and draws it as
+``benchmarks/results/latest.png`` (``benchmarks.plot``).
 
     python -m benchmarks.run            # N = 1, 8 and 32
     python -m benchmarks.run --n 8      # one size
@@ -28,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from . import floor, workload
+from . import floor, plot, workload
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
@@ -544,6 +545,12 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
     print(f"results: {RESULTS.relative_to(ROOT)}")
+    try:
+        picture = plot.draw(RESULTS)
+    except ImportError as exc:  # the figures are written: only the picture is missing
+        print(f"no plot: {exc} (make install brings matplotlib)", file=sys.stderr)
+    else:
+        print(f"plot: {picture.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
