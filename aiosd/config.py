@@ -105,31 +105,13 @@ class CoreConfig:
     #: sequences, running and retained; beyond that the least recently used
     #: retained conversation is evicted from it (llamacpp; see evicted_mb).
     kv_mb: int = field(default=1536, metadata=_check("positive"))
-    #: RAM in MiB for the KV cells of conversations evicted from the KV
-    #: cache (a conversation's used cells only, about 22 KiB a token with the
-    #: embedded model): an agent whose conversation is kept here starts its
-    #: next call from those cells instead of prefilling its conversation
-    #: again. Past the bound the least recently evicted are dropped; 0 keeps
-    #: none. Size it for the conversations of the agents that wait while
-    #: others run: agents served in turn come back in the order they were
-    #: evicted, so a bound too small for them all keeps none of the ones
-    #: needed next (llamacpp).
+    #: RAM in MiB for the cells of conversations evicted from the KV cache,
+    #: from which their agents' next calls start instead of prefilling again;
+    #: past it the least recently evicted go; 0 keeps none (llamacpp).
     evicted_mb: int = field(default=4096, metadata=_check("non-negative"))
-    #: Flash attention (llamacpp). On CPU it decodes faster at short
-    #: contexts (about a quarter, in the benchmark's rate probe), barely at a
-    #: few hundred tokens, and prefills short prompt chunks more slowly. Its
-    #: result depends on how a prompt is split into batches (64 rows or more
-    #: take another kernel) and on whether a call is decoded alone or beside
-    #: others (alone, past 512 cached tokens, its attention is split across
-    #: threads). So a prompt that starts from a shared or retained prefix,
-    #: or a resumed call, may decode to other tokens than one computed in one
-    #: piece. Off, a call's cells are the same whoever shares its steps and
-    #: however its prompt is cut into chunks, and a resumed call continues
-    #: with exactly the cells it had. One difference remains: a generated
-    #: token is computed as its sequence's only row in a pass, which
-    #: llama.cpp does slightly differently (in the last bits) from a prompt
-    #: token; so a retained conversation's answers need not have the cells
-    #: they get when the conversation is prefilled afresh.
+    #: Flash attention (llamacpp). On, greedy output may depend on how a
+    #: prompt is split and on which calls share a step; off (the default), a
+    #: call's cells do not: see docs/configuration.md.
     flash_attn: bool = False
     #: Decode threads; 0 means one per CPU the core may use (llamacpp).
     threads: int = field(default=0, metadata=_check("non-negative"))
