@@ -19,18 +19,17 @@ from libaios.protocol import MsgType
 from .test_client import bind_again, picky_answer
 
 
-async def kernel(router: zmq.asyncio.Socket, ignore: set[int], garble: set[int]) -> None:
-    """Answer each call with its own number, in bursts: every call that has
-    arrived is answered together, in reverse order; the calls numbered in
-    ``ignore`` get nothing."""
+async def kernel(router: zmq.asyncio.Socket, ignore: set[int], garble: set[int],
+                 burst: int) -> None:
+    """Answer each call with its own number, in one burst: once all ``burst``
+    calls have arrived (the hello comes alone, before them), every one is
+    answered together, in reverse order; the calls numbered in ``ignore``
+    get nothing."""
     while True:
         got = [await router.recv_multipart()]
-        await asyncio.sleep(0.05)   # let more arrive
-        while True:
-            try:
-                got.append(await router.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                break
+        if protocol.decode(got[0][2:]).type is not MsgType.HELLO:
+            while len(got) < burst:
+                got.append(await router.recv_multipart())
         for frames in reversed(got):
             msg = protocol.decode(frames[2:])
             if msg.type is MsgType.HELLO:
@@ -69,6 +68,21 @@ async def serving(tmp_path: Path, stand_in: Callable[[zmq.asyncio.Socket], Await
         router.close(0)
 
 
+async def bind_for_the_client(router: zmq.asyncio.Socket, endpoint: str) -> None:
+    """Bind ``router`` where a stand-in kernel just closed, and return once
+    the client's socket has connected to it. A call sent before the
+    client's socket has seen the old connection close is lost with it and
+    waits for its deadline (over TCP nothing else tells): its connection to
+    the new kernel is the sign that it has."""
+    monitor = router.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        bind_again(router, endpoint)
+        await asyncio.wait_for(monitor.recv_multipart(), 30.0)
+    finally:
+        router.disable_monitor()
+        monitor.close(0)
+
+
 def run(tmp_path: Path, ignore: set[int], calls: int, timeout: float,
         garble: frozenset[int] = frozenset()) -> list[object]:
     async def make(c: aio.AsyncClient) -> list[object]:
@@ -76,7 +90,8 @@ def run(tmp_path: Path, ignore: set[int], calls: int, timeout: float,
             *(c.call(MsgType.SYS_NULL, {"n": i}, timeout) for i in range(calls)),
             return_exceptions=True)
 
-    return asyncio.run(serving(tmp_path, lambda router: kernel(router, ignore, set(garble)), make))
+    return asyncio.run(serving(tmp_path, lambda router: kernel(router, ignore, set(garble), calls),
+                               make))
 
 
 def test_a_burst_of_replies_reaches_each_call(tmp_path: Path) -> None:
@@ -165,12 +180,8 @@ def test_calls_that_find_a_restarted_kernel_reconnect_once_and_all_go_through() 
             kernel["task"].cancel()
             kernel["router"].close(0)
             kernel["router"] = ctx.socket(zmq.ROUTER)
-            bind_again(kernel["router"], f"tcp://127.0.0.1:{port}")
             kernel["task"] = asyncio.create_task(picky(kernel["router"]))
-            # A call sent before the client's socket has seen the old
-            # connection close is lost with it and waits for its deadline
-            # (over TCP nothing else tells): give the socket time to see it.
-            await asyncio.sleep(0.3)
+            await bind_for_the_client(kernel["router"], f"tcp://127.0.0.1:{port}")
 
         try:
             async with aio.connect(f"tcp://127.0.0.1:{port}", name="test") as c:
@@ -201,14 +212,17 @@ def test_calls_a_restarted_kernel_answers_late_go_out_again_rather_than_fail() -
         known: set[bytes] = set()
         answered_one = False
         later: list[asyncio.Task[None]] = []
+        hello_again = asyncio.Event()
 
         async def answer_later(identity: bytes, reply: protocol.Message) -> None:
-            await asyncio.sleep(0.5)
+            await hello_again.wait()   # the client has connected afresh meanwhile
             await router.send_multipart([identity, *protocol.encode(reply)])
 
         while True:
             frames = await router.recv_multipart()
             msg = protocol.decode(frames[2:])
+            if msg.type is MsgType.HELLO and answered_one:
+                hello_again.set()
             reply = picky_answer(known, frames[0], msg, msg.body)
             if reply.type is MsgType.ERROR and answered_one:
                 later.append(asyncio.create_task(answer_later(frames[0], reply)))
@@ -227,9 +241,8 @@ def test_calls_a_restarted_kernel_answers_late_go_out_again_rather_than_fail() -
                 task.cancel()
                 router.close(0)
                 router = ctx.socket(zmq.ROUTER)
-                bind_again(router, f"tcp://127.0.0.1:{port}")
                 task = asyncio.create_task(slow(router))
-                await asyncio.sleep(0.3)   # (see the test above)
+                await bind_for_the_client(router, f"tcp://127.0.0.1:{port}")
                 return await asyncio.gather(
                     *(c.call(MsgType.SYS_NULL, {"n": i}, 10.0) for i in range(10)),
                     return_exceptions=True)
