@@ -1,49 +1,10 @@
-"""The tool registry: every tool's schema, limits and flags, and argument
-validation (jsonschema, Draft 2020-12) before a tool runs.
+"""The tool registry: every tool's schema, limits and flags, the tools of
+the ``aios.tools`` entry point group, ``tools.limits`` applied over them, and
+argument validation (jsonschema, Draft 2020-12) before a tool runs.
 
-A tool comes from one of three places, in this order of precedence (a later
-tool with a name already taken is refused and logged, so a plug-in can never
-shadow a built-in such as ``read_file``):
-
-1. the built-ins named in ``tools.builtin`` (:mod:`aiosd.tools.builtins`);
-2. Python entry points of group ``aios.tools`` (when ``tools.entry_points``);
-3. MCP servers (``tools.mcp``; :mod:`aiosd.tools.mcp_tools`).
-
-``tools.limits`` then overrides concurrency and timeout by tool name; its
-``destructive`` and ``read_only`` can only add a flag, never remove one
-(the config cannot tell "false" from "not given", and an override that only
-meant to change a timeout must not silently drop a destructive flag).
-
-Entry point contract
---------------------
-An entry point of group ``aios.tools`` loads to either
-
-* a :class:`Tool` (its own ``name`` is used; ``run(arguments, ctx)`` gets the
-  validated arguments and a :class:`Context`), or
-* a plain function carrying an ``__aios_tool__`` dict, for example::
-
-      def shout(text: str) -> str:
-          return text.upper()
-
-      shout.__aios_tool__ = {
-          "description": "Shout the text.",                    # else the docstring
-          "parameters": {"type": "object",                      # else derived from
-                         "properties": {"text": {"type": "string"}},   # the signature
-                         "required": ["text"]},
-          "concurrency": 4, "timeout": 30.0,                    # optional
-          "read_only": True, "destructive": False,              # optional
-      }
-
-  registered in the plug-in's ``pyproject.toml`` as
-  ``[project.entry-points."aios.tools"] shout = "mypkg.tools:shout"``.
-  The tool is named after the entry point; the function is called with the
-  validated arguments as keyword arguments, on a thread of its own, and
-  abandoned (the call fails with Timeout) when it runs past its timeout.
-  Its return value must be plain data (maps, lists, strings, numbers).
-  :func:`aios_tool` is a decorator that sets the attribute.
-
-Tool names must match ``^[A-Za-z0-9_-]{1,64}$`` (what OpenAI-style function
-calling accepts).
+Where tools come from, and the contract a third-party tool follows (a
+:class:`Tool`, or a function marked with :func:`aios_tool`):
+docs/tools.md.
 """
 
 from __future__ import annotations
@@ -207,7 +168,7 @@ def aios_tool(description: str | None = None, parameters: dict[str, Any] | None 
 
 
 def tool_from_object(name: str, obj: Any, source: str) -> Tool:
-    """A :class:`Tool` from what an entry point loaded (see the module doc)."""
+    """A :class:`Tool` from what an entry point loaded (see docs/tools.md)."""
     if isinstance(obj, Tool):
         return replace(obj, source=source, _validator=None)
     spec = getattr(obj, "__aios_tool__", None)
@@ -275,7 +236,9 @@ class Registry:
 
     def apply_limits(self, cfg: ToolsConfig) -> None:
         """Apply ``tools.limits``: concurrency and timeout replace the tool's;
-        destructive and read_only can only be added (see the module doc).
+        destructive and read_only can only be added: the config cannot tell
+        "false" from "not given", and an entry meant only to change a timeout
+        must not drop a destructive flag.
         A field set to None (should the config allow it) is left alone."""
         for limit in cfg.limits:
             tool = self.tools.get(limit.name)
