@@ -1,5 +1,5 @@
-"""A small MCP server over stdio, for the tests: ``add``, ``echo``, and
-``fail`` (which reports an error result), on the SDK's high-level server
+"""A small MCP server over stdio, for the tests: ``add``, ``echo``, ``fail``
+(which reports an error result), ``nap`` and ``freeze``, on the SDK's high-level server
 (``MCPServer``, called ``FastMCP`` before mcp 2)."""
 
 import time
@@ -29,9 +29,14 @@ def fail(reason: str) -> str:
 
 
 @server.tool()
-def nap(seconds: float) -> str:
-    """Sleep, then answer (for timeouts)."""
+def nap(seconds: float, mark: str = "", done: str = "") -> str:
+    """Sleep, then answer (for timeouts); creates the file ``mark``, if
+    given, as it begins, and the file ``done``, if given, once it wakes."""
+    if mark:
+        open(mark, "w").close()
     time.sleep(seconds)
+    if done:
+        open(done, "w").close()
     return "rested"
 
 

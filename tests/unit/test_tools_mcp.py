@@ -122,23 +122,35 @@ def test_arguments_are_validated_before_the_server_sees_them(bridge: Any) -> Non
         run(reg, "demo__add", {"a": 1})
 
 
-def test_timeout_then_the_server_still_answers(bridge: Any) -> None:
+def wait_for_file(path: Path, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < end, f"{path.name} never appeared"
+        time.sleep(0.02)
+
+
+def test_timeout_then_the_server_still_answers(bridge: Any, tmp_path: Path) -> None:
     _, reg = bridge
-    start = time.monotonic()
+    woke = tmp_path / "woke"
     with pytest.raises(errors.Timeout, match="^demo__nap: MCP server demo did not answer"):
-        run(reg, "demo__nap", {"seconds": 5}, ctx(timeout=0.5))
-    assert time.monotonic() - start < 4.5   # did not wait for the 5 s nap
+        run(reg, "demo__nap", {"seconds": 30, "done": str(woke)}, ctx(timeout=0.5))
+    assert not woke.exists()   # it did not wait for the nap to end
     assert run(reg, "demo__add", {"a": 1, "b": 1})["text"] == "2"
 
 
-def test_cancellation(bridge: Any) -> None:
+def test_cancellation(bridge: Any, tmp_path: Path) -> None:
     _, reg = bridge
     c = ctx()
-    threading.Timer(0.3, c.cancelled.set).start()
-    start = time.monotonic()
-    with pytest.raises(errors.Cancelled, match="^demo__nap: the call was cancelled"):
-        run(reg, "demo__nap", {"seconds": 5}, c)
-    assert time.monotonic() - start < 4.5   # did not wait for the 5 s nap
+    napping, woke = tmp_path / "napping", tmp_path / "woke"
+    canceller = threading.Thread(target=lambda: (wait_for_file(napping), c.cancelled.set()))
+    canceller.start()
+    try:
+        with pytest.raises(errors.Cancelled, match="^demo__nap: the call was cancelled"):
+            run(reg, "demo__nap", {"seconds": 30, "mark": str(napping), "done": str(woke)}, c)
+    finally:
+        c.cancelled.set()
+        canceller.join(60)
+    assert napping.exists() and not woke.exists()   # cancelled mid-nap, not waited for
 
 
 def test_concurrent_calls(bridge: Any) -> None:
