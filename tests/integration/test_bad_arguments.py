@@ -8,7 +8,6 @@ names, while a '..' component is still an escape."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import msgpack
@@ -48,10 +47,10 @@ def test_a_body_too_large_for_the_transport_is_refused_at_once(daemon: Daemon) -
     connection, and the caller wait out its timeout)."""
     value = b"x" * (100 * 1024 * 1024)
     with daemon.client(timeout=60) as c:
-        start = time.monotonic()
+        # refused by the client (a body the transport dropped would wait out
+        # the timeout: Timeout, not TooLarge)
         with pytest.raises(errors.TooLarge) as info:
             c.storage.put("huge", value)
-        assert time.monotonic() - start < 20
         assert "too large" in info.value.message and str(MAX_CALL_BODY_BYTES) in info.value.message
         assert f"{len(msgpack.packb({'key': 'huge', 'value': value}))} bytes" in info.value.message
         assert c.storage.put(f"small-{uuid.uuid4().hex}", b"x")["version"] == 1

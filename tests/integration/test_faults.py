@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from typing import Any
 
 import msgpack
@@ -77,14 +76,15 @@ def test_wedged_core_times_out_the_call_and_is_restarted(make_daemon) -> None:
     d: Daemon = make_daemon(extra_env={"AIOS_FAULT": "stall"})
     pid = d.core_pid()
     with d.client() as c:
-        begun = time.monotonic()
         with pytest.raises(errors.Timeout) as info:
             c.chat("hi", max_tokens=4, timeout=2.0)
-        assert time.monotonic() - begun < 10
         assert info.value.retriable
     # it ignored the cancel: the scheduler kills it and the supervisor restarts it
     d.wait_for(lambda s: s["ready"] and d.core_pid() not in (pid, None), timeout=60,
                what="a restarted core")
+    # and the call is settled: nothing of it runs or waits
+    d.wait_for(lambda s: s["running"] == 0 and not any(s["queues"].values()),
+               what="the timed-out call to be settled")
 
 
 def test_crashing_core_spends_its_restart_budget_and_is_reported_failed(make_daemon) -> None:

@@ -109,11 +109,10 @@ def test_a_dead_server_gives_a_retriable_error(make_daemon) -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     d: Daemon = make_daemon(config=remote_config(dead))
     with d.client() as c:
-        begun = time.monotonic()
-        with pytest.raises(errors.AIOSError) as info:
+        # said at once (not a Timeout at the call's deadline), and retriable
+        with pytest.raises(errors.Unavailable, match="cannot reach the model server") as info:
             c.chat("hi", max_tokens=4, timeout=60)
         assert info.value.retriable
-        assert time.monotonic() - begun < 60
 
 
 def test_remote_calls_are_preempted_text_based_and_resumed(server: Server, make_daemon) -> None:
