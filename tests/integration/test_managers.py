@@ -285,10 +285,37 @@ def test_tool_timeout(tooled: Daemon) -> None:
     assert result["timed_out"] is True
 
 
+#: Python that runs until the test lets it go: until a file ``go`` appears
+#: in its scratch directory (its working directory).
+HELD_PYTHON = "import os, time\nwhile not os.path.exists('go'):\n    time.sleep(0.01)\nprint('let go')"
+
+
+def let_python_go(d: Daemon, *threads: threading.Thread, timeout: float = 60) -> None:
+    """Let every python sandbox of ``d``'s tool worker go, and those that
+    start after them, until ``threads`` (their callers) have ended."""
+    end = time.monotonic() + timeout
+    while any(t.is_alive() for t in threads):
+        assert time.monotonic() < end, "the python calls did not end"
+        try:
+            boxes = psutil.Process(proc_pid(d, "tools")).children()
+        except psutil.Error:
+            boxes = []
+        for box in boxes:
+            try:
+                scratch = Path(box.cwd())
+                if scratch.name.startswith("aios-sandbox-"):
+                    (scratch / "go").touch()
+            except (psutil.Error, OSError):
+                pass   # (gone meanwhile)
+        for t in threads:
+            t.join(0.05)
+
+
 def test_saturated_slow_tool_does_not_block_other_calls(tooled: Daemon) -> None:
     # python's concurrency is 1: a second python call must wait, but the
-    # calculator calls queued behind it run meanwhile
-    slow = "import time\ntime.sleep(4)\nprint('slept')"
+    # calculator calls queued behind it run meanwhile (the python calls run
+    # until the test lets them go)
+    slow = HELD_PYTHON
     t1, out1 = in_thread(lambda: tooled.client(name="slow1").tools.call("python", {"code": slow}))
     tooled.wait_for(lambda s: s["tools_running"].get("python") == 1, what="python to run")
     t2, out2 = in_thread(lambda: tooled.client(name="slow2").tools.call("python", {"code": slow}))
@@ -301,9 +328,9 @@ def test_saturated_slow_tool_does_not_block_other_calls(tooled: Daemon) -> None:
             status = tooled.status()
             assert status["tools_running"].get("python") == 1 and status["queues"]["tool"] == 1
             assert "value" not in out1 and "value" not in out2
-    t1.join(60)
-    t2.join(60)
-    assert "slept" in out1["value"]["stdout"] and "slept" in out2["value"]["stdout"]
+    let_python_go(tooled, t1, t2)
+    assert "value" in out1 and "value" in out2, (out1, out2)
+    assert out1["value"]["stdout"] == "let go\n" and out2["value"]["stdout"] == "let go\n"
 
 
 def test_mcp_tool_listed_and_called(tooled: Daemon) -> None:
