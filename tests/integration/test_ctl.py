@@ -8,10 +8,14 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ..conftest import AGENTS, REPO, TEST_AGENTS, Daemon, base_env, run_ctl
+from libaios import errors
+from libaios.protocol import MsgType
+
+from ..conftest import AGENTS, REPO, TEST_AGENTS, Daemon, base_env, in_thread, run_ctl
 
 pytestmark = pytest.mark.integration
 
@@ -156,22 +160,30 @@ def test_sigterm_stops_every_process(make_daemon) -> None:
 def test_top_shows_calls_while_they_run(daemon: Daemon) -> None:
     import threading
 
-    done = threading.Event()
+    gave_up = threading.Event()
+    body = {"messages": [{"role": "user", "content": "Write a long story."}],
+            "max_tokens": 1500, "min_tokens": 1500, "temperature": 2.0, "seed": 3}
 
-    def long_call() -> None:
+    def long_call() -> Any:
         with daemon.client(name="topper") as c:
-            c.chat("Write a long story.", max_tokens=200, temperature=2.0, seed=3)
-        done.set()
+            return c.call(MsgType.LLM_CHAT, body, timeout=300, cancelled=gave_up)
 
-    t = threading.Thread(target=long_call)
-    t.start()
-    daemon.wait_for(lambda s: s["running"] >= 1, what="a running call")
-    view = json.loads(daemon.ctl("top", "--json").stdout)
-    rows = [c for c in view["status"]["calls"] if c["type"] == "llm.chat"]
-    assert rows and rows[0]["state"] in ("running", "queued")
-    human = daemon.ctl("top", "--once")
-    assert human.returncode == 0 and "LLM cores" in human.stdout
-    t.join(120)
+    t, out = in_thread(long_call)
+    try:
+        daemon.wait_for(lambda s: s["running"] >= 1, what="a running call")
+        view = json.loads(daemon.ctl("top", "--json").stdout)
+        rows = [c for c in view["status"]["calls"] if c["type"] == "llm.chat"]
+        assert rows and rows[0]["state"] in ("running", "queued")
+        human = daemon.ctl("top", "--once")
+        assert human.returncode == 0 and "LLM cores" in human.stdout
+    finally:
+        gave_up.set()   # its caller gives up and leaves: the kernel cancels the call
+        t.join(120)
+    assert not t.is_alive()
+    # given up on while it ran, or (on a fast machine) ended with all its tokens
+    assert isinstance(out.get("error"), errors.Cancelled) or (
+        out.get("value", {}).get("usage", {}).get("completion_tokens") == 1500), out
+    daemon.wait_for(lambda s: s["running"] == 0, what="the call to end")
     # the core's KV cache figures come with its heartbeats
     status = daemon.wait_for(lambda s: "seqs" in (s["cores"][0].get("stats") or {}),
                              what="the core's KV figures")
