@@ -1,7 +1,7 @@
 """The scheduler's operator calls (status, the call table, ps, kill,
 shutdown, the supervisor's process table, the audit log, approvals and their
-decisions) and agent.run. ``AdminCalls`` is a mixin of ``Scheduler``: its
-methods run on the scheduler's single thread and use its state."""
+decisions) and agent.run. ``AdminCalls`` works over the scheduler's state
+and outbox, and ends calls through the call lifecycle."""
 
 from __future__ import annotations
 
@@ -12,20 +12,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 import libaios
 from libaios import errors, protocol
 from libaios.protocol import Message, MsgType
 
 from .. import confine, credentials, roles
 from .agents import Agent, agent_name_ok
-from .approvals import Approval
 from .calls import Call, CallState
+from .clients import Handler
+from .lifecycle import Lifecycle
+from .outbox import Outbox
 from .peers import Session
+from .state import State
 
-#: The kernel services besides the LLM cores: worker name -> kind.
-#: kernel service -> the worker kind it registers as
+#: The kernel services besides the LLM cores: worker name -> the kind it registers as.
 SERVICES = {name: kind for name, (kind, _) in roles.SERVICES.items()}
 
 
@@ -35,80 +35,44 @@ PS_MOST = 5000
 
 
 class AdminCalls:
-    """The operator calls and agent.run of ``Scheduler``."""
+    """The operator calls and agent.run."""
 
-    # -- approvals -------------------------------------------------------------
+    def __init__(self, state: State, out: Outbox, life: Lifecycle) -> None:
+        self.state = state
+        self.out = out
+        self.life = life
+        self.handlers: dict[MsgType, Handler] = {
+            MsgType.AGENT_RUN: self.on_agent_run,
+            MsgType.ADMIN_STATUS: self.on_status,
+            MsgType.ADMIN_PS: self.on_ps,
+            MsgType.ADMIN_KILL: self.on_kill,
+            MsgType.ADMIN_SHUTDOWN: self.on_shutdown,
+            MsgType.ADMIN_PROCS: self.on_procs,
+            MsgType.ADMIN_APPROVALS: self.on_approvals,
+            MsgType.ADMIN_APPROVE: self.on_decide,
+            MsgType.ADMIN_DENY: self.on_decide,
+            MsgType.ADMIN_AUDIT: self.on_audit,
+        }
 
-    def _hold(self, call: Call, op: str, detail: str, now: float,
-              values: dict[str, Any] | None = None) -> None:
-        """Keep ``call`` until a person approves or denies it, or time runs
-        out. ``values``: what it would act on, as its worker found it (the
-        ``details`` of its APPROVAL_REQUIRED answer, less the op)."""
-        call.state = CallState.PENDING
-        shown = {k: v for k, v in (values or {}).items() if k != "op" and isinstance(k, str)}
-        approval = self.approvals.request(call, op, detail, now,
-                                          self.config.access.approval_timeout, shown)
-        info = approval.to_dict(now)
-        self.publish(f"approval.{approval.id}.requested", info)
-        self._audit("approval.requested", info)
+    # -- approvals ---------------------------------------------------------------
 
     def on_approvals(self, session: Session | None, identity: bytes, msg: Message) -> None:
         now = time.time()
-        rows = [a.to_dict(now) for a in self.approvals.pending.values()]
-        self.send_client(identity, protocol.reply(msg.id, {"approvals": rows}))
+        rows = [a.to_dict(now) for a in self.state.approvals.pending.values()]
+        self.out.send_client(identity, protocol.reply(msg.id, {"approvals": rows}))
 
     def on_decide(self, session: Session | None, identity: bytes, msg: Message) -> None:
         assert session is not None
         if not session.operator or session.internal:
             raise errors.PermissionDenied("only an operator (aiosctl) may decide approvals")
         approval_id = msg.body.get("id")
-        approval = self.approvals.take(approval_id) if isinstance(approval_id, str) else None
+        approval = self.state.approvals.take(approval_id) if isinstance(approval_id, str) else None
         if approval is None:
             raise errors.NotFound(f"no pending approval {approval_id!r}: see `aiosctl approvals`")
         now = time.time()
         granted = msg.type is MsgType.ADMIN_APPROVE
-        self._settle(approval, granted, f"by {session.name}", now)
-        self.send_client(identity, protocol.reply(msg.id, {"id": approval.id, "approved": granted}))
-
-    def _settle(self, approval: Approval, granted: bool, why: str, now: float) -> None:
-        call = approval.call
-        verdict = "approved" if granted else "denied"
-        info = {**approval.to_dict(now), "why": why}
-        self.publish(f"approval.{approval.id}.{verdict}", info)
-        self._audit(f"approval.{verdict}", info)
-        if call.kid not in self.calls:
-            return  # its caller is gone
-        call.wait_s += now - call.queued_at
-        if granted:
-            call.approved = True
-            call.state = CallState.QUEUED
-            call.queued_at = now
-            self.queues[call.resource].push(call)
-            self.dispatch()
-        else:
-            call.state = CallState.QUEUED  # so finish() accounts the wait, not service
-            call.queued_at = now
-            self.fail(call, errors.PermissionDenied(
-                f"{call.type.value} needs approval ({approval.op}) and was {verdict} {why}"
-            ), now)
-
-    # -- audit ------------------------------------------------------------------
-
-    def _audit(self, event: str, record: dict[str, Any]) -> None:
-        """Publish an access decision and append it to the audit log in storage."""
-        record = {"event": event, "time": time.time(), **record}
-        self.publish(f"audit.{event}", record)
-        if not self._can_ever_serve("storage"):
-            return
-        now = time.time()
-        call = Call(
-            kid=protocol.new_id(), client=None, client_call_id="", agent="kernel",
-            type=MsgType.AUDIT_APPEND, resource="storage", body={"record": record},
-            deadline=now + self.config.kernel.call_timeout, submitted=now, queued_at=now,
-            approved=True,
-        )
-        self.calls[call.kid] = call
-        self.queues["storage"].push(call)
+        self.life.settle(approval, granted, f"by {session.name}", now)
+        self.out.send_client(identity, protocol.reply(msg.id, {"id": approval.id, "approved": granted}))
 
     def on_audit(self, session: Session | None, identity: bytes, msg: Message) -> None:
         assert session is not None
@@ -121,9 +85,7 @@ class AdminCalls:
             body={k: v for k, v in msg.body.items() if k in ("after", "limit", "agent")},
             deadline=msg.deadline or now + 30, submitted=now, queued_at=now, approved=True,
         )
-        self.calls[call.kid] = call
-        self.queues["storage"].push(call)
-        self.dispatch()
+        self.life.submit(call)
 
     def on_agent_run(self, session: Session | None, identity: bytes, msg: Message) -> None:
         body = msg.body
@@ -163,23 +125,22 @@ class AdminCalls:
             raise errors.InvalidArgument(f"agent.run: 'cwd' {cwd!r} is not a directory")
         run_as = self._run_as(session)
         try:
-            plan = confine.plan(path, cwd, self.runtime_dir, self.data_dir, run_as,
-                                self.landlock_abi)
-            agent = self.agents.launch(path, args, name, cwd, env, plan)
+            plan = confine.plan(path, cwd, self.state.runtime_dir, self.state.data_dir, run_as,
+                                self.state.landlock_abi)
+            agent = self.state.agents.launch(path, args, name, cwd, env, plan)
         except (OSError, subprocess.SubprocessError) as exc:
-            self.users.release(run_as[0] if run_as else None)
+            self.state.users.release(run_as[0] if run_as else None)
             raise errors.InvalidArgument(f"agent.run: cannot start {path}: "
                                          f"{getattr(exc, 'strerror', None) or exc}") from None
-        for fd in agent.pipes:
-            self.poller.register(fd, zmq.POLLIN)
-        self.publish(f"agent.{agent.id}.started", {"agent": agent.id, "pid": agent.pid, "path": path})
+        self.out.watch.extend(agent.pipes)
+        self.out.publish(f"agent.{agent.id}.started", {"agent": agent.id, "pid": agent.pid, "path": path})
         info = {"agent": agent.id, "pid": agent.pid, "name": agent.name}
         if body.get("wait"):
             agent.watchers.append((identity, msg.id))
             session.watching.append(agent)
-            self.send_client(identity, protocol.partial(msg.id, {"event": "started", **info}))
+            self.out.send_client(identity, protocol.partial(msg.id, {"event": "started", **info}))
         else:
-            self.send_client(identity, protocol.reply(msg.id, info))
+            self.out.send_client(identity, protocol.reply(msg.id, info))
 
     def _run_as(self, session: Session) -> tuple[int, int] | None:
         """The uid and gid an agent that ``session`` starts runs as (None:
@@ -188,7 +149,7 @@ class AdminCalls:
         kernel_side = session.operator or session.internal or (
             session.agent is not None and session.agent.launched)
         caller = session.uid
-        if not kernel_side and caller is not None and caller != self.rules.daemon_uid:
+        if not kernel_side and caller is not None and caller != self.state.rules.daemon_uid:
             if os.getuid() != 0:
                 raise errors.PermissionDenied(
                     f"agent.run: aiosd runs as uid {os.getuid()} and cannot start a program as "
@@ -197,7 +158,7 @@ class AdminCalls:
         if os.getuid() != 0:
             return None
         try:
-            return self.users.allot()
+            return self.state.users.allot()
         except LookupError as exc:
             raise errors.Overloaded(f"agent.run: {exc}") from None
 
@@ -205,13 +166,13 @@ class AdminCalls:
         status = self.status()
         if msg.body.get("calls"):
             status["calls"] = self.call_table()
-        self.send_client(identity, protocol.reply(msg.id, status))
+        self.out.send_client(identity, protocol.reply(msg.id, status))
 
     def call_table(self) -> list[dict[str, Any]]:
         """Every call in the kernel now, for `aiosctl top`."""
         now = time.time()
         rows = []
-        for call in self.calls.values():
+        for call in self.state.calls.values():
             if call.client is None:
                 continue  # the kernel's own bookkeeping
             state = call.state.value
@@ -233,9 +194,9 @@ class AdminCalls:
     def status(self) -> dict[str, Any]:
         now = time.time()
         cores = []
-        for core in self.config.llm.cores:
-            worker = self.workers.get(core.name)
-            proc = next((p for p in self.procs if p.get("name") == core.name), {})
+        for core in self.state.config.llm.cores:
+            worker = self.state.workers.get(core.name)
+            proc = next((p for p in self.state.procs if p.get("name") == core.name), {})
             state = "ready" if worker else ("failed" if proc.get("state") == "fatal" else "starting")
             entry = {"name": core.name, "backend": core.backend, "state": state,
                      "proc": proc or None}
@@ -244,8 +205,8 @@ class AdminCalls:
             cores.append(entry)
         services = []
         for name, kind in SERVICES.items():
-            worker = self.workers.get(name)
-            proc = next((p for p in self.procs if p.get("name") == name), {})
+            worker = self.state.workers.get(name)
+            proc = next((p for p in self.state.procs if p.get("name") == name), {})
             state = "ready" if worker else ("failed" if proc.get("state") == "fatal" else "starting")
             entry = {"name": name, "kind": kind, "state": state}
             if worker:
@@ -254,42 +215,42 @@ class AdminCalls:
         return {
             "version": libaios.__version__,
             "pid": os.getpid(),
-            "supervisor_pid": self.supervisor_pid,
-            "runtime_dir": str(self.runtime_dir),
-            "started": self.started,
-            "uptime_s": round(now - self.started, 3),
+            "supervisor_pid": self.state.supervisor_pid,
+            "runtime_dir": str(self.state.runtime_dir),
+            "started": self.state.started,
+            "uptime_s": round(now - self.state.started, 3),
             # ready: nothing is still starting (every core and service serves
             # or has failed for good), and (under a supervisor) the process
             # table has arrived, so what status shows is complete;
             # healthy: and nothing failed
             "ready": all(c["state"] != "starting" for c in cores + services)
-            and (bool(self.procs) or not self.supervisor_token),
+            and (bool(self.state.procs) or not self.state.supervisor_token),
             "healthy": all(c["state"] == "ready" for c in cores + services),
-            "stopping": self.stopping,
-            "policy": self.config.scheduler.policy,
+            "stopping": self.state.stopping,
+            "policy": self.state.config.scheduler.policy,
             "cores": cores,
             "services": services,
-            "approvals": len(self.approvals.pending),
-            "procs": self.procs,
-            "queues": {name: len(q) for name, q in self.queues.items()},
-            "tools_running": {k: v for k, v in self.tool_running.items() if v},
-            "preemptions": self.preemptions,
-            "running": sum(len(w.inflight) for w in self.workers.values()),
-            "agents": sum(1 for a in self.agents.agents.values() if a.alive),
-            "sessions": len(self.sessions),
+            "approvals": len(self.state.approvals.pending),
+            "procs": self.state.procs,
+            "queues": {name: len(q) for name, q in self.state.queues.items()},
+            "tools_running": {k: v for k, v in self.state.tool_running.items() if v},
+            "preemptions": self.state.preemptions,
+            "running": sum(len(w.inflight) for w in self.state.workers.values()),
+            "agents": sum(1 for a in self.state.agents.agents.values() if a.alive),
+            "sessions": len(self.state.sessions),
             "confinement": self.confinement(),
         }
 
     def confinement(self) -> dict[str, Any]:
         """What keeps launched agents from the kernel, as in force here."""
         root = os.getuid() == 0
-        setting = self.config.kernel.agent_user
+        setting = self.state.config.kernel.agent_user
         if root:
             run_as = ("a dynamic user each (uids 61184-65519)" if setting == "dynamic"
                       else f"user {setting}")
         else:
             run_as = f"the daemon's user (uid {os.getuid()}): aiosd does not run as root"
-        abi = self.landlock_abi
+        abi = self.state.landlock_abi
         files = (f"Landlock ABI {abi}: no data or runtime directory, writes in /tmp, "
                  f"/var/tmp, /dev and the start directory only" if abi else
                  "by file permissions only: this kernel has no Landlock"
@@ -315,17 +276,17 @@ class AdminCalls:
                 raise errors.InvalidArgument(f"admin.ps: '{key}' must be a whole number >= 0")
         if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
             raise errors.InvalidArgument("admin.ps: 'ids' must be a list of agent ids")
-        agents = list(self.agents.agents.values())
+        agents = list(self.state.agents.agents.values())
         counts: dict[str, int] = {}
         for agent in agents:
             counts[agent.state.value] = counts.get(agent.state.value, 0) + 1
         if ids is not None:
-            chosen = [a for a in (self.agents.get(i) for i in ids) if a is not None]
+            chosen = [a for a in (self.state.agents.get(i) for i in ids) if a is not None]
         else:
             chosen = [a for a in reversed(agents) if a.alive or not body.get("live")]
         page = chosen[offset:offset + min(limit, PS_MOST)]
         calls: dict[tuple[str, CallState], int] = {}
-        for call in self.calls.values():
+        for call in self.state.calls.values():
             calls[call.agent, call.state] = calls.get((call.agent, call.state), 0) + 1
         now = time.time()
         rows = []
@@ -334,16 +295,16 @@ class AdminCalls:
             row["queued"] = calls.get((agent.id, CallState.QUEUED), 0)
             row["running"] = calls.get((agent.id, CallState.RUNNING), 0)
             rows.append(row)
-        self.send_client(identity, protocol.reply(
+        self.out.send_client(identity, protocol.reply(
             msg.id, {"agents": rows, "total": len(chosen), "offset": offset, "counts": counts}))
 
     def _find_agent(self, ref: Any) -> Agent:
         if isinstance(ref, str):
-            agent = self.agents.get(ref)
+            agent = self.state.agents.get(ref)
             if agent is not None:
                 return agent
         matches = [
-            a for a in self.agents.agents.values()
+            a for a in self.state.agents.agents.values()
             if a.alive and (a.name == ref or (isinstance(ref, int) and a.pid == ref)
                             or (isinstance(ref, str) and ref.isdigit() and a.pid == int(ref)))
         ]
@@ -364,19 +325,19 @@ class AdminCalls:
             )
         if not agent.alive:
             raise errors.NotFound(f"agent {agent.id} has already ended ({agent.state.value})")
-        self.agents.kill(agent, time.time())
-        self.forget_agent(agent)
-        self.send_client(identity, protocol.reply(msg.id, {"agent": agent.id, "pid": agent.pid}))
+        self.state.agents.kill(agent, time.time())
+        self.life.forget_agent(agent)
+        self.out.send_client(identity, protocol.reply(msg.id, {"agent": agent.id, "pid": agent.pid}))
 
     def on_shutdown(self, session: Session | None, identity: bytes, msg: Message) -> None:
         assert session is not None
-        self.send_client(identity, protocol.reply(msg.id, {"stopping": True}))
-        if session.name == "supervisor" and session.operator and self.supervisor_token:
-            self.stopping = True  # the supervisor's ladder, first rung
-        elif self.supervisor_pid:
-            os.kill(self.supervisor_pid, signal.SIGTERM)
+        self.out.send_client(identity, protocol.reply(msg.id, {"stopping": True}))
+        if session.name == "supervisor" and session.operator and self.state.supervisor_token:
+            self.state.stopping = True  # the supervisor's ladder, first rung
+        elif self.state.supervisor_pid:
+            os.kill(self.state.supervisor_pid, signal.SIGTERM)
         else:
-            self.stopping = True
+            self.state.stopping = True
 
     def on_procs(self, session: Session | None, identity: bytes, msg: Message) -> None:
         assert session is not None
@@ -384,10 +345,10 @@ class AdminCalls:
             raise errors.PermissionDenied("admin.procs comes from the supervisor only")
         procs = msg.body.get("procs")
         if isinstance(procs, list):
-            old = {p.get("name"): p.get("state") for p in self.procs}
-            self.procs = procs
+            old = {p.get("name"): p.get("state") for p in self.state.procs}
+            self.state.procs = procs
             for proc in procs:
                 if old.get(proc.get("name")) != proc.get("state"):
-                    self.publish(f"proc.{proc.get('name')}.{proc.get('state')}", proc)
-            self.fail_unservable(time.time())
-        self.send_client(identity, protocol.reply(msg.id, {}))
+                    self.out.publish(f"proc.{proc.get('name')}.{proc.get('state')}", proc)
+            self.life.fail_unservable(time.time())
+        self.out.send_client(identity, protocol.reply(msg.id, {}))

@@ -1,13 +1,14 @@
 """The scheduler's client messages: routing a client's frames to a handler,
 hello (binding a connection to an agent or an operator), whoami, and taking
-in a system call (its checks, its namespace, its queue). ``ClientCalls`` is a
-mixin of ``Scheduler``: its methods run on the scheduler's single thread and
-use its state."""
+in a system call (its checks, its namespace, its queue). ``ClientCalls``
+works over the scheduler's state and outbox; a call it takes in goes on
+through the call lifecycle."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import zmq
@@ -21,7 +22,10 @@ from .. import credentials
 from . import access
 from .agents import Agent, agent_name_ok
 from .calls import Call
+from .lifecycle import Lifecycle, unservable
+from .outbox import Outbox
 from .peers import Session, parent_of, peer_credentials
+from .state import State
 
 # the scheduler logs under one name, whichever of its modules a method is in
 log = logging.getLogger(__name__)
@@ -57,21 +61,40 @@ MAX_HELLO_BODY = 4096
 MAX_DEADLINE = 24 * 3600.0
 
 
-class ClientCalls:
-    """The client-message handlers of ``Scheduler``."""
+#: A client message's handler: (the session, None before hello; the
+#: connection's routing id; the message).
+Handler = Callable[[Session | None, bytes, Message], None]
 
-    # -- client messages -----------------------------------------------------
+
+class ClientCalls:
+    """Routes client messages to their handlers, and handles hello, whoami
+    and the system calls that are scheduled."""
+
+    def __init__(self, state: State, out: Outbox, life: Lifecycle) -> None:
+        self.state = state
+        self.out = out
+        self.life = life
+        #: the handler of each message type clients may send (the kernel
+        #: adds the operators' calls, see AdminCalls)
+        self.handlers: dict[MsgType, Handler] = {
+            MsgType.HELLO: self.on_hello,
+            **{mtype: self.on_schedulable for mtype in RESOURCES},
+            MsgType.AGENT_WHOAMI: self.on_whoami,
+        }
+        # the last client message's frame: what the OS says of its sender is
+        # read for hello only (every later message has a session)
+        self.peer_frame: zmq.Frame | None = None
 
     def on_client_frames(self, raw: list[zmq.Frame]) -> None:
         frames = [f.bytes for f in raw]
         identity = frames[0]
-        self._peer_frame = raw[-1]
+        self.peer_frame = raw[-1]
         try:
             _, payload = protocol.split_envelope(frames)
         except protocol.ProtocolError as exc:
-            self.send_client(identity, protocol.error(None, exc.code, exc.message))
+            self.out.send_client(identity, protocol.error(None, exc.code, exc.message))
             return
-        session = self.sessions.get(identity)
+        session = self.state.sessions.get(identity)
         size = len(payload[1]) if len(payload) == 2 else 0
         # Nothing is decoded before the size is known to be fit, nor, before
         # a connection has said who it is, anything but a small hello.
@@ -85,48 +108,48 @@ class ClientCalls:
                 f"the body is {size} bytes, too large: a call's body may be at most "
                 f"{MAX_CALL_BODY} bytes (what the kernel adds for its worker must fit too)")
         if refusal is not None:
-            self.reply_error(identity, protocol.peek_id(payload), refusal)
+            self.out.reply_error(identity, protocol.peek_id(payload), refusal)
             return
         try:
             msg = protocol.decode(payload)
         except protocol.ProtocolError as exc:
-            self.send_client(identity, protocol.error(protocol.peek_id(payload), exc.code, exc.message))
+            self.out.send_client(identity, protocol.error(protocol.peek_id(payload), exc.code, exc.message))
             return
-        handler = self.client_handlers.get(msg.type)
+        if msg.type is MsgType.BYE:   # the connection closes: nothing to answer
+            self.life.client_gone(identity)
+            return
+        handler = self.handlers.get(msg.type)
         if handler is None:
-            self.send_client(
+            self.out.send_client(
                 identity,
                 protocol.error(msg.id, ErrorCode.UNKNOWN_TYPE, f"{msg.type.value!r} is not a system call"),
             )
             return
         if msg.deadline is not None and msg.deadline < time.time():
-            self.reply_error(identity, msg.id, errors.Timeout(
+            self.out.reply_error(identity, msg.id, errors.Timeout(
                 f"{msg.type.value}: its deadline had passed when it arrived "
                 f"({time.time() - msg.deadline:.3f}s before); it was not run"))
             return
-        if msg.type is MsgType.BYE:
-            self.client_gone(identity)
-            return
         if session is None and msg.type is not MsgType.HELLO:
-            self.send_client(
+            self.out.send_client(
                 identity,
                 protocol.error(msg.id, ErrorCode.UNAUTHENTICATED, "this connection has not said hello"),
             )
             return
         if msg.type in OPERATOR_ONLY and not (session is not None and session.operator):
-            self.reply_error(identity, msg.id, errors.PermissionDenied(
+            self.out.reply_error(identity, msg.id, errors.PermissionDenied(
                 f"{msg.type.value} is for operators (aiosctl), not for agents"))
             return
-        if self.stopping and msg.type is not MsgType.ADMIN_STATUS:
-            self.reply_error(identity, msg.id, errors.ShuttingDown("aiosd is shutting down"))
+        if self.state.stopping and msg.type is not MsgType.ADMIN_STATUS:
+            self.out.reply_error(identity, msg.id, errors.ShuttingDown("aiosd is shutting down"))
             return
         try:
             handler(session, identity, msg)
         except errors.AIOSError as exc:
-            self.reply_error(identity, msg.id, exc)
+            self.out.reply_error(identity, msg.id, exc)
         except Exception as exc:  # a bug must cost one call, not the kernel
             log.exception("handling %s failed", msg.type.value)
-            self.reply_error(identity, msg.id, errors.InternalError(f"{type(exc).__name__}: {exc}"))
+            self.out.reply_error(identity, msg.id, errors.InternalError(f"{type(exc).__name__}: {exc}"))
 
     def on_hello(self, session: Session | None, identity: bytes, msg: Message) -> None:
         body = msg.body
@@ -137,29 +160,29 @@ class ClientCalls:
         token = body.get("token")
         pid = body.get("pid") if isinstance(body.get("pid"), int) else None
         if session is not None:  # a second hello on one connection changes nothing
-            self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
+            self.out.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
             return
-        peer_uid, peer_pid = (peer_credentials(self._peer_frame) if self._peer_frame is not None
+        peer_uid, peer_pid = (peer_credentials(self.peer_frame) if self.peer_frame is not None
                               else (None, None))
         if peer_pid is not None:
             pid = peer_pid  # what the OS says, not what the client wrote
-        kernel = bool(token and isinstance(token, str) and self.supervisor_token and (
-            token == self.supervisor_token or credentials.verify(self.supervisor_token, name, token)))
+        kernel = bool(token and isinstance(token, str) and self.state.supervisor_token and (
+            token == self.state.supervisor_token or credentials.verify(self.state.supervisor_token, name, token)))
         if not kernel:
             self._check_room(peer_uid, peer_pid)
         if kernel:
             # The supervisor (its secret) or one of the kernel's processes
             # (the credential of its name); the OS must confirm it is one.
-            self._check_kernel_process(name, peer_pid, supervisor=token == self.supervisor_token)
-            session = Session(identity, "supervisor" if token == self.supervisor_token else name,
+            self._check_kernel_process(name, peer_pid, supervisor=token == self.state.supervisor_token)
+            session = Session(identity, "supervisor" if token == self.state.supervisor_token else name,
                               operator=True, internal=True)
         elif token:
-            agent = self.agents.by_token(token) if isinstance(token, str) else None
+            agent = self.state.agents.by_token(token) if isinstance(token, str) else None
             if agent is None or not agent.alive:
-                self._audit("hello.denied", {"name": name, "pid": pid, "why": "bad credential"})
+                self.life.audit("hello.denied", {"name": name, "pid": pid, "why": "bad credential"})
                 raise errors.Unauthenticated("hello: the agent credential is not valid")
-            if peer_pid is not None and not self.agents.is_process_of(agent, peer_pid):
-                self._audit("hello.denied", {"name": agent.name, "pid": pid,
+            if peer_pid is not None and not self.state.agents.is_process_of(agent, peer_pid):
+                self.life.audit("hello.denied", {"name": agent.name, "pid": pid,
                                              "why": "credential used by another process"})
                 raise errors.Unauthenticated(
                     f"hello: the credential of {agent.id} was presented by pid {peer_pid}, "
@@ -170,34 +193,34 @@ class ClientCalls:
             session = self._hello_without_credential(identity, name, pid, bool(body.get("operator")),
                                                      peer_uid, peer_pid)
         session.pid, session.uid = peer_pid, peer_uid
-        self.add_session(session)
-        self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
+        self.state.add_session(session)
+        self.out.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
 
     def _check_room(self, uid: int | None, pid: int | None) -> None:
         """Refuse a connection past the per-process or per-uid limit."""
-        kernel = self.config.kernel
+        kernel = self.state.config.kernel
         for key, most, setting, who in (
                 (("pid", pid), kernel.max_sessions_per_process, "max_sessions_per_process",
                  f"process {pid}"),
                 (("uid", uid), kernel.max_sessions_per_uid, "max_sessions_per_uid",
                  f"the processes of uid {uid}")):
-            if key[1] is not None and self.session_counts[key] >= most:
+            if key[1] is not None and self.state.session_counts[key] >= most:
                 raise errors.Overloaded(
                     f"hello: {who} already {'holds' if key[0] == 'pid' else 'hold'} "
-                    f"{self.session_counts[key]} connections, the most "
+                    f"{self.state.session_counts[key]} connections, the most "
                     f"allowed (kernel.{setting}); close some, or raise the limit")
 
     def _check_kernel_process(self, name: str, peer_pid: int | None, supervisor: bool) -> None:
         """A kernel credential is honoured only from the process it belongs
         to, as the OS reports it: the supervisor's own, or a child of it."""
-        if self.supervisor_pid is None:
+        if self.state.supervisor_pid is None:
             return   # a scheduler run on its own (tests): no supervisor to ask
         if supervisor:
-            ok = peer_pid == self.supervisor_pid
+            ok = peer_pid == self.state.supervisor_pid
         else:
-            ok = peer_pid is not None and parent_of(peer_pid) == self.supervisor_pid
+            ok = peer_pid is not None and parent_of(peer_pid) == self.state.supervisor_pid
         if not ok:
-            self._audit("hello.denied", {"name": name, "pid": peer_pid,
+            self.life.audit("hello.denied", {"name": name, "pid": peer_pid,
                                          "why": "a kernel credential from another process"})
             raise errors.Unauthenticated(
                 f"hello: a kernel credential presented by pid {peer_pid}, which is not "
@@ -211,11 +234,11 @@ class ClientCalls:
         an agent the kernel launched is that agent; an operator must be of
         the daemon's user (or root); a hand-started agent names itself, but
         never with the name of a live agent the kernel launched."""
-        of_agent, owner = (self.agents.agent_tree(peer_pid) if peer_pid is not None
+        of_agent, owner = (self.state.agents.agent_tree(peer_pid) if peer_pid is not None
                            else (False, None))
         if of_agent:
             if operator or owner is None:
-                self._audit("hello.denied", {"name": name, "pid": pid,
+                self.life.audit("hello.denied", {"name": name, "pid": pid,
                                              "agent": owner.id if owner else None,
                                              "why": "a process of an agent the kernel launched"})
                 raise errors.PermissionDenied(
@@ -225,24 +248,24 @@ class ClientCalls:
                     "longer from a running one's process; it may not connect")
             # it cannot shed its identity by leaving out its credential
             return Session(identity, owner.name, operator=False, agent=owner)
-        if not self.rules.may_connect(peer_uid):
-            self._audit("hello.denied", {"name": name, "uid": peer_uid, "why": "uid"})
+        if not self.state.rules.may_connect(peer_uid):
+            self.life.audit("hello.denied", {"name": name, "uid": peer_uid, "why": "uid"})
             raise errors.PermissionDenied(
                 f"hello: processes of uid {peer_uid} may not connect (access.allow_uids)"
             )
         if operator:
-            if not self.rules.may_operate(peer_uid):
-                self._audit("hello.denied", {"name": name, "uid": peer_uid,
+            if not self.state.rules.may_operate(peer_uid):
+                self.life.audit("hello.denied", {"name": name, "uid": peer_uid,
                                              "why": "operator from another user"})
                 raise errors.PermissionDenied(
-                    f"hello: only processes of the daemon's user (uid {self.rules.daemon_uid}) "
+                    f"hello: only processes of the daemon's user (uid {self.state.rules.daemon_uid}) "
                     f"or root may be operators; this one is uid {peer_uid}")
             return Session(identity, name, operator=True)
         if "@" in name:
             raise errors.InvalidArgument(
                 f"hello: {name!r}: '@' is the kernel's: it names the agents of other users "
                 "NAME@UID; choose a name without one")
-        if peer_uid is not None and peer_uid != self.rules.daemon_uid:
+        if peer_uid is not None and peer_uid != self.state.rules.daemon_uid:
             # Another user's agent: its name, and with it its data, is its
             # user's own, apart from every other user's.
             name = f"{name}@{peer_uid}"
@@ -251,24 +274,24 @@ class ClientCalls:
                 f"hello: {name!r}: a name with '.' is a sub-agent's, which only the kernel "
                 "launches; choose a name without one (libaios.connect(name=...) or "
                 "AIOS_AGENT_NAME)")
-        holder = self.agents.live_launched(name)
+        holder = self.state.agents.live_launched(name)
         if holder is not None:
             self._name_taken(name, pid, holder, "a launched agent", "which the kernel launched")
-        holder = self.agents.connected(name)
+        holder = self.state.agents.connected(name)
         if holder is not None:
             if peer_pid is not None and holder.pid == peer_pid:
                 # the same process, another connection (a thread's)
                 return Session(identity, name, operator=False, agent=holder)
             self._name_taken(name, pid, holder, "a connected agent",
                              "which is connected; a name is its holder's while it is connected")
-        agent = self.agents.register(name, pid)
-        self.publish(f"agent.{agent.id}.connected", {"agent": agent.id, "pid": pid})
+        agent = self.state.agents.register(name, pid)
+        self.out.publish(f"agent.{agent.id}.connected", {"agent": agent.id, "pid": pid})
         return Session(identity, name, operator=False, agent=agent)
 
     def _name_taken(self, name: str, pid: int | None, holder: Agent, what: str,
                     which: str) -> NoReturn:
         """Refuse a hello under the name ``holder`` holds (and audit it)."""
-        self._audit("hello.denied", {"name": name, "pid": pid, "holder": holder.id,
+        self.life.audit("hello.denied", {"name": name, "pid": pid, "holder": holder.id,
                                      "why": f"the name of {what}"})
         raise errors.PermissionDenied(
             f"hello: the name {name!r} belongs to agent {holder.id} (pid {holder.pid}), {which}: "
@@ -282,13 +305,13 @@ class ClientCalls:
             "operator": session.operator,
             "launched": bool(agent and agent.launched),
             "pid": agent.pid if agent else None,
-            "groups": self.rules.groups_of(session.name),
+            "groups": self.state.rules.groups_of(session.name),
             "kernel_version": libaios.__version__,
         }
 
     def on_whoami(self, session: Session | None, identity: bytes, msg: Message) -> None:
         assert session is not None
-        self.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
+        self.out.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
 
     def on_schedulable(self, session: Session | None, identity: bytes, msg: Message) -> None:
         assert session is not None
@@ -310,42 +333,42 @@ class ClientCalls:
             if not isinstance(body.get("arguments", {}), dict):
                 raise errors.InvalidArgument("tool.call: 'arguments' must be a map")
             namespace = who.name  # file tools work in the caller's own storage
-            if self.tool_info.get(tool, {}).get("destructive"):
+            if self.state.tool_info.get(tool, {}).get("destructive"):
                 destructive_tool = tool
-        decision = self.rules.check(who, msg.type, namespace, destructive_tool)
+        decision = self.state.rules.check(who, msg.type, namespace, destructive_tool)
         if (namespace is not None and namespace != who.name or not decision.allowed
                 or decision.preapproved):
             event = ("denied" if not decision.allowed
                      else "preapproved" if decision.preapproved else "allowed")
-            self._audit(f"access.{event}",
+            self.life.audit(f"access.{event}",
                         {"agent": who.agent, "name": who.name, "call": msg.type.value,
                          "namespace": namespace, "why": decision.reason})
         if not decision.allowed:
             raise errors.PermissionDenied(f"{msg.type.value}: {decision.reason}")
         resource = RESOURCES[msg.type]
-        queue = self.queues[resource]
-        if len(queue) >= self.config.kernel.max_queue:
+        queue = self.state.queues[resource]
+        if len(queue) >= self.state.config.kernel.max_queue:
             raise errors.Overloaded(
                 f"{len(queue)} calls already wait for {resource}; try again later"
             )
-        if not self._can_ever_serve(resource):
-            raise self._unservable(resource)
+        if not self.state.can_ever_serve(resource):
+            raise unservable(resource)
         now = time.time()
-        deadline = msg.deadline if msg.deadline is not None else now + self.config.kernel.call_timeout
+        deadline = msg.deadline if msg.deadline is not None else now + self.state.config.kernel.call_timeout
         deadline = min(deadline, now + MAX_DEADLINE)
         call = Call(
             kid=protocol.new_id(), client=identity, client_call_id=msg.id,
             agent=session.account, type=msg.type, resource=resource, body=body,
             deadline=deadline, submitted=now, queued_at=now, namespace=namespace,
             caller={"agent": who.agent, "name": who.name,
-                    "groups": self.rules.groups_of(who.name)},
+                    "groups": self.state.rules.groups_of(who.name)},
             tool=tool,
             # the kernel's own calls and operators need no approval; callers
             # whose group pre-approves overwrites are spared that question
             approved=who.internal or who.operator
-            or self.rules.preapproved(who, "storage.overwrite"),
+            or self.state.rules.preapproved(who, "storage.overwrite"),
         )
-        self.calls[call.kid] = call
+        self.state.calls[call.kid] = call
         if session.agent is not None and session.agent.usage.first_call is None:
             session.agent.usage.first_call = now
         if decision.approval and msg.type in access.DESTRUCTIVE:
@@ -356,12 +379,12 @@ class ClientCalls:
             # call that would run (see on_worker_result).
             call.approved = False
         elif decision.approval:
-            self._hold(call, decision.approval, f"{msg.type.value} in {namespace or who.name}", now)
+            self.life.hold(call, decision.approval, f"{msg.type.value} in {namespace or who.name}", now)
             return
         if destructive_tool is not None:
             call.approved = True
         queue.push(call)
-        self.dispatch()
+        self.life.dispatch()
 
     def _namespace_of(self, session: Session, mtype: MsgType, body: dict[str, Any]) -> str | None:
         """Whose data a memory or storage call acts on: the caller's own,

@@ -29,11 +29,20 @@ class Policy:
         """A call that had started must run again (its worker was lost)."""
         raise NotImplementedError
 
-    def pop(self, runnable: Callable[[Call], bool] | None = None) -> Call | None:
-        """The next call to dispatch, removed from the queue; None if none.
+    def choose(self, runnable: Callable[[Call], bool] | None = None,
+               now: float = 0.0) -> Call | None:
+        """The call to dispatch next, left in the queue; None if none.
         With ``runnable``, only a call it accepts (others keep their place):
         a call for a saturated tool must not block the calls behind it."""
         raise NotImplementedError
+
+    def pop(self, runnable: Callable[[Call], bool] | None = None,
+            now: float = 0.0) -> Call | None:
+        """:meth:`choose`, and the call chosen leaves the queue."""
+        call = self.choose(runnable, now)
+        if call is not None:
+            self.remove(call)
+        return call
 
     def remove(self, call: Call) -> bool:
         """Take ``call`` out of the queue; False if it was not queued."""
@@ -73,14 +82,9 @@ class FifoPolicy(Policy):
     def requeue(self, call: Call) -> None:
         self.waiting.appendleft(call)
 
-    def pop(self, runnable: Callable[[Call], bool] | None = None) -> Call | None:
-        if runnable is None:
-            return self.waiting.popleft() if self.waiting else None
-        for call in self.waiting:
-            if runnable(call):
-                self.waiting.remove(call)
-                return call
-        return None
+    def choose(self, runnable: Callable[[Call], bool] | None = None,
+               now: float = 0.0) -> Call | None:
+        return next((c for c in self.waiting if runnable is None or runnable(c)), None)
 
     def remove(self, call: Call) -> bool:
         try:
@@ -126,14 +130,13 @@ class FairPolicy(FifoPolicy):
     name = "fair"
 
     def __init__(self, service: Callable[[str], float], quantum: int = 64,
-                 starvation_s: float = 10.0, priority: Callable[[str], int] = lambda a: 0,
-                 clock: Callable[[], float] = lambda: 0.0) -> None:
+                 starvation_s: float = 10.0,
+                 priority: Callable[[str], int] = lambda a: 0) -> None:
         super().__init__()
         self.service = service
         self.quantum = quantum
         self.starvation_s = starvation_s
         self.priority = priority
-        self.clock = clock
 
     def _keys(self) -> Callable[[Call], tuple[float, int]]:
         """The order of calls for one decision. An agent's standing is
@@ -151,15 +154,13 @@ class FairPolicy(FifoPolicy):
 
         return key
 
-    def pop(self, runnable: Callable[[Call], bool] | None = None) -> Call | None:
+    def choose(self, runnable: Callable[[Call], bool] | None = None,
+               now: float = 0.0) -> Call | None:
         candidates = [c for c in self.waiting if runnable is None or runnable(c)]
         if not candidates:
             return None
-        now = self.clock()
         starved = [c for c in candidates if now - c.queued_at >= self.starvation_s]
-        chosen = min(starved, key=lambda c: c.queued_at) if starved else min(candidates, key=self._keys())
-        self.waiting.remove(chosen)
-        return chosen
+        return min(starved, key=lambda c: c.queued_at) if starved else min(candidates, key=self._keys())
 
     def preempt(self, running: Sequence[Call], now: float,
                 eligible: Callable[[Call], bool] | None = None) -> list[Call]:
@@ -177,11 +178,10 @@ POLICIES = ("fifo", "rr", "fair")
 
 def make(name: str, quantum: int = 64, starvation_s: float = 10.0,
          service: Callable[[str], float] = lambda a: 0.0,
-         priority: Callable[[str], int] = lambda a: 0,
-         clock: Callable[[], float] = lambda: 0.0) -> Policy:
+         priority: Callable[[str], int] = lambda a: 0) -> Policy:
     """The policy called ``name`` (validated by the config already)."""
     if name == "rr":
         return RoundRobinPolicy(quantum)
     if name == "fair":
-        return FairPolicy(service, quantum, starvation_s, priority, clock)
+        return FairPolicy(service, quantum, starvation_s, priority)
     return FifoPolicy()

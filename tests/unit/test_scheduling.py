@@ -1,14 +1,11 @@
 """Pure scheduler logic: the FIFO policy, the access rules, approvals."""
 
+
 from aiosd.config import AccessConfig, GroupConfig
 from aiosd.scheduler import policy
 from aiosd.scheduler.access import AccessRules, Principal
 from aiosd.scheduler.approvals import DEADLINE_MARGIN, ApprovalTable, expiry, summarize
-import pytest
-import zmq
-
 from aiosd.scheduler.calls import Call
-from libaios import protocol
 from libaios.protocol import ErrorCode, MsgType
 
 
@@ -122,20 +119,19 @@ def test_round_robin_preempts_only_while_others_wait() -> None:
 
 def test_fair_serves_the_least_served_agent_and_guards_against_starvation() -> None:
     service = {"heavy": 5000.0, "light": 10.0}
-    now = [0.0]
-    fair = policy.make("fair", quantum=8, starvation_s=30.0, service=lambda a: service[a],
-                       clock=lambda: now[0])
+    fair = policy.make("fair", quantum=8, starvation_s=30.0, service=lambda a: service[a])
     heavy, light = call(1), call(2)
     heavy.agent, light.agent = "heavy", "light"
     fair.push(heavy)
     fair.push(light)
-    assert fair.pop() is light
+    assert fair.choose(now=0.0) is light and len(fair) == 2   # chosen, not taken
+    assert fair.pop(now=0.0) is light
     fair.push(light)
-    now[0] = 31.0  # heavy's call has waited past the starvation guard
-    assert fair.pop() is heavy
+    # heavy's call has waited past the starvation guard
+    assert fair.pop(now=31.0) is heavy
     running = call(3)
     running.agent, running.turn_tokens = "heavy", 8
-    assert fair.preempt([running], now[0]) == [running]  # light waits
+    assert fair.preempt([running], 31.0) == [running]  # light waits
     prio = policy.make("fair", service=lambda a: service[a],
                        priority=lambda a: 10 if a == "heavy" else 0)
     prio.push(light)
@@ -172,442 +168,186 @@ def test_token_bucket_throttles_and_refills() -> None:
     assert b.level <= 100.0
 
 
-def test_a_worker_result_the_scheduler_cannot_read_ends_its_call_not_the_kernel(sched) -> None:
-    """Fault injection: a core's answers that break the scheduler's handling
-    (a suspension without its snapshot, a usage that is not a map, a
-    progress count that is not a number) cost the call, answered with an
-    internal error, and the scheduler goes on."""
-    import time
-
-    from aiosd.scheduler.calls import CallState
-
-    sent = sched.sent_clients
-    now = time.time()
-    worker = _core(sched, capacity=4)
-    for n, (mtype, body) in enumerate([
-        (MsgType.REPLY, {"finish_reason": "suspended"}),
-        (MsgType.REPLY, {"text": "hi", "usage": "lots"}),
-        (MsgType.WORKER_PROGRESS, {"tokens": "many"}),
-    ]):
-        c = Call(f"k{n}", b"client", f"c{n}", "a1", MsgType.LLM_CHAT, "llm", {}, None, now)
-        sched.calls[c.kid] = c
-        sched._start(c, worker)
-        msg = protocol.Message(mtype, protocol.new_id(), body, re=c.kid)
-        sched.on_worker_frames([b"core0", *protocol.encode(msg)])
-        if mtype is MsgType.WORKER_PROGRESS:   # a progress note it cannot read is ignored
-            assert c.state is CallState.RUNNING and not sent
-            continue
-        assert c.kid not in sched.calls and c.kid not in worker.inflight
-        identity, reply = sent.pop()
-        assert identity == b"client" and reply.re == c.client_call_id
-        if n == 0:
-            assert reply.type is MsgType.ERROR and reply.body["code"] == ErrorCode.INTERNAL
-            assert "core0" in reply.body["message"]
-        else:   # answered; the usage it could not read counts nothing
-            assert reply.type is MsgType.REPLY
+# -- the dispatcher: decisions from the state and a clock the test sets --------
 
 
-def test_records_of_agents_that_ended_long_ago_are_let_go_of(sched) -> None:
-    import time
-
-    now = time.time()
-    old, recent, live = (sched.agents.register(name, None) for name in ("old", "recent", "live"))
-    sched.agents.disconnect(old, now - 7200)
-    sched.agents.disconnect(recent, now - 60)
-    sched.tick(now)
-    assert sched.agents.get(old.id) is None
-    assert sched.agents.get(recent.id) is recent and sched.agents.get(live.id) is live
-
-
-@pytest.fixture
-def make_sched(tmp_path):
-    """Schedulers whose sockets are never bound: what they send is recorded
-    (``sent_clients``, ``sent_workers``); ``scheduler`` overrides settings
-    of the default config's scheduler section."""
+def _state(tmp_path, **scheduler):
     from dataclasses import replace
 
     from aiosd.config import load
-    from aiosd.scheduler.server import Scheduler
+    from aiosd.scheduler.state import State
 
-    made = []
-
-    def make(**scheduler):
-        config = load(None)
-        config = replace(config, scheduler=replace(config.scheduler, **scheduler))
-        sched = Scheduler(config, tmp_path)
-        sched.sent_clients, sched.sent_workers = [], []
-        sched.send_client = lambda identity, msg: sched.sent_clients.append((identity, msg))
-        sched.send_worker = lambda worker, msg, **kw: sched.sent_workers.append((worker.name, msg)) or True
-        made.append(sched)
-        return sched
-
-    yield make
-    for sched in made:
-        for sock in (sched.clients, sched.workers_sock, sched.events):
-            sock.close(0)
+    config = load(None)
+    return State.create(replace(config, scheduler=replace(config.scheduler, **scheduler)), tmp_path)
 
 
-@pytest.fixture
-def sched(make_sched):
-    return make_sched()
-
-
-def _core(sched, name: str = "core0", capacity: int = 2):
-    import os
-    import time
-
+def _worker(state, name: str, capacity: int, kind: str = "llm", last_dispatch: float = 0.0):
     from aiosd.scheduler.peers import Worker
 
-    now = time.time()
-    worker = Worker(name=name, kind="llm", capacity=capacity, pid=os.getpid(),
-                    types=frozenset({"llm.chat"}), info={}, last_seen=now, registered=now,
-                    identity=name.encode())
-    sched.workers[name] = worker
-    sched.worker_names[worker.identity] = name
+    worker = Worker(name=name, kind=kind, capacity=capacity, pid=1,
+                    types=frozenset({"llm.chat", "sys.null", "tool.call"}), info={},
+                    last_seen=0.0, registered=0.0, identity=name.encode(),
+                    last_dispatch=last_dispatch)
+    state.workers[name] = worker
     return worker
 
 
-def _queued(sched, n: int, agent: str = "a1") -> Call:
-    import time
-
-    now = time.time()
-    c = Call(f"k{n}", b"client", f"c{n}", agent, MsgType.LLM_CHAT, "llm", {}, None, now, queued_at=now)
-    sched.calls[c.kid] = c
-    sched.queues["llm"].push(c)
+def _waiting(state, n: int, at: float = 0.0, agent: str = "a", **fields) -> Call:
+    c = Call(f"k{n}", b"c", f"c{n}", agent, fields.pop("type", MsgType.LLM_CHAT),
+             fields.pop("resource", "llm"), {}, None, at, queued_at=at, **fields)
+    state.calls[c.kid] = c
+    state.queues[c.resource].push(c)
     return c
 
 
-def test_a_core_taken_for_lost_keeps_the_calls_it_still_runs(sched) -> None:
-    """A core whose heartbeats came late was taken for lost; it registers
-    again, still running a call: the call stays its call (not run twice),
-    and a call it runs that the kernel no longer waits for is cancelled."""
-    import time
-
-    from aiosd.scheduler.calls import CallState
-
-    worker = _core(sched)
-    c = _queued(sched, 1)
-    sched.dispatch()
-    assert c.state is CallState.RUNNING and c.worker == "core0"
-    sched.worker_lost(worker, "no heartbeat for 2.1s")
-    assert c.state is CallState.QUEUED and c.lost == 1
-    ready = protocol.call(MsgType.WORKER_READY, {
-        "kind": "llm", "name": "core0", "capacity": 2, "pid": worker.pid + 1, "types": ["llm.chat"],
-        "info": {}, "running": [c.kid, "gone-call"]})
-    sent = len(sched.sent_workers)
-    sched.on_worker_frames([b"core0", *protocol.encode(ready)])
-    again = sched.workers["core0"]
-    assert c.state is CallState.RUNNING and again.inflight == {c.kid: c} and c.attempts == 1
-    told = [(name, m.type, m.body.get("call")) for name, m in sched.sent_workers[sent:]]
-    assert ("core0", MsgType.WORKER_CANCEL, "gone-call") in told
-    assert not any(t == MsgType.WORKER_TASK for _, t, _ in told)   # not sent to run again
-    assert len(sched.queues["llm"]) == 0
+def _starts(plan) -> list[tuple[str, str]]:
+    return [(s.call.kid, s.worker.name) for s in plan.starts]
 
 
-def test_calls_waiting_for_a_kind_no_worker_can_ever_run_end_at_once(sched) -> None:
-    c = _queued(sched, 1)
-    identity = b"supervisor"
-    from aiosd.scheduler.peers import Session
+def test_the_dispatcher_fills_free_slots_without_changing_anything(tmp_path) -> None:
+    from aiosd.scheduler import dispatcher
 
-    sched.sessions[identity] = Session(identity=identity, name="supervisor", operator=True, internal=True)
-    procs = protocol.call(MsgType.ADMIN_PROCS, {"procs": [
-        {"name": "core0", "kind": "llm", "state": "fatal"}]})
-    sched.on_procs(sched.sessions[identity], identity, procs)
-    assert c.kid not in sched.calls and len(sched.queues["llm"]) == 0
-    replies = [m for who, m in sched.sent_clients if who == b"client"]
-    assert replies and replies[0].body["code"] == ErrorCode.UNAVAILABLE
-
-
-def test_only_as_many_calls_give_way_as_the_waiting_calls_need(make_sched) -> None:
-    sched = make_sched(policy="rr", quantum_tokens=8)
-    _core(sched, capacity=3)
-    running = [_queued(sched, n) for n in range(3)]
-    sched.dispatch()
-    for n, c in enumerate(running):
-        c.turn_tokens = 10 + n   # all past their quantum
-    _queued(sched, 9, agent="a2")
-    sched._preempt()
-    suspends = [m.body["call"] for _, m in sched.sent_workers if m.type is MsgType.WORKER_SUSPEND]
-    assert suspends == ["k2"]            # one waits: one gives way, the longest
-    sched._preempt()                     # already giving way: no more
-    assert [m.body["call"] for _, m in sched.sent_workers
-            if m.type is MsgType.WORKER_SUSPEND] == ["k2"]
+    state = _state(tmp_path)
+    _worker(state, "busy", capacity=1, last_dispatch=5.0)
+    _worker(state, "idle", capacity=1, last_dispatch=1.0)
+    _worker(state, "wide", capacity=2, last_dispatch=9.0)
+    calls = [_waiting(state, n) for n in range(5)]
+    plan = dispatcher.plan(state, now=10.0)
+    # the most free slots first, then the one idle longest (a worker just
+    # given a call counts as just dispatched to)
+    assert _starts(plan) == [("k0", "wide"), ("k1", "idle"), ("k2", "busy"), ("k3", "wide")]
+    assert len(state.queues["llm"]) == 5 and all(c.state.value == "queued" for c in calls)
+    assert all(not w.inflight for w in state.workers.values())
+    assert dispatcher.plan(state, now=10.0).starts == plan.starts   # the same state, the same plan
 
 
-def test_an_operator_session_goes_once_its_process_is_gone(sched) -> None:
-    import os
-    import subprocess
-    import time
+def test_the_dispatcher_passes_over_a_saturated_tool_and_keeps_its_place(tmp_path) -> None:
+    from aiosd.scheduler import dispatcher
 
-    from aiosd.scheduler.peers import Session
-
-    gone = subprocess.Popen(["true"])   # a process that has ended: its pid is free
-    gone.wait()
-    sched.sessions[b"gone"] = Session(b"gone", "aiosctl", operator=True, pid=gone.pid)
-    sched.sessions[b"here"] = Session(b"here", "aiosctl", operator=True, pid=os.getpid())
-    sched.tick(time.time())
-    assert b"gone" not in sched.sessions and b"here" in sched.sessions
+    state = _state(tmp_path)
+    _worker(state, "tools", capacity=4, kind="tool")
+    state.tool_info = {"slow": {"concurrency": 1}, "calc": {}}
+    slow1, slow2, quick = (_waiting(state, n, type=MsgType.TOOL_CALL, resource="tool", tool=t)
+                           for n, t in ((1, "slow"), (2, "slow"), (3, "calc")))
+    assert _starts(dispatcher.plan(state, 0.0)) == [("k1", "tools"), ("k3", "tools")]
+    state.tool_running["slow"] = 1   # one runs already
+    assert _starts(dispatcher.plan(state, 0.0)) == [("k3", "tools")]
 
 
-def test_a_null_call_goes_to_a_full_core_past_the_chats_that_wait(sched) -> None:
-    """A null call takes no slot: with every slot taken and chats waiting,
-    it still runs at once (and is no reason to suspend a chat)."""
-    from aiosd.scheduler.calls import CallState
-
-    worker = _core(sched, capacity=1)
-    worker.types = frozenset({"llm.chat", "sys.null"})
-    running, waiting = _queued(sched, 1), None
-    sched.dispatch()
-    waiting = _queued(sched, 2)
-    null = _queued(sched, 3)
-    null.type = MsgType.SYS_NULL
-    sched.dispatch()
-    assert running.state is CallState.RUNNING and null.state is CallState.RUNNING
-    assert waiting.state is CallState.QUEUED
-    assert [m.body["call"] for _, m in sched.sent_workers if m.type is MsgType.WORKER_TASK] == ["k1", "k3"]
-    assert worker.free == 0   # the null call holds no slot: the chat's end frees one
-    done = protocol.reply(running.kid, {"text": "", "finish_reason": "stop"})
-    sched.on_worker_frames([b"core0", *protocol.encode(done)])
-    assert waiting.state is CallState.RUNNING
-
-
-def test_calls_that_could_not_take_a_freed_slot_suspend_no_one(make_sched) -> None:
-    import time
-
+def test_a_call_over_its_quota_waits_until_its_bucket_refills(tmp_path) -> None:
+    from aiosd.scheduler import dispatcher
     from aiosd.scheduler.quota import TokenBucket
 
-    for name in ("rr", "fair"):
-        sched = make_sched(policy=name, quantum_tokens=8)
-        _core(sched, capacity=1)
-        one, two, three = (sched.agents.register(n, None) for n in ("one", "flood", "three"))
-        running = _queued(sched, 1, agent=one.id)
-        sched.dispatch()
-        running.turn_tokens = 50               # past its quantum, and ahead in service
-        held = _queued(sched, 2, agent=two.id)   # its agent is over its quota
-        held.caller = {"name": "flood"}
-        sched.buckets["flood"] = bucket = TokenBucket(rate=1.0, burst=10.0)
-        bucket.charge(1000, time.time())
-        sched._preempt()
-        assert not [m for _, m in sched.sent_workers if m.type is MsgType.WORKER_SUSPEND], name
-        _queued(sched, 3, agent=three.id)      # one that could run
-        sched._preempt()
-        assert [m.body["call"] for _, m in sched.sent_workers
-                if m.type is MsgType.WORKER_SUSPEND] == ["k1"], name
+    state = _state(tmp_path)
+    _worker(state, "core0", capacity=2)
+    state.buckets["flood"] = bucket = TokenBucket(rate=10.0, burst=100.0)
+    bucket.charge(150, now=0.0)               # 50 tokens in debt at t=0
+    held = _waiting(state, 1, caller={"name": "flood"})
+    other = _waiting(state, 2)
+    plan = dispatcher.plan(state, now=1.0)
+    assert _starts(plan) == [("k2", "core0")] and plan.throttled == [held]
+    assert not held.throttled                 # the plan marks nothing itself
+    state.queues["llm"].remove(other)
+    assert _starts(dispatcher.plan(state, now=4.9)) == []      # 1 token still owed
+    assert _starts(dispatcher.plan(state, now=5.2)) == [("k1", "core0")]
 
 
-def test_a_call_that_times_out_is_charged_what_it_generated(sched) -> None:
-    """A running call past its deadline is answered with a timeout; when
-    its core lets go of it, its agent is charged the tokens it generated
-    (its quota and its service under the fair policy count them)."""
-    import time
+def test_a_suspended_call_waits_for_the_core_that_holds_its_snapshot(tmp_path) -> None:
+    from aiosd.scheduler import dispatcher
 
-    from aiosd.scheduler.calls import CallState
+    state = _state(tmp_path)
+    full = _worker(state, "core1", capacity=1)
+    _worker(state, "core0", capacity=1)
+    running = _waiting(state, 0)
+    state.queues["llm"].remove(running)
+    full.inflight[running.kid] = running
+    suspended = _waiting(state, 1, affinity="core1", resume="snap")
+    _waiting(state, 2)
+    assert _starts(dispatcher.plan(state, 0.0)) == [("k2", "core0")]
+    del full.inflight[running.kid]
+    assert _starts(dispatcher.plan(state, 0.0)) == [("k1", "core1"), ("k2", "core0")]
+    assert suspended.resume == "snap"
+
+
+def test_a_null_call_goes_to_a_full_core(tmp_path) -> None:
+    from aiosd.scheduler import dispatcher
+
+    state = _state(tmp_path)
+    core = _worker(state, "core0", capacity=1)
+    core.inflight["x"] = _waiting(state, 9)
+    state.queues["llm"].remove(core.inflight["x"])
+    _waiting(state, 1)
+    _waiting(state, 2, type=MsgType.SYS_NULL)
+    _waiting(state, 3, type=MsgType.SYS_NULL)
+    assert _starts(dispatcher.plan(state, 0.0)) == [("k2", "core0"), ("k3", "core0")]
+
+
+def test_the_fair_dispatcher_serves_the_least_served_and_then_the_starved(tmp_path) -> None:
+    from aiosd.scheduler import dispatcher
+
+    state = _state(tmp_path, policy="fair", starvation_s=30.0)
+    _worker(state, "core0", capacity=1)
+    heavy, light = state.agents.register("heavy", None), state.agents.register("light", None)
+    heavy.usage.completion_tokens = 5000
+    _waiting(state, 1, at=0.0, agent=heavy.id)
+    _waiting(state, 2, at=20.0, agent=light.id)
+    assert _starts(dispatcher.plan(state, now=25.0)) == [("k2", "core0")]
+    assert _starts(dispatcher.plan(state, now=30.0)) == [("k1", "core0")]   # waited 30 s
+
+
+def test_only_as_many_give_way_as_the_waiting_calls_can_use(tmp_path) -> None:
+    from aiosd.scheduler import dispatcher
     from aiosd.scheduler.quota import TokenBucket
 
-    agent = sched.agents.register("flood", None)
-    sched.buckets["flood"] = bucket = TokenBucket(rate=1.0, burst=100.0)
-    worker = _core(sched)
-    c = _queued(sched, 1, agent=agent.id)
-    c.caller = {"name": "flood"}
-    sched.dispatch()
-    progress = protocol.Message(MsgType.WORKER_PROGRESS, protocol.new_id(), {"tokens": 40}, re=c.kid)
-    sched.on_worker_frames([b"core0", *protocol.encode(progress)])
-    c.deadline = time.time() - 1
-    sched.tick(time.time())
-    assert c.state is CallState.CANCELLING
-    reply = sched.sent_clients[-1][1]
-    assert reply.type is MsgType.ERROR and reply.body["code"] == ErrorCode.TIMEOUT
-    cancelled = protocol.error(c.kid, ErrorCode.CANCELLED, "cancelled")
-    sched.on_worker_frames([b"core0", *protocol.encode(cancelled)])
-    assert c.kid not in sched.calls and not worker.inflight
-    assert agent.usage.completion_tokens == 40
-    assert 59 <= bucket.level <= 61
-    assert sched._service(agent.id) == 40
+    state = _state(tmp_path, policy="rr", quantum_tokens=8)
+    core = _worker(state, "core0", capacity=3)
+    for n, tokens in enumerate((9, 30, 3)):
+        c = _waiting(state, n)
+        state.queues["llm"].remove(c)
+        c.state, c.worker, c.turn_tokens = c.state.RUNNING, "core0", tokens
+        core.inflight[c.kid] = c
+    assert dispatcher.preemptions(state, 0.0) == []     # nobody waits
+    state.buckets["flood"] = bucket = TokenBucket(rate=1.0, burst=10.0)
+    bucket.charge(20, now=0.0)
+    _waiting(state, 7, caller={"name": "flood"})
+    assert dispatcher.preemptions(state, 5.0) == []     # it could not use the slot yet
+    assert [c.kid for c in dispatcher.preemptions(state, 11.0)] == ["k1"]   # the longest
+    _waiting(state, 8)
+    assert [c.kid for c in dispatcher.preemptions(state, 11.0)] == ["k1", "k0"]
+    core.inflight["k1"].suspending = True                # already giving way
+    assert [c.kid for c in dispatcher.preemptions(state, 11.0)] == ["k0"]
 
 
-def test_a_queued_call_held_by_its_quota_says_so_when_it_times_out(sched) -> None:
-    import time
+def test_a_call_whose_core_is_lost_runs_again_once_then_fails(tmp_path) -> None:
+    """Re-dispatch, on a clock the test sets: the call lost with its core
+    goes to the front of the queue and to the other core, its time there
+    counted as service; lost again past kernel.max_redispatch, it fails
+    with a retriable error."""
+    from aiosd.scheduler.lifecycle import Lifecycle
+    from aiosd.scheduler.outbox import Outbox
 
-    from aiosd.scheduler.quota import TokenBucket
-
-    _core(sched, capacity=1)
-    sched.buckets["flood"] = bucket = TokenBucket(rate=2.5, burst=10.0)
-    bucket.charge(1000, time.time())
-    c = _queued(sched, 1)
-    c.caller = {"name": "flood"}
-    sched.dispatch()
-    c.deadline = time.time() - 1
-    sched.tick(time.time())
-    reply = sched.sent_clients[-1][1]
-    assert reply.body["code"] == ErrorCode.TIMEOUT
-    assert "token quota of 2.5 tokens/s" in reply.body["message"]
-
-
-def test_a_core_taken_for_lost_is_told_to_drop_the_snapshots_of_calls_that_start_over(sched) -> None:
-    from aiosd.scheduler.calls import CallState
-
-    worker = _core(sched, capacity=1)
-    c = _queued(sched, 1)
-    sched.dispatch()
-    _queued(sched, 2)   # takes the slot c gives up
-    suspended = protocol.reply(c.kid, {"finish_reason": "suspended", "snapshot": "snap-1"})
-    sched.on_worker_frames([b"core0", *protocol.encode(suspended)])
-    assert c.state is CallState.QUEUED and c.affinity == "core0"
-    sched.worker_lost(worker, "no heartbeat for 2.1s")
-    assert c.affinity is None and c.resume is None
-    forgets = [(name, m.body) for name, m in sched.sent_workers if m.type is MsgType.WORKER_FORGET]
-    assert forgets == [("core0", {"snapshots": ["snap-1"]})]
-
-
-def test_a_chat_cannot_name_a_snapshot_to_resume_from(sched) -> None:
-    """The snapshot a suspended call resumes from is a field of the kernel's
-    task, never of the caller's body: a caller that writes one in its body
-    changes nothing of what its core is told."""
-    from aiosd.scheduler.peers import Session
-
-    _core(sched)
-    agent = sched.agents.register("a", None)
-    sched.sessions[b"a"] = Session(b"a", "a", operator=False, agent=agent)
-    chat = protocol.call(MsgType.LLM_CHAT, {"messages": [{"role": "user", "content": "hi"}],
-                                            "resume": "0123456789abcdef"})
-    sched.on_client_frames([zmq.Frame(f) for f in [b"a", *protocol.encode(chat)]])
-    tasks = [m for _, m in sched.sent_workers if m.type is MsgType.WORKER_TASK]
-    assert len(tasks) == 1 and "resume" not in tasks[0].body
-
-
-def test_a_call_too_large_to_hand_to_a_worker_is_refused_at_once(sched) -> None:
-    from aiosd.scheduler.clients import MAX_CALL_BODY
-    from aiosd.scheduler.peers import Session
-
-    agent = sched.agents.register("a", None)
-    sched.sessions[b"a"] = Session(b"a", "a", operator=False, agent=agent)
-    put = protocol.call(MsgType.STORAGE_PUT, {"key": "k", "value": "x" * MAX_CALL_BODY})
-    sched.on_client_frames([zmq.Frame(f) for f in [b"a", *protocol.encode(put)]])
-    identity, reply = sched.sent_clients[-1]
-    assert reply.re == put.id and reply.body["code"] == ErrorCode.TOO_LARGE
-    assert "a call's body may be at most" in reply.body["message"]
-    assert not sched.calls
-
-
-@pytest.mark.parametrize("name", ["alice\x00key\x00notes", "tab\there", "x" * 65])
-def test_names_that_cannot_name_a_namespace_are_refused(sched, name: str) -> None:
-    hello = protocol.call(MsgType.HELLO, {"name": name, "pid": 1})
-    sched.on_client_frames([zmq.Frame(f) for f in [b"c", *protocol.encode(hello)]])
-    identity, reply = sched.sent_clients[-1]
-    assert reply.type is MsgType.ERROR and reply.body["code"] == ErrorCode.INVALID_ARGUMENT
-    assert b"c" not in sched.sessions
-    from aiosd.scheduler.peers import Session
-
-    agent = sched.agents.register("a", None)
-    sched.sessions[b"a"] = Session(b"a", "a", operator=False, agent=agent)
-    get = protocol.call(MsgType.STORAGE_GET, {"key": "k", "agent": name})
-    sched.on_client_frames([zmq.Frame(f) for f in [b"a", *protocol.encode(get)]])
-    assert sched.sent_clients[-1][1].body["code"] == ErrorCode.INVALID_ARGUMENT
-
-
-def _tool_calls(sched, pid: int) -> tuple:
-    """A tool worker of process ``pid`` running a read-only tool's call and
-    a call of a tool that changes things."""
-    import time
-
-    from aiosd.scheduler.calls import CallState
-    from aiosd.scheduler.peers import Worker
-
-    now = time.time()
-    worker = Worker(name="tools", kind="tool", capacity=4, pid=pid,
-                    types=frozenset({"tool.call"}), info={}, last_seen=now, registered=now,
-                    identity=b"tools")
-    sched.workers["tools"] = worker
-    sched.worker_names[b"tools"] = "tools"
-    sched.tool_info = {"lookup": {"concurrency": 2, "read_only": True},
-                       "deploy": {"concurrency": 2, "read_only": False}}
-    made = []
-    for n, tool in ((1, "lookup"), (2, "deploy")):
-        c = Call(f"t{n}", b"client", f"c{n}", "a1", MsgType.TOOL_CALL, "tool", {}, None, now,
-                 queued_at=now, tool=tool)
-        sched.calls[c.kid] = c
-        sched.queues["tool"].push(c)
-        made.append(c)
-    sched.dispatch()
-    assert all(c.state is CallState.RUNNING for c in made)
-    return worker, made[0], made[1]
-
-
-def _ready_again(sched, running: list[str]) -> None:
-    ready = protocol.call(MsgType.WORKER_READY, {
-        "kind": "tool", "name": "tools", "capacity": 4, "pid": 1, "types": ["tool.call"],
-        "info": {"tools": sched.tool_info}, "running": running})
-    sched.on_worker_frames([b"tools", *protocol.encode(ready)])
-
-
-def _lost_reply(sched) -> protocol.Message:
-    """The one reply the call of the tool that changes things got."""
-    (reply,) = [m for who, m in sched.sent_clients if who == b"client" and m.re == "c2"]
-    assert reply.body["code"] == ErrorCode.WORKER_LOST
-    assert "deploy" in reply.body["message"] and "not run again" in reply.body["message"]
-    return reply
-
-
-def test_a_tool_call_whose_worker_died_runs_again_only_if_the_tool_is_read_only(sched) -> None:
-    import subprocess
-
-    from aiosd.scheduler.calls import CallState
-
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    worker, lookup, deploy = _tool_calls(sched, gone.pid)
-    sched.worker_lost(worker, "no heartbeat for 2.1s")
-    # the read-only tool waits to run again; the other is answered at once
-    assert lookup.state is CallState.QUEUED and lookup.lost == 1
-    assert deploy.kid not in sched.calls
-    assert "stopped" in _lost_reply(sched).body["message"]
-
-
-def test_a_tool_call_of_a_worker_taken_for_lost_waits_for_it_to_say_whether_it_runs(sched) -> None:
-    import os
-
-    from aiosd.scheduler.calls import CallState
-
-    # late heartbeats, and the process lives: it may still be running the call
-    worker, lookup, deploy = _tool_calls(sched, os.getpid())
-    sched.worker_lost(worker, "no heartbeat for 2.1s")
-    assert deploy.state is CallState.QUEUED and deploy.held_for == "tools"
-    assert deploy not in list(sched.queues["tool"]) and not sched.sent_clients
-    (row,) = [r for r in sched.call_table() if r["call"] == deploy.kid[-8:]]
-    assert (row["state"], row["worker"]) == ("held", "tools")
-    _ready_again(sched, running=[deploy.kid])
-    assert deploy.state is CallState.RUNNING and deploy.held_for is None
-    assert sched.workers["tools"].inflight[deploy.kid] is deploy
-    # taken for lost again, and this time it comes back without the call
-    sched.worker_lost(sched.workers["tools"], "no heartbeat for 2.1s")
-    assert deploy.held_for == "tools"
-    _ready_again(sched, running=[])
-    assert deploy.kid not in sched.calls
-    assert "restarted" in _lost_reply(sched).body["message"]
-
-
-def test_a_held_tool_call_that_ends_on_its_worker_gets_its_answer(sched) -> None:
-    import os
-
-    worker, lookup, deploy = _tool_calls(sched, os.getpid())
-    sched.worker_lost(worker, "no heartbeat for 2.1s")
-    assert deploy.held_for == "tools"
-    # the worker did not know it was taken for lost, and answers
-    done = protocol.reply(deploy.kid, {"name": "deploy", "result": {"ok": True}})
-    sched.on_worker_frames([b"tools", *protocol.encode(done)])
-    assert deploy.kid not in sched.calls and deploy.held_for is None
-    (reply,) = [m for who, m in sched.sent_clients if who == b"client" and m.re == "c2"]
-    assert reply.type is MsgType.REPLY and reply.body["result"] == {"ok": True}
-
-
-def test_a_throttled_call_that_times_out_running_counts_as_throttled(sched) -> None:
-    import time
-
-    agent = sched.agents.register("slow", None)
-    _core(sched)
-    c = _queued(sched, 1, agent=agent.id)
-    c.throttled = True   # held back by its quota once, then run
-    sched.dispatch()
-    c.deadline = time.time() - 1
-    sched.tick(time.time())
-    assert agent.usage.failed == 1 and agent.usage.throttled == 1
+    now = [100.0]
+    state = _state(tmp_path)
+    assert state.config.kernel.max_redispatch == 1
+    out = Outbox()
+    life = Lifecycle(state, out, clock=lambda: now[0])
+    first, second = _worker(state, "core0", capacity=1), _worker(state, "core1", capacity=1)
+    c = _waiting(state, 1, at=100.0)
+    life.dispatch()
+    taken = first if c.worker == "core0" else second
+    other = second if taken is first else first
+    other.inflight["busy"] = _waiting(state, 2)          # the other core is busy
+    state.queues["llm"].remove(other.inflight["busy"])
+    _waiting(state, 3, at=100.0)
+    now[0] = 104.0
+    life.worker_lost(taken, "no heartbeat for 2.1s")
+    assert c.state.value == "queued" and c.lost == 1 and c.service_s == 4.0
+    assert next(iter(state.queues["llm"])) is c          # ahead of the call that waited
+    del other.inflight["busy"]
+    life.dispatch()
+    assert c.worker == other.name and c.attempts == 2
+    now[0] = 105.0
+    life.worker_lost(other, "it was restarted")
+    assert c.kid not in state.calls
+    (reply,) = [m for who, m in out.clients if m.re == "c1"]
+    assert reply.body["code"] == ErrorCode.WORKER_LOST and reply.body["retriable"]
