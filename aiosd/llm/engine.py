@@ -29,9 +29,9 @@ stopped.
 
 This module holds the model helpers, the callers' side and the loop with
 its steps; the requests and snapshots are in ``generation``, the pure
-planning of batches in ``batching``, and the sequences (retention,
-eviction, shared prefixes, admission) in the ``Streams`` mixin of
-``streams``.
+planning of batches in ``batching``, the pure choice of where calls run in
+the cache in ``placement``, and the streams that carry it out (retention,
+eviction, shared prefixes, admission) in ``streams``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -48,8 +47,7 @@ import numpy as np
 from .batching import (CTX_ALIGN, MAX_SEQS, MIN_PROMPT_ROWS, chunk_groups, passes,
                        prompt_chunk, sequences_for)
 from .generation import Finish, Request, Snapshot
-from .prefix import PrefixTree
-from .streams import Streams, _Seq
+from .streams import Streams
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +103,7 @@ def end_of_generation(vocab: Any) -> list[int]:
             if llama_cpp.llama_vocab_is_eog(vocab, t)]
 
 
-class Engine(Streams):
+class Engine:
     """A llama.cpp context serving many sequences from one thread.
 
     ``n_ctx`` is the cells of one sequence (the longest conversation);
@@ -117,9 +115,8 @@ class Engine(Streams):
                  seqs: int | None = None, kv_bytes: int | None = None, n_batch: int = 512,
                  flash_attn: bool = False, evicted_bytes: int = 0):
         import llama_cpp
-        from llama_cpp import _internals
-
         import llama_cpp._logger as llama_logger
+        from llama_cpp import _internals
 
         # llama.cpp logs every context it builds; the core's own log says enough.
         llama_logger.logger.setLevel(logging.CRITICAL)
@@ -167,18 +164,6 @@ class Engine(Streams):
         self._eog = np.array(end_of_generation(self.model.vocab))
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
         self.batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
-        self.seqs = [_Seq(i) for i in range(seqs)]
-        self._spare = seqs
-        self.tree = PrefixTree()
-        # agent key -> (tokens, KV state) of conversations evicted from the
-        # cache, least recently evicted first
-        self.evicted: OrderedDict[str, tuple[list[int], bytes]] = OrderedDict()
-        self.evicted_bytes = 0
-        self.evicted_limit = evicted_bytes
-        self._copying = False   # a stream copy is queued in llama.cpp
-        self._apart_steps = 0   # steps in a row whose running calls made several runs
-        # agents that ended, not yet let go of -> whether anything was held
-        self._gone: dict[str, bool] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._lock = threading.Condition()
@@ -187,6 +172,8 @@ class Engine(Streams):
                       "shared_tokens": 0, "evicted_seqs": 0, "moved_seqs": 0, "passes": 0,
                       "kept_seqs": 0, "restored_seqs": 0, "restored_tokens": 0, "forgotten": 0,
                       "suspended": 0, "resumed": 0, "decode_s": 0.0, "busy_s": 0.0}
+        self.streams = Streams(llama_cpp, self.ctx, self.model, self.batch, seqs, self.token_bytes,
+                               evicted_bytes, self._decode, self.stats)
         self._seed = itertools.count(1)
         self.thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self.thread.start()
@@ -222,7 +209,7 @@ class Engine(Streams):
         let its retained sequence be the first to go when a stream is
         needed (until then its cells still serve as a shared prefix)."""
         with self._lock:
-            self._gone.setdefault(key, False)
+            self.streams.gone.setdefault(key, False)
             self._lock.notify()
 
     def close(self) -> None:
@@ -240,17 +227,18 @@ class Engine(Streams):
         self.model.close()
 
     def describe(self) -> dict[str, Any]:
+        streams = self.streams
         with self._lock:
             return {
                 "slots": self.slots,
                 "running": len(self.running),
                 "waiting": len(self.waiting),
-                "seqs": len(self.seqs),
+                "seqs": len(streams.seqs),
                 "seq_ctx": self.n_ctx,
-                "kv_bytes": (len(self.seqs) + 1) * self.n_ctx * self.token_bytes,
-                "retained_seqs": sum(1 for s in self.seqs if s.tokens and not s.busy),
-                "evicted_kept": len(self.evicted),
-                "evicted_kept_mb": round(self.evicted_bytes / 2**20, 1),
+                "kv_bytes": (len(streams.seqs) + 1) * self.n_ctx * self.token_bytes,
+                "retained_seqs": sum(1 for s in streams.seqs if s.tokens and not s.busy),
+                "evicted_kept": len(streams.evicted),
+                "evicted_kept_mb": round(streams.evicted_bytes / 2**20, 1),
                 **self.stats,
             }
 
@@ -259,8 +247,8 @@ class Engine(Streams):
         of it would hold: its cells, its stream's number), or None if the
         cache does not hold it."""
         with self._lock:
-            seq = self._retained(key)
-            return self._state(seq) if seq is not None else None
+            seq = self.streams.retained(key)
+            return self.streams.state(seq) if seq is not None else None
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -268,8 +256,8 @@ class Engine(Streams):
         while True:
             with self._lock:
                 while True:
-                    if self._gone:
-                        self._let_go()
+                    if self.streams.gone:
+                        self.streams.let_go(self.waiting)
                     if self._stop or self.waiting or self.running:
                         break
                     self._lock.wait()
@@ -321,13 +309,13 @@ class Engine(Streams):
             if req._suspend and not req._todo:
                 self._suspend_now(req)
         if not self.running:
-            self._apart_steps = 0
+            self.streams.idle()
             return
         to_decode = [r for r in self.running if not r._todo and r._pending is not None]
         for req in to_decode:
             if len(req.completion) == 1:
-                self._gather(req)   # about to decode its first token
-        self._compact_if_apart(to_decode)
+                self.streams.gather(req)   # about to decode its first token
+        self.streams.compact_if_apart(to_decode)
         decoding = [(r, [r._pending]) for r in to_decode]
         budget = self.n_batch - len(decoding)
         chunks: list[tuple[Request, list[int]]] = []
@@ -404,7 +392,7 @@ class Engine(Streams):
             self.stats["prefill_tokens"] += len(tokens)
         else:
             self.stats["decode_tokens"] += 1
-        self._extend(seq, tokens)
+        self.streams.extend(seq, tokens)
         seq.last_used = now
 
     def _next_token(self, req: Request) -> None:
@@ -450,7 +438,20 @@ class Engine(Streams):
             # Each sequence has a stream of its own and stops before filling
             # it, so this is not a matter of evicting others.
             raise RuntimeError(f"llama_decode failed ({rc})")
-        self._copying = False
+        self.streams.copying = False
+
+    def _admit(self, req: Request) -> bool:
+        """Give ``req`` a stream (see Streams.admit) and its sampler; False
+        if it must wait for a stream."""
+        if not self.streams.admit(req):
+            return False
+        if req.error is None:
+            req._sampler = self._sampler(req)
+            if req.resume is not None and req.grammar is not None:
+                # replay the generated tokens through the grammar's state
+                for tok in req.completion:
+                    req._sampler.accept(tok)
+        return True
 
     def _sampler(self, req: Request) -> Any:
         """``req``'s sampler chain; None for plain greedy decoding, which
@@ -477,14 +478,14 @@ class Engine(Streams):
     def _suspend_now(self, req: Request) -> None:
         seq = req._seq
         req.snapshot = Snapshot(
-            key=req.key, state=self._state(seq), tokens=list(seq.tokens),
+            key=req.key, state=self.streams.state(seq), tokens=list(seq.tokens),
             pending=req._pending, completion=list(req.completion), prompt_len=len(req.prompt),
             cached=req.cached,
         )
         self.stats["suspended"] += 1
         # The snapshot holds the state now: free the cells for the calls
         # that run meanwhile.
-        self._drop(seq)
+        self.streams.drop(seq)
         self._finish(req, Finish.SUSPENDED)
 
     def _fail(self, req: Request, exc: BaseException, drop: bool) -> None:
@@ -494,7 +495,7 @@ class Engine(Streams):
         req.error = exc
         self._finish(req, Finish.ERROR)
         if drop and req._seq is not None:
-            self._drop(req._seq)
+            self.streams.drop(req._seq)
 
     def _finish(self, req: Request, how: Finish) -> None:
         req.finish = how

@@ -112,7 +112,7 @@ class LlamaCppBackend:
             "backend": "llamacpp",
             "model": self.path.name,
             "n_ctx": self.engine.n_ctx,
-            "seqs": len(self.engine.seqs),
+            "seqs": len(self.engine.streams.seqs),
             "kv_mb": self.cfg.kv_mb,
             "threads": self.threads,
             "cpus": self.cpus,

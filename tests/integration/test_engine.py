@@ -169,8 +169,8 @@ def test_an_evicted_conversation_continues_from_its_kept_cells() -> None:
         assert eng.stats["restored_seqs"] == 6          # every call after the first round
         assert eng.stats["prefill_tokens"] == roomy.stats["prefill_tokens"]
         # a's conversation was evicted again for c's last call: its cells wait in RAM
-        assert list(eng.evicted) == ["a"] and eng.describe()["evicted_kept"] == 1
-        assert 0 < eng.evicted_bytes <= 64 << 20
+        assert list(eng.streams.evicted) == ["a"] and eng.describe()["evicted_kept"] == 1
+        assert 0 < eng.streams.evicted_bytes <= 64 << 20
     finally:
         eng.close()
         roomy.close()
@@ -194,7 +194,7 @@ def test_a_conversation_evicted_with_a_stream_copy_queued_into_it_is_kept_whole(
             eng._lock.notify()
         for r in reqs:
             assert r.done.wait(120) and r.error is None
-        assert eng.stats["moved_seqs"] >= 1 and "k2" in eng.evicted
+        assert eng.stats["moved_seqs"] >= 1 and "k2" in eng.streams.evicted
         first = generate(roomy, "k2", convs["k2"], 8).completion
         convs["k2"] += first + tokens(eng, NEXT_TURN)
         got, want = generate(eng, "k2", convs["k2"], 12), generate(roomy, "k2", convs["k2"], 12)
@@ -271,12 +271,12 @@ def test_the_eviction_that_makes_room_for_a_call_keeps_that_call_s_cells() -> No
                  for i, k in enumerate("abc")}
         for k in "abc":
             convs[k] += generate(eng, k, convs[k], 8).completion + tokens(eng, NEXT_TURN)
-        assert list(eng.evicted) == ["a", "b"]
+        assert list(eng.streams.evicted) == ["a", "b"]
         # room for a's, b's and c's cells, but one byte
-        eng.evicted_limit = eng.evicted_bytes + len(eng.retained_state("c") or b"") - 1
+        eng.streams.evicted_limit = eng.streams.evicted_bytes + len(eng.retained_state("c") or b"") - 1
         again = generate(eng, "a", convs["a"], 8)
         assert eng.stats["restored_seqs"] == 1 and again.cached > len(convs["a"]) // 2
-        assert list(eng.evicted) == ["b", "c"]
+        assert list(eng.streams.evicted) == ["b", "c"]
     finally:
         eng.close()
 
@@ -287,7 +287,7 @@ def test_evicted_cells_are_kept_within_their_bound() -> None:
         first = tokens(eng, turn("Tell me about the number 1.", "You are agent a."))
         generate(eng, "a", first, 8)
         generate(eng, "b", tokens(eng, turn("Tell me about the number 2.", "You are agent b.")), 8)
-        assert eng.stats["evicted_seqs"] == 1 and not eng.evicted and eng.evicted_bytes == 0
+        assert eng.stats["evicted_seqs"] == 1 and not eng.streams.evicted and eng.streams.evicted_bytes == 0
         again = generate(eng, "a", first, 8)
         assert eng.stats["restored_seqs"] == 0 and again.cached < len(first) // 2
     finally:
@@ -312,14 +312,14 @@ def test_what_is_kept_for_an_agent_that_ended_is_let_go_of() -> None:
                  for i, k in enumerate("abcd")}
         for k in "abc":
             generate(eng, k, convs[k], 8)
-        assert list(eng.evicted) == ["a"]              # a's stream made room for c
+        assert list(eng.streams.evicted) == ["a"]              # a's stream made room for c
         eng.forget("a")
         eng.forget("c")
         forgotten(eng, 2)
-        assert not eng.evicted and eng.evicted_bytes == 0
-        assert eng._retained("c") is None and eng.describe()["retained_seqs"] == 2
+        assert not eng.streams.evicted and eng.streams.evicted_bytes == 0
+        assert eng.streams.retained("c") is None and eng.describe()["retained_seqs"] == 2
         generate(eng, "d", convs["d"], 8)              # LRU alone would evict b's
-        assert not eng.evicted                         # c's cells were not kept
+        assert not eng.streams.evicted                         # c's cells were not kept
         again = generate(eng, "b", convs["b"], 8)
         assert again.cached == len(convs["b"]) - 2 and eng.stats["restored_seqs"] == 0
         eng.forget("nobody")                           # nothing held: nothing counted
@@ -340,7 +340,7 @@ def test_a_call_cancelled_while_it_waits_takes_no_stream() -> None:
 
         b = eng.run(Request("b", tokens(eng, turn("Name three rivers.")), 8, check=cancelled))
         assert b.finish is Finish.ERROR and "cancelled" in str(b.error) and b._seq is None
-        assert eng.stats["evicted_seqs"] == 0 and eng._retained("a") is not None
+        assert eng.stats["evicted_seqs"] == 0 and eng.streams.retained("a") is not None
     finally:
         eng.close()
 
@@ -383,7 +383,7 @@ def test_a_call_running_when_its_agent_is_forgotten_lets_go_when_it_stops() -> N
         eng.forget("a")
         assert req.done.wait(120) and req.error is None and len(req.completion) == 64
         forgotten(eng, 1)
-        assert eng._retained("a") is None and not eng._gone
+        assert eng.streams.retained("a") is None and not eng.streams.gone
     finally:
         eng.close()
 
@@ -421,7 +421,7 @@ def test_a_batch_llama_cpp_fails_fails_its_calls_alone(plain: Engine) -> None:
         assert b.finish is Finish.ERROR and "injected" in str(b.error)
         assert a.done.wait(120) and a.error is None
         assert a.completion == alone.completion
-        assert eng._retained("b") is None            # its cells were unknown: dropped
+        assert eng.streams.retained("b") is None            # its cells were unknown: dropped
     finally:
         eng.close()
 
@@ -458,7 +458,7 @@ def test_a_call_whose_tokens_cannot_be_recorded_ends_alone_and_its_cells_go(plai
     alone = generate(plain, "solo", tokens(plain, turn(STORY)), 32, min_tokens=32)
     eng = make(2)
     try:
-        real = eng._extend
+        real = eng.streams.extend
         b = Request("b", tokens(eng, turn("Name three rivers.")), 8)
 
         def failing(seq, toks) -> None:
@@ -466,9 +466,9 @@ def test_a_call_whose_tokens_cannot_be_recorded_ends_alone_and_its_cells_go(plai
                 raise RuntimeError("injected: the prefix tree failed")
             real(seq, toks)
 
-        eng._extend = failing
+        eng.streams.extend = failing
         fails_beside_a_story(eng, b, alone)
-        assert eng._retained("b") is None            # its cells were unknown: dropped
+        assert eng.streams.retained("b") is None            # its cells were unknown: dropped
     finally:
         eng.close()
 

@@ -78,3 +78,66 @@ def test_prompt_chunks_share_a_batch_only_when_one_pass_takes_them_whole() -> No
     assert shape(groups) == [[(0, 200), (1, 200)], [(2, 200)]]
     for g in groups:
         assert passes([(r._seq.id, len(t)) for r, t in g], 512) == 1
+
+
+# -- where calls run in the cache (placement): pure, on streams the test lays out
+
+
+def _streams(layout: str, used: dict[int, float] | None = None):
+    """Streams from a picture: 'B' a call runs there, 'h' it holds a
+    conversation, '.' empty; ``used``: when each was last used."""
+    from aiosd.llm.placement import Seq
+
+    return [Seq(i, key=f"k{i}" if c != "." else None, tokens=[1, 2] if c != "." else [],
+                busy=c == "B", last_used=(used or {}).get(i, 0.0))
+            for i, c in enumerate(layout)]
+
+
+def test_a_call_that_would_run_apart_moves_beside_the_running_ones() -> None:
+    from aiosd.llm.placement import place
+
+    seqs = _streams("BB..h.h")
+    assert place(seqs, seqs[2]) is seqs[2]     # it joins the run already
+    assert place(seqs, seqs[6]) is seqs[2]     # the first idle stream at a run's end
+    seqs = _streams("B.B...h")
+    assert place(seqs, seqs[6]) is seqs[1]     # into the hole between them
+    seqs = _streams("....h..")
+    assert place(seqs, seqs[4]) is seqs[4]     # nothing runs: it stays
+    seqs = _streams("BBBBBh")
+    assert place(seqs, seqs[5]) is seqs[5]     # (it joins the run)
+
+
+def test_gaps_between_decoding_calls_close_from_the_last_into_the_first_hole() -> None:
+    from aiosd.llm.placement import apart, compaction
+
+    seqs = _streams("B.B..B.B")
+    decoding = [0, 2, 5, 7]
+    assert apart(decoding) and not apart([3, 4, 5])
+    assert compaction(seqs, decoding) == [(7, 1), (5, 3)]
+    assert compaction(_streams("BBB..B"), [0, 1, 2]) == []
+    # a stream busy with a prefilling call is no hole, and stays
+    seqs = _streams("BBB.B")
+    assert compaction(seqs, [0, 4]) == [(4, 3)]
+
+
+def test_the_stream_to_reuse_is_an_empty_one_else_the_least_recently_used() -> None:
+    from aiosd.llm.placement import retained, reusable
+
+    seqs = _streams("Bhh.", used={1: 30.0, 2: 10.0})
+    assert reusable(seqs) is seqs[3]
+    seqs = _streams("Bhh", used={1: 30.0, 2: 10.0})
+    assert reusable(seqs) is seqs[2]
+    assert reusable(_streams("BB")) is None
+    assert retained(seqs, "k1") is seqs[1] and retained(seqs, "k0") is None   # k0 runs
+
+
+def test_a_prompt_comes_from_the_cells_that_hold_most_of_it_by_more_than_a_block() -> None:
+    from aiosd.llm.placement import common, prompt_source
+
+    assert common([1, 2, 3, 4], [1, 2, 9]) == 2 and common([1, 2], [1, 2, 3], start=1) == 2
+    block = 16
+    assert prompt_source(held=100, kept=None, shared=0, block=block) == "own"
+    assert prompt_source(held=0, kept=300, shared=200, block=block) == "restore"
+    assert prompt_source(held=0, kept=210, shared=200, block=block) == "share"   # not worth it
+    assert prompt_source(held=100, kept=None, shared=110, block=block) == "own"
+    assert prompt_source(held=100, kept=None, shared=117, block=block) == "share"
