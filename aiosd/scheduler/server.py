@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -165,8 +166,9 @@ class Scheduler:
         def on_term(*_: object) -> None:
             self.state.stopping = True
 
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)
+            signal.signal(signal.SIGINT, on_term)
         if not procs.become_subreaper():
             log.warning("cannot become the subreaper of launched agents: a process an agent "
                         "abandons is not recognised as that agent's")
