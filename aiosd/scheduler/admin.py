@@ -19,10 +19,9 @@ from libaios.protocol import Message, MsgType
 from .. import confine, credentials, roles
 from .agents import Agent, agent_name_ok
 from .calls import Call, CallState
-from .clients import Handler
 from .lifecycle import Lifecycle
 from .outbox import Outbox
-from .peers import Session
+from .peers import Handler, Session
 from .state import State
 
 #: The kernel services besides the LLM cores: worker name -> the kind it registers as.

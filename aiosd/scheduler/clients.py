@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any, NoReturn
 
 import zmq
@@ -24,7 +23,7 @@ from .agents import Agent, agent_name_ok
 from .calls import Call
 from .lifecycle import Lifecycle, unservable
 from .outbox import Outbox
-from .peers import Session, parent_of, peer_credentials
+from .peers import Handler, Session, parent_of, peer_credentials
 from .state import State
 
 # the scheduler logs under one name, whichever of its modules a method is in
@@ -59,11 +58,6 @@ OPERATOR_ONLY = frozenset({
 MAX_HELLO_BODY = 4096
 #: Longest deadline accepted for a call, seconds from now.
 MAX_DEADLINE = 24 * 3600.0
-
-
-#: A client message's handler: (the session, None before hello; the
-#: connection's routing id; the message).
-Handler = Callable[[Session | None, bytes, Message], None]
 
 
 class ClientCalls:

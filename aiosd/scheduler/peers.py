@@ -3,13 +3,14 @@ that said hello, and what the operating system says of a peer."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 import zmq
 
-from libaios.protocol import MsgType
+from libaios.protocol import Message, MsgType
 
 from . import access
 from .agents import Agent
@@ -75,6 +76,11 @@ class Session:
     @property
     def principal(self) -> access.Principal:
         return access.Principal(self.account, self.name, self.operator, self.internal)
+
+
+#: A client message's handler: (the session, None before hello; the
+#: connection's routing id; the message).
+Handler = Callable[[Session | None, bytes, Message], None]
 
 
 def peer_credentials(frame: zmq.Frame) -> tuple[int | None, int | None]:
