@@ -172,13 +172,14 @@ class McpServerConfig:
 
 @dataclass(frozen=True)
 class ToolLimits:
-    """Overrides for one tool's limits and flags, by name."""
+    """Overrides for one tool's limits and flags, by name; what an entry
+    leaves out stays as the tool has it."""
 
     name: str = ""
-    concurrency: int = field(default=4, metadata=_check("positive"))
-    timeout: float = field(default=30.0, metadata=_check("positive"))
-    destructive: bool = False
-    read_only: bool = False
+    concurrency: int | None = field(default=None, metadata=_check("positive"))
+    timeout: float | None = field(default=None, metadata=_check("positive"))
+    destructive: bool | None = None
+    read_only: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -286,7 +287,11 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected a table of strings")
         return dict(value)
     if isinstance(tp, types.UnionType):
-        raise TypeError(f"unsupported config type at {key}")
+        # X | None: a key that may be left out (TOML has no null to give)
+        given = [t for t in typing.get_args(tp) if t is not type(None)]
+        if len(given) != 1:
+            raise TypeError(f"unsupported config type at {key}")
+        return _convert(key, given[0], value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

@@ -235,25 +235,18 @@ class Registry:
             self.add(tool)
 
     def apply_limits(self, cfg: ToolsConfig) -> None:
-        """Apply ``tools.limits``: concurrency and timeout replace the tool's;
-        destructive and read_only can only be added: the config cannot tell
-        "false" from "not given", and an entry meant only to change a timeout
-        must not drop a destructive flag.
-        A field set to None (should the config allow it) is left alone."""
+        """Apply ``tools.limits``: what an entry gives replaces the tool's
+        own; what it leaves out stays."""
         for limit in cfg.limits:
             tool = self.tools.get(limit.name)
             if tool is None:
                 log.warning("tools.limits names %r, which is not a tool here (the tools: %s)",
                             limit.name, ", ".join(sorted(self.tools)))
                 continue
-            changes: dict[str, Any] = {}
-            if getattr(limit, "concurrency", None) is not None:
-                changes["concurrency"] = int(limit.concurrency)
-            if getattr(limit, "timeout", None) is not None:
-                changes["timeout"] = float(limit.timeout)
-            changes["read_only"] = bool(getattr(limit, "read_only", False)) or tool.read_only
-            changes["destructive"] = bool(getattr(limit, "destructive", False)) or tool.destructive
-            self.tools[limit.name] = replace(tool, **changes)
+            given = {"concurrency": limit.concurrency, "timeout": limit.timeout,
+                     "destructive": limit.destructive, "read_only": limit.read_only}
+            self.tools[limit.name] = replace(
+                tool, **{k: v for k, v in given.items() if v is not None})
 
     def get(self, name: Any) -> Tool:
         tool = self.tools.get(name) if isinstance(name, str) else None

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from aiosd import chat as chat_request
-from aiosd.config import ToolLimits, ToolsConfig, from_dict
+from aiosd.config import ConfigError, ToolLimits, ToolsConfig, from_dict
 from aiosd.tools.builtins import builtin_tools, calculator
 from aiosd.tools.registry import (
     Context,
@@ -164,21 +164,25 @@ def test_bad_tools_are_refused(caplog: pytest.LogCaptureFixture) -> None:
 # -- limits -------------------------------------------------------------------------
 
 
-def test_limits_override_concurrency_and_timeout_and_only_add_flags(
+def test_limits_override_what_they_give_and_leave_the_rest(
         caplog: pytest.LogCaptureFixture) -> None:
     reg = Registry()
     reg.add(calculator())
-    reg.add(Tool("rm", "remove", {"type": "object"}, lambda a, c: None, destructive=True))
+    reg.add(Tool("rm", "remove", {"type": "object"}, lambda a, c: None, destructive=True,
+                 concurrency=2, timeout=15.0))
     reg.add(Tool("mv", "move", {"type": "object"}, lambda a, c: None))
+    reg.add(Tool("ls", "list", {"type": "object"}, lambda a, c: None, destructive=True))
     reg.apply_limits(ToolsConfig(limits=[
-        ToolLimits(name="rm", concurrency=1, timeout=2.0),          # destructive stays
+        ToolLimits(name="rm", timeout=2.0),          # concurrency and destructive stay
         ToolLimits(name="mv", concurrency=3, timeout=9.0, destructive=True),
         ToolLimits(name="calculator", concurrency=2, timeout=1.0),  # read_only stays
+        ToolLimits(name="ls", destructive=False, read_only=True),  # flags, said outright
         ToolLimits(name="ghost", concurrency=1, timeout=1.0),
     ]))
     info = reg.info()
-    assert info["rm"] == {"concurrency": 1, "timeout": 2.0, "read_only": False, "destructive": True}
+    assert info["rm"] == {"concurrency": 2, "timeout": 2.0, "read_only": False, "destructive": True}
     assert info["mv"] == {"concurrency": 3, "timeout": 9.0, "read_only": False, "destructive": True}
+    assert info["ls"] == {"concurrency": 4, "timeout": 30.0, "read_only": True, "destructive": False}
     assert info["calculator"] == {"concurrency": 2, "timeout": 1.0, "read_only": True,
                                   "destructive": False}
     assert reg.schemas()[0]["aios"]["concurrency"] == 2
@@ -194,6 +198,14 @@ def test_from_config_builtins_subset_and_limits() -> None:
     reg = registry_of(cfg)
     assert set(reg.tools) == {"calculator", "read_file"}
     assert reg.info()["read_file"]["concurrency"] == 2
+    # an entry that gives only a flag leaves the tool's limits as they were
+    python = registry_of(from_dict({"tools": {"builtin": ["python"], "entry_points": False}}).tools)
+    own = python.info()["python"]
+    cfg = from_dict({"tools": {"builtin": ["python"], "entry_points": False,
+                               "limits": [{"name": "python", "destructive": True}]}}).tools
+    assert registry_of(cfg).info()["python"] == {**own, "destructive": True}
+    with pytest.raises(ConfigError, match="concurrency: must be greater than 0"):
+        from_dict({"tools": {"limits": [{"name": "python", "concurrency": 0}]}})
 
 
 # -- entry points -------------------------------------------------------------------
