@@ -1,17 +1,27 @@
-"""What the README says a user can do, each tried once against a real daemon:
-agents are refused operators' calls, an agent launches sub-agents under its
-own name, memory pages, and aiosctl's mem stats and audit answer."""
+"""What the README and docs/ say a user can do, each tried once against a
+real daemon: agents are refused operators' calls, an agent launches
+sub-agents under its own name, memory pages, aiosctl's mem stats and audit
+answer; destructive tools (an MCP server's hint, or the config's flag) wait
+for an operator, and nothing waits with access.require_approval off; a full
+queue refuses with Overloaded; a call whose worker is lost more than
+kernel.max_redispatch times fails, and a tool call runs again only if its
+tool is read-only."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from libaios import errors
 from libaios.protocol import MsgType
 
-from ..conftest import TEST_AGENTS, Daemon
+from ..conftest import TEST_AGENTS, Daemon, in_thread, pending_approval
 
 pytestmark = pytest.mark.integration
 
@@ -66,3 +76,182 @@ def test_aiosctl_mem_stats_and_audit_by_agent(daemon: Daemon) -> None:
             r["event"] == "access.denied" for r in json.loads(audit.stdout))
 
     daemon.wait_for(denial_logged, what="the denial in the audit log")
+
+
+# -- destructive tools and approvals ---------------------------------------------------
+
+HINTED = Path(__file__).resolve().parent.parent / "tools" / "hinted_mcp_server.py"
+
+#: What a call that must not wait for an operator may take: long enough for a
+#: busy machine, far shorter than access.approval_timeout (120 s), so that a
+#: call held for approval fails (its deadline ends the wait: PermissionDenied).
+QUICK = 20.0
+
+
+def mcp(name: str, **extra: Any) -> dict[str, Any]:
+    """tests/tools/hinted_mcp_server.py as the MCP server ``name``."""
+    return {"name": name, "command": [sys.executable, str(HINTED)], **extra}
+
+
+def tool_call(d: Daemon, name: str, tool: str, arguments: dict[str, Any],
+              timeout: float = 120) -> Any:
+    """A tool call made by agent ``name`` on a connection of its own."""
+    with d.client(name=name) as c:
+        return c.tools.call(tool, arguments, timeout=timeout)
+
+
+def test_destructive_tools_wait_for_an_operator(make_daemon, short_tmp: Path) -> None:
+    """An MCP tool the server marks destructive (destructiveHint), and any
+    tool of a server the config flags destructive, run only once an operator
+    approves; an unmarked tool of an unflagged server runs at once."""
+    d: Daemon = make_daemon(config={"tools": {"mcp": [mcp("hinted"),
+                                                      mcp("flagged", destructive=True)]}})
+    victim = short_tmp / "victim"
+    victim.touch()
+    with d.client(name="eraser") as c:
+        flags = {t["function"]["name"]: t["aios"]["destructive"] for t in c.tools.list()}
+    assert (flags["hinted__erase"], flags["hinted__peek"], flags["flagged__peek"]) == (
+        True, False, True)
+    assert tool_call(d, "eraser", "hinted__peek", {"path": str(victim)},
+                     timeout=QUICK)["text"] == "present"
+    for decision in ("deny", "approve"):
+        t, out = in_thread(lambda: tool_call(d, "eraser", "hinted__erase", {"path": str(victim)}))
+        pending = pending_approval(d, "eraser")
+        assert pending["op"] == "tool:hinted__erase"
+        assert victim.exists()   # nothing ran before the decision
+        listing = d.ctl("approvals")
+        assert listing.returncode == 0 and "tool:hinted__erase" in listing.stdout, listing
+        assert d.ctl(decision, pending["id"]).returncode == 0
+        t.join(120)
+        if decision == "deny":
+            assert isinstance(out.get("error"), errors.PermissionDenied), out
+            assert victim.exists()
+    assert out.get("value", {}).get("text") == "erased", out
+    assert not victim.exists()
+    t, out = in_thread(lambda: tool_call(d, "eraser", "flagged__peek", {"path": str(victim)}))
+    pending = pending_approval(d, "eraser")
+    assert pending["op"] == "tool:flagged__peek"
+    assert d.ctl("approve", pending["id"]).returncode == 0
+    t.join(120)
+    assert out.get("value", {}).get("text") == "absent", out
+
+
+def test_nothing_waits_for_approval_when_it_is_not_required(make_daemon,
+                                                            short_tmp: Path) -> None:
+    d: Daemon = make_daemon(config={"access": {"require_approval": False},
+                                    "tools": {"mcp": [mcp("hinted")]}})
+    victim = short_tmp / "victim"
+    victim.touch()
+    with d.client(name="unasked") as c:
+        agent = c.whoami()["agent"]
+        c.storage.put("doc", "v1")
+        assert c.storage.put("doc", "v2", timeout=QUICK)["version"] == 2
+        assert c.storage.rollback("doc", 1, timeout=QUICK)["restored"] == 1
+        assert c.storage.get("doc") == "v1"
+        c.storage.delete("doc", timeout=QUICK)
+        with pytest.raises(errors.NotFound):
+            c.storage.get("doc")
+        item = c.memory.add("the meeting is on Monday")
+        c.memory.update(item["id"], text="the meeting is on Tuesday", timeout=QUICK)
+        c.memory.delete(item["id"], timeout=QUICK)
+        assert c.tools.call("hinted__erase", {"path": str(victim)}, timeout=QUICK)["text"] == "erased"
+    assert not victim.exists()
+    audit = d.ctl("audit", "--json", "--agent", agent, "--limit", "1000")
+    assert audit.returncode == 0, audit.stderr
+    assert not [r for r in json.loads(audit.stdout) if r["event"] == "approval.requested"]
+
+
+# -- the kernel's limits ---------------------------------------------------------------
+
+
+def test_a_full_queue_refuses_calls_with_overloaded(make_daemon, short_tmp: Path) -> None:
+    # hold runs until the test lets it go, one at a time: one runs, one
+    # waits, and the queue (kernel.max_queue = 1) is full
+    d: Daemon = make_daemon(config={"kernel": {"max_queue": 1},
+                                    "tools": {"mcp": [mcp("hinted", concurrency=1)]}})
+    release = short_tmp / "release"
+    hold = {"release": str(release)}
+    t1, out1 = in_thread(lambda: tool_call(d, "first", "hinted__hold", hold))
+    d.wait_for(lambda s: s["tools_running"].get("hinted__hold") == 1, what="the first hold to run")
+    t2, out2 = in_thread(lambda: tool_call(d, "second", "hinted__hold", hold))
+    try:
+        d.wait_for(lambda s: s["queues"]["tool"] == 1, what="the second hold to wait")
+        with pytest.raises(errors.Overloaded, match="1 calls already wait for tool") as info:
+            tool_call(d, "third", "hinted__peek", {"path": str(release)}, timeout=QUICK)
+        assert info.value.retriable
+    finally:
+        release.touch()
+        t1.join(120)
+        t2.join(120)
+    assert out1.get("value", {}).get("text") == "let go", out1
+    assert out2.get("value", {}).get("text") == "let go", out2
+    # the queue has room again
+    assert tool_call(d, "third", "hinted__peek", {"path": str(release)})["text"] == "present"
+
+
+def test_a_call_whose_core_dies_more_than_max_redispatch_times_fails(make_daemon) -> None:
+    d: Daemon = make_daemon(config={"kernel": {"max_redispatch": 1}})
+    first = d.core_pid()
+    assert first is not None
+
+    def chat() -> Any:
+        with d.client(name="unlucky", timeout=300) as c:
+            # long enough to be running still when its core is killed
+            return c.chat("Tell a long story.", max_tokens=1500, min_tokens=1500)
+
+    t, out = in_thread(chat)
+    try:
+        d.wait_for(lambda s: s["running"] == 1, what="the call to run")
+        os.kill(first, signal.SIGKILL)
+        # lost once: it runs again on the restarted core ...
+        d.wait_for(lambda s: s["running"] == 1 and d.core_pid() not in (first, None),
+                   what="the call to run again on the restarted core")
+        second = d.core_pid()
+        assert second is not None
+        os.kill(second, signal.SIGKILL)
+    finally:
+        t.join(300)
+    # ... lost twice: its caller is told, and may try again
+    assert isinstance(out.get("error"), errors.WorkerLost), out
+    assert out["error"].retriable
+    d.wait_for(lambda s: s["ready"] and d.core_pid() not in (first, second, None)
+               and s["running"] == 0, what="the core back, and the call not run a third time")
+
+
+def runs_begun(mark: Path) -> int:
+    return len(mark.read_text().splitlines()) if mark.exists() else 0
+
+
+def tools_pid(status: dict[str, Any]) -> int | None:
+    return next((p.get("pid") for p in status["procs"] if p["name"] == "tools"), None)
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_tool_call_runs_again_after_its_worker_dies_only_if_the_tool_is_read_only(
+        make_daemon, short_tmp: Path, read_only: bool) -> None:
+    d: Daemon = make_daemon(config={"tools": {"mcp": [mcp("hinted", read_only=read_only)]}})
+    mark, release = short_tmp / "runs", short_tmp / "release"
+    t, out = in_thread(lambda: tool_call(d, "holder", "hinted__hold",
+                                         {"release": str(release), "mark": str(mark)}))
+    try:
+        d.wait_for(lambda _: runs_begun(mark) == 1, what="the tool call to begin")
+        worker = tools_pid(d.status())
+        assert worker is not None
+        os.kill(worker, signal.SIGKILL)
+        d.wait_for(lambda s: s["ready"] and tools_pid(s) not in (worker, None),
+                   what="the tool worker to be restarted")
+        if read_only:
+            d.wait_for(lambda _: runs_begun(mark) == 2, what="the call to run again")
+            release.touch()
+        t.join(120)
+    finally:
+        release.touch()
+        t.join(120)
+    if read_only:
+        assert out.get("value", {}).get("text") == "let go", out
+    else:
+        assert isinstance(out.get("error"), errors.WorkerLost), out
+        assert "was not run again" in out["error"].message
+        # not run again, even once the worker is back
+        assert tool_call(d, "holder", "hinted__peek", {"path": str(mark)})["text"] == "present"
+        assert runs_begun(mark) == 1
