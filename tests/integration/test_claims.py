@@ -5,23 +5,31 @@ answer; destructive tools (an MCP server's hint, or the config's flag) wait
 for an operator, and nothing waits with access.require_approval off; a full
 queue refuses with Overloaded; a call whose worker is lost more than
 kernel.max_redispatch times fails, and a tool call runs again only if its
-tool is read-only."""
+tool is read-only; an agent that ignores SIGTERM does not outlive the
+daemon; the runtime and data directories are found from the XDG variables
+and the config from AIOS_CONFIG; file listings, old versions and file
+rollback."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+import tomli_w
 
+import libaios
 from libaios import errors
 from libaios.protocol import MsgType
 
-from ..conftest import TEST_AGENTS, Daemon, in_thread, pending_approval
+from ..conftest import (REPO, TEST_AGENTS, Daemon, in_thread, pending_approval, run_ctl,
+                        wait_ready_or_fail)
 
 pytestmark = pytest.mark.integration
 
@@ -255,3 +263,101 @@ def test_a_tool_call_runs_again_after_its_worker_dies_only_if_the_tool_is_read_o
         # not run again, even once the worker is back
         assert tool_call(d, "holder", "hinted__peek", {"path": str(mark)})["text"] == "present"
         assert runs_begun(mark) == 1
+
+
+# -- stopping ------------------------------------------------------------------------
+
+
+def ignores_sigterm(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_an_agent_that_ignores_sigterm_does_not_outlive_the_daemon(make_daemon) -> None:
+    d: Daemon = make_daemon(config={"supervisor": {"shutdown_grace": 2.0}})
+    with d.client(operator=True) as op:
+        info = op.call(MsgType.AGENT_RUN, {"path": str(TEST_AGENTS / "stubborn.py")})
+    agent = psutil.Process(info["pid"])
+    d.wait_for(lambda _: ignores_sigterm(agent.pid), what="the agent to ignore SIGTERM")
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=120) == 0, d.log_text()[-4000:]
+    gone, alive = psutil.wait_procs([agent], timeout=30)
+    assert not alive, f"the agent outlived the daemon:\n{d.log_text()[-4000:]}"
+
+
+# -- where things are found ------------------------------------------------------------
+
+
+def test_directories_from_the_xdg_variables_and_the_config_from_aios_config(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without AIOS_RUNTIME_DIR and AIOS_DATA_DIR: the runtime directory is
+    $XDG_RUNTIME_DIR/aios, the data directory $XDG_DATA_HOME/aios, and
+    AIOS_CONFIG names the configuration file, for aiosd, aiosctl and agents."""
+    xdg_run, xdg_data, home = short_tmp / "xr", short_tmp / "xd", short_tmp / "home"
+    for path in (xdg_run, xdg_data, home):
+        path.mkdir(mode=0o700)
+    config = short_tmp / "elsewhere.toml"
+    config.write_text(tomli_w.dumps({"llm": {"cores": [{"name": "named-by-aios-config",
+                                                          "slots": 2}]}}))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("AIOS_RUNTIME_DIR", "AIOS_DATA_DIR", "AIOS_ENDPOINT", "AIOS_AGENT_TOKEN",
+                        "AIOS_CONFIG", "RUNTIME_DIRECTORY", "STATE_DIRECTORY", "NOTIFY_SOCKET")}
+    env.update(XDG_RUNTIME_DIR=str(xdg_run), XDG_DATA_HOME=str(xdg_data), HOME=str(home),
+               AIOS_CONFIG=str(config), PYTHONUNBUFFERED="1")
+    log = short_tmp / "aiosd.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "aiosd"], env=env, stdout=fh, stderr=fh,
+                                start_new_session=True, cwd=REPO)
+    # the fixtures' helpers look where the daemon should be
+    d = Daemon(short_tmp, {**env, "AIOS_RUNTIME_DIR": str(xdg_run / "aios")}, proc, log)
+    try:
+        wait_ready_or_fail(d)
+        assert (xdg_run / "aios" / "kernel.sock").exists()
+        status = run_ctl(env, "status", "--json")   # aiosctl finds it the same way
+        assert status.returncode == 0, status.stderr
+        assert [c["name"] for c in json.loads(status.stdout)["cores"]] == ["named-by-aios-config"]
+        for var in ("AIOS_RUNTIME_DIR", "AIOS_DATA_DIR", "AIOS_ENDPOINT", "AIOS_AGENT_TOKEN",
+                    "RUNTIME_DIRECTORY", "STATE_DIRECTORY"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg_run))
+        with libaios.connect(name="xdg-agent") as c:   # and so does an agent
+            c.storage.put("where", "here")
+        assert (xdg_data / "aios" / "storage").is_dir()
+        assert not (home / ".local").exists()
+    finally:
+        d.stop()
+
+
+# -- files -----------------------------------------------------------------------------
+
+
+def test_files_list_old_versions_and_rollback(daemon: Daemon) -> None:
+    with daemon.client(name="filer") as c:
+        c.storage.write_file("notes/monday.txt", b"first draft")
+        c.storage.write_file("notes/old/sunday.txt", b"old")
+        c.storage.write_file("top.txt", b"top")
+        with daemon.client(operator=True) as op:   # (an operator's overwrite needs no approval)
+            op.storage.write_file("notes/monday.txt", b"second draft", agent="filer")
+        assert c.storage.list_dir() == [{"name": "notes", "type": "dir"},
+                                        {"name": "top.txt", "type": "file", "version": 1}]
+        assert c.storage.list_dir("notes") == [{"name": "monday.txt", "type": "file", "version": 2},
+                                               {"name": "old", "type": "dir"}]
+        assert c.storage.read_file("notes/monday.txt") == b"second draft"
+        assert c.storage.read_file("notes/monday.txt", version=1) == b"first draft"
+        assert [v["version"] for v in c.storage.versions("notes/monday.txt", kind="file")] == [2, 1]
+        t, out = in_thread(lambda: c.storage.rollback("notes/monday.txt", 1, kind="file",
+                                                      timeout=120))
+        pending = pending_approval(daemon, "filer")
+        assert pending["op"] == "storage.rollback"
+        assert pending["values"] == {"file": "notes/monday.txt", "to_version": 1,
+                                     "current_version": 2}
+        assert daemon.ctl("approve", pending["id"]).returncode == 0
+        t.join(120)
+        assert out.get("value", {}).get("restored") == 1, out
+        assert c.storage.read_file("notes/monday.txt") == b"first draft"
+        assert [v["version"] for v in c.storage.versions("notes/monday.txt", kind="file")] == [
+            3, 2, 1]
