@@ -4,11 +4,11 @@ sub-agents under its own name, memory pages, aiosctl's mem stats and audit
 answer; destructive tools (an MCP server's hint, or the config's flag) wait
 for an operator, and nothing waits with access.require_approval off; a full
 queue refuses with Overloaded; a call whose worker is lost more than
-kernel.max_redispatch times fails, and a tool call runs again only if its
-tool is read-only; an agent that ignores SIGTERM does not outlive the
-daemon; the runtime and data directories are found from the XDG variables
-and the config from AIOS_CONFIG; file listings, old versions and file
-rollback."""
+kernel.max_redispatch times fails; an agent that ignores SIGTERM does not
+outlive the daemon; the runtime and data directories are found from the XDG
+variables and the config from AIOS_CONFIG; file listings, old versions and
+file rollback; snapshots of suspended calls spill to disk and are dropped
+at their call's deadline."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -361,3 +363,99 @@ def test_files_list_old_versions_and_rollback(daemon: Daemon) -> None:
         assert c.storage.read_file("notes/monday.txt") == b"first draft"
         assert [v["version"] for v in c.storage.versions("notes/monday.txt", kind="file")] == [
             3, 2, 1]
+
+
+# -- snapshots of suspended calls --------------------------------------------------------
+
+
+def snapshots(status: dict[str, Any]) -> dict[str, Any]:
+    return (status["cores"][0].get("stats") or {}).get("snapshots") or {}
+
+
+def test_snapshots_spill_to_disk_and_their_calls_resume_exactly(make_daemon) -> None:
+    # one slot and three agents under round-robin: two calls are suspended
+    # at a time, and past snapshot_ram_bytes (1 byte) all but the newest
+    # snapshot spill to disk
+    d: Daemon = make_daemon(config={"llm": {"cores": [{"slots": 1, "snapshot_ram_bytes": 1}]},
+                                    "scheduler": {"policy": "rr", "quantum_tokens": 8}})
+    prompts = {"ann": "Write a long story about a lighthouse keeper.",
+               "bob": "Describe a busy harbour at dawn.",
+               "cid": "Explain how a steam engine works."}
+    alone = {}
+    for name, prompt in prompts.items():   # one at a time: never suspended
+        with d.client(name=name, timeout=300) as c:
+            alone[name] = c.chat(prompt, max_tokens=64)
+    assert d.status()["preemptions"] == 0
+
+    def chat(name: str) -> Callable[[], Any]:
+        def run() -> Any:
+            with d.client(name=name, timeout=300) as c:
+                return c.chat(prompts[name], max_tokens=64)
+        return run
+
+    runs = {name: in_thread(chat(name)) for name in prompts}
+    for t, _ in runs.values():
+        t.join(300)
+    for name, (_, out) in runs.items():
+        assert "value" in out, (name, out)
+        assert out["value"].text == alone[name].text, name   # greedy: the same tokens
+    assert d.status()["preemptions"] >= 2
+    # spilled, and every snapshot taken back (or dropped): none is left
+    d.wait_for(lambda s: snapshots(s).get("spilled", 0) >= 1 and snapshots(s).get("in_ram") == 0
+               and snapshots(s).get("on_disk") == 0, what="spilled snapshots, none left")
+
+
+def test_a_suspended_call_s_snapshot_is_dropped_at_its_deadline(make_daemon) -> None:
+    """Under the fair policy, an agent of high priority takes the only slot
+    from a running call, which is suspended and stays so while the other
+    runs; its deadline passes: its caller gets Timeout, and its snapshot is
+    dropped (its caller still connected, the other call still running)."""
+    d: Daemon = make_daemon(config={
+        "llm": {"cores": [{"slots": 1, "n_ctx": 4096}]},
+        "scheduler": {"policy": "fair", "quantum_tokens": 8,
+                      "agents": [{"agent": "favoured", "priority": 10}]}})
+    answered, may_leave, gave_up = threading.Event(), threading.Event(), threading.Event()
+    late: dict[str, Any] = {}
+
+    def late_call() -> None:
+        with d.client(name="late") as c:
+            try:
+                late["value"] = c.chat("Tell a long story.", max_tokens=1500, min_tokens=1500,
+                                       timeout=8.0)
+            except errors.AIOSError as exc:
+                late["error"] = exc
+            answered.set()
+            may_leave.wait(120)   # connected still: its snapshot is not dropped for leaving
+
+    def favoured_call() -> Any:
+        # runs until the test gives up on it and leaves (then it is cancelled)
+        with d.client(name="favoured") as c:
+            return c.call(MsgType.LLM_CHAT, {
+                "messages": [{"role": "user", "content": "Tell a very long story."}],
+                "max_tokens": 3500, "min_tokens": 3500}, timeout=300, cancelled=gave_up)
+
+    def suspended(name: str) -> bool:
+        with d.client(operator=True) as op:
+            status = op.call(MsgType.ADMIN_STATUS, {"calls": True})
+        agent = next((a["id"] for a in d.ps() if a["name"] == name), None)
+        return snapshots(status).get("in_ram") == 1 and any(
+            c["state"] == "suspended" and c["agent"] == agent for c in status["calls"])
+
+    tl = threading.Thread(target=late_call)
+    tl.start()
+    tf, favoured = None, {}
+    try:
+        d.wait_for(lambda s: s["running"] == 1, what="the late call to run")
+        tf, favoured = in_thread(favoured_call)
+        d.wait_for(lambda _: suspended("late"), what="the late call to be suspended")
+        assert answered.wait(120)
+        assert isinstance(late.get("error"), errors.Timeout), late
+        d.wait_for(lambda s: snapshots(s).get("in_ram") == 0 and snapshots(s).get("on_disk") == 0
+                   and s["running"] == 1, what="the snapshot dropped, the other call running")
+    finally:
+        may_leave.set()
+        gave_up.set()
+        tl.join(120)
+        if tf is not None:
+            tf.join(120)
+    assert isinstance(favoured.get("error"), errors.Cancelled), favoured
