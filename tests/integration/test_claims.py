@@ -294,11 +294,13 @@ def test_an_agent_that_ignores_sigterm_does_not_outlive_the_daemon(make_daemon) 
 # -- where things are found ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("data_home", ["XDG_DATA_HOME", "HOME"])
 def test_directories_from_the_xdg_variables_and_the_config_from_aios_config(
-        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch, data_home: str) -> None:
     """Without AIOS_RUNTIME_DIR and AIOS_DATA_DIR: the runtime directory is
-    $XDG_RUNTIME_DIR/aios, the data directory $XDG_DATA_HOME/aios, and
-    AIOS_CONFIG names the configuration file, for aiosd, aiosctl and agents."""
+    $XDG_RUNTIME_DIR/aios, the data directory $XDG_DATA_HOME/aios, else
+    ~/.local/share/aios, and AIOS_CONFIG names the configuration file, for
+    aiosd, aiosctl and agents."""
     xdg_run, xdg_data, home = short_tmp / "xr", short_tmp / "xd", short_tmp / "home"
     for path in (xdg_run, xdg_data, home):
         path.mkdir(mode=0o700)
@@ -307,9 +309,15 @@ def test_directories_from_the_xdg_variables_and_the_config_from_aios_config(
                                                           "slots": 2}]}}))
     env = {k: v for k, v in os.environ.items()
            if k not in ("AIOS_RUNTIME_DIR", "AIOS_DATA_DIR", "AIOS_ENDPOINT", "AIOS_AGENT_TOKEN",
-                        "AIOS_CONFIG", "RUNTIME_DIRECTORY", "STATE_DIRECTORY", "NOTIFY_SOCKET")}
-    env.update(XDG_RUNTIME_DIR=str(xdg_run), XDG_DATA_HOME=str(xdg_data), HOME=str(home),
-               AIOS_CONFIG=str(config), PYTHONUNBUFFERED="1")
+                        "AIOS_CONFIG", "RUNTIME_DIRECTORY", "STATE_DIRECTORY", "NOTIFY_SOCKET",
+                        "XDG_DATA_HOME")}
+    env.update(XDG_RUNTIME_DIR=str(xdg_run), HOME=str(home), AIOS_CONFIG=str(config),
+               PYTHONUNBUFFERED="1")
+    if data_home == "XDG_DATA_HOME":
+        env["XDG_DATA_HOME"] = str(xdg_data)
+        data, not_data = xdg_data / "aios", home / ".local"
+    else:
+        data, not_data = home / ".local" / "share" / "aios", xdg_data / "aios"
     log = short_tmp / "aiosd.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "aiosd"], env=env, stdout=fh, stderr=fh,
@@ -328,8 +336,8 @@ def test_directories_from_the_xdg_variables_and_the_config_from_aios_config(
         monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg_run))
         with libaios.connect(name="xdg-agent") as c:   # and so does an agent
             c.storage.put("where", "here")
-        assert (xdg_data / "aios" / "storage").is_dir()
-        assert not (home / ".local").exists()
+        assert (data / "storage").is_dir()
+        assert not not_data.exists()
     finally:
         d.stop()
 
