@@ -112,14 +112,16 @@ def tool_call(d: Daemon, name: str, tool: str, arguments: dict[str, Any],
 
 def test_destructive_tools_wait_for_an_operator(make_daemon, short_tmp: Path) -> None:
     """An MCP tool the server marks destructive (destructiveHint), and any
-    tool of a server the config flags destructive, run only once an operator
-    approves; an unmarked tool of an unflagged server runs at once."""
+    tool of a server the config flags destructive (whatever the server
+    says), run only once an operator approves; a tool of an unflagged server
+    that is not marked destructive runs at once."""
     d: Daemon = make_daemon(config={"tools": {"mcp": [mcp("hinted"),
                                                       mcp("flagged", destructive=True)]}})
     victim = short_tmp / "victim"
     victim.touch()
     with d.client(name="eraser") as c:
         flags = {t["function"]["name"]: t["aios"]["destructive"] for t in c.tools.list()}
+    # peek says destructiveHint: false, which cannot take off the config's flag
     assert (flags["hinted__erase"], flags["hinted__peek"], flags["flagged__peek"]) == (
         True, False, True)
     assert tool_call(d, "eraser", "hinted__peek", {"path": str(victim)},
@@ -236,12 +238,16 @@ def tools_pid(status: dict[str, Any]) -> int | None:
     return next((p.get("pid") for p in status["procs"] if p["name"] == "tools"), None)
 
 
-@pytest.mark.parametrize("read_only", [False, True])
+@pytest.mark.parametrize("tool,read_only", [
+    ("hinted__hold", False),
+    ("hinted__hold", True),             # the config says read-only: run again
+    ("hinted__hold_read_only", False),  # only the server says so (readOnlyHint): not
+])
 def test_a_tool_call_runs_again_after_its_worker_dies_only_if_the_tool_is_read_only(
-        make_daemon, short_tmp: Path, read_only: bool) -> None:
+        make_daemon, short_tmp: Path, tool: str, read_only: bool) -> None:
     d: Daemon = make_daemon(config={"tools": {"mcp": [mcp("hinted", read_only=read_only)]}})
     mark, release = short_tmp / "runs", short_tmp / "release"
-    t, out = in_thread(lambda: tool_call(d, "holder", "hinted__hold",
+    t, out = in_thread(lambda: tool_call(d, "holder", tool,
                                          {"release": str(release), "mark": str(mark)}))
     try:
         d.wait_for(lambda _: runs_begun(mark) == 1, what="the tool call to begin")

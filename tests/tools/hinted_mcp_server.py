@@ -1,8 +1,9 @@
-"""An MCP server over stdio for the README's claims about MCP tools:
-``erase`` is marked destructive by the server (``destructiveHint: true``);
-``peek`` and ``hold`` are left unmarked. ``hold`` runs until the test lets it
-go, so that a test can keep a tool call running (or waiting) as long as it
-needs to."""
+"""An MCP server over stdio for the documented claims about MCP tools:
+``erase`` is marked destructive by the server (``destructiveHint: true``),
+``peek`` says it is not (``destructiveHint: false``), ``hold`` is left
+unmarked and ``hold_read_only`` is marked read-only (``readOnlyHint: true``).
+The holds run until the test lets them go, so that a test can keep a tool
+call running (or waiting) as long as it needs to."""
 
 import os
 import time
@@ -20,7 +21,7 @@ def erase(path: str) -> str:
     return "erased"
 
 
-@server.tool()
+@server.tool(annotations=ToolAnnotations(destructive_hint=False))
 def peek(path: str) -> str:
     """Say whether a file exists at path."""
     return "present" if os.path.exists(path) else "absent"
@@ -36,6 +37,12 @@ def hold(release: str, mark: str = "") -> str:
     while not os.path.exists(release):
         time.sleep(0.01)
     return "let go"
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+def hold_read_only(release: str, mark: str = "") -> str:
+    """As hold, marked read-only by the server."""
+    return hold(release, mark)
 
 
 if __name__ == "__main__":
