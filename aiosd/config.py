@@ -232,6 +232,20 @@ class AccessConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    """The OpenAI-compatible HTTP gateway and MCP server (see docs/gateway.md)."""
+
+    enabled: bool = True
+    #: "HOST:PORT" (port 0: any free port; aiosctl status shows the URL), or
+    #: the path of a unix socket
+    listen: str = "127.0.0.1:8090"
+    #: the largest request body read, bytes
+    max_body_bytes: int = field(default=4 * 2**20, metadata=_check("positive"))
+    #: origins a browser may call from (CORS); none by default
+    cors_origins: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Config:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -241,6 +255,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -287,8 +302,11 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected a table of strings")
         return dict(value)
     if isinstance(tp, types.UnionType):
-        # X | None: a key that may be left out (TOML has no null to give)
+        # X | None: a key that may be left out (TOML has no null to give;
+        # the config handed to children as JSON writes one as null)
         given = [t for t in typing.get_args(tp) if t is not type(None)]
+        if value is None and type(None) in typing.get_args(tp):
+            return None
         if len(given) != 1:
             raise TypeError(f"unsupported config type at {key}")
         return _convert(key, given[0], value)
@@ -313,7 +331,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         converted = _convert(key, hints[name], value)
         rule = known[name].metadata.get("rule")
-        if rule:
+        if rule and converted is not None:
             _validate_rule(key, converted, rule)
         kwargs[name] = converted
     return cls(**kwargs)
@@ -363,6 +381,12 @@ def _check_services(cfg: Config) -> None:
             raise ConfigError(f"tools.mcp[{i}].command: the command that starts the server is missing")
     _check_names(cfg.tools.limits, "tools.limits", "tool limit")
     _check_names(cfg.access.groups, "access.groups", "group")
+    listen = cfg.gateway.listen
+    if not listen.startswith("/"):
+        host, _, port = listen.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"gateway.listen: {listen!r} is neither HOST:PORT nor the absolute "
+                              "path of a unix socket")
     seen: set[str] = set()
     for i, rule in enumerate(cfg.scheduler.agents):
         if not rule.agent or rule.agent in seen:

@@ -54,11 +54,6 @@ def test_ints_are_accepted_for_floats_and_files_load(tmp_path: Path) -> None:
         config.load(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon defect (f1d11e3): Config.to_json() writes a [[tools.limits]] key left out "
-    "(destructive, read_only) as null, and from_dict() refuses null ('tools.limits[0]."
-    "destructive: expected a boolean, got None'), so every child aiosd starts with "
-    "AIOS_CONFIG_JSON exits and the daemon never becomes ready"))
 def test_the_config_children_are_given_reads_back() -> None:
     """The supervisor hands its children the validated configuration as
     JSON (AIOS_CONFIG_JSON); a [[tools.limits]] entry as docs/tools.md shows
