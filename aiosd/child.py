@@ -20,7 +20,8 @@ from . import credentials, logs, roles
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m aiosd.child scheduler | llm NAME | storage | memory | tools",
+        print("usage: python -m aiosd.child scheduler | llm NAME | storage | memory | tools "
+              "| gateway",
               file=sys.stderr)
         return 2
     # before anything else: the credential leaves the pipe it came in, and
@@ -45,6 +46,16 @@ def main(argv: list[str]) -> int:
         except config_mod.ConfigError as exc:
             print(f"llm core {argv[1]}: {exc}", file=sys.stderr)
             return roles.EX_CONFIG  # restarting cannot help
+        return 0
+    if role == roles.GATEWAY:
+        logs.setup(cfg.kernel.log_level, "gateway")
+        from .gateway.service import serve as serve_gateway
+
+        try:
+            serve_gateway(cfg, runtime_dir)
+        except config_mod.ConfigError as exc:
+            print(f"gateway: {exc}", file=sys.stderr)
+            return roles.EX_CONFIG
         return 0
     if role in roles.SERVICES and len(argv) == 1:
         import importlib

@@ -184,6 +184,10 @@ def status(as_json: bool) -> None:
         services.add_row(svc["name"], svc["kind"], svc["state"], str(svc.get("pid", "-")),
                          str(svc.get("running", "-")), str(svc.get("served", "-")))
     out.print(services)
+    gateway = data.get("gateway") or {}
+    if gateway.get("enabled"):
+        where = gateway.get("url") or gateway.get("listen")
+        out.print(f"gateway ({gateway['state']}): OpenAI API at {where}/v1, MCP at {where}/mcp")
     conf = data.get("confinement") or {}
     if conf:
         out.print(f"launched agents run as {conf['agents_run_as']}; files: {conf['files']}; "
@@ -191,6 +195,57 @@ def status(as_json: bool) -> None:
     failed = [c["name"] for c in data["cores"] + data["services"] if c["state"] == "failed"]
     if failed:
         fail(f"failed: {', '.join(failed)} (restart budget spent; see the log)")
+
+
+# -- API keys ---------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """API keys of the gateway: a key's caller is the agent it names."""
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option("--group", "groups", multiple=True,
+              help="A group (access.groups) the key's agent joins; may be repeated.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def keys_create(name: str, groups: tuple[str, ...], as_json: bool) -> None:
+    """Make a key for agent NAME and print it (this once: only its hash is kept)."""
+    with kernel() as client:
+        made = client.call(MsgType.ADMIN_KEYS, {"op": "create", "name": name,
+                                                 "groups": list(groups)})
+    if as_json:
+        emit_json(made)
+        return
+    out.print(made["key"], markup=False)
+    err.print(f"a key for agent {name}" + (f" (groups: {', '.join(groups)})" if groups else "")
+              + "; it is shown only now", markup=False)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def keys_list(as_json: bool) -> None:
+    """The keys: whose, their groups, when made (never the keys themselves)."""
+    with kernel() as client:
+        rows = client.call(MsgType.ADMIN_KEYS, {"op": "list"})["keys"]
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("agent", "key", "groups", "created")
+    for row in rows:
+        table.add_row(row["name"], row["shown"] + "…", ", ".join(row["groups"]) or "-",
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"])))
+    out.print(table)
+
+
+@keys.command("revoke")
+@click.argument("name")
+def keys_revoke(name: str) -> None:
+    """Revoke every key of agent NAME (its callers are refused from now on)."""
+    with kernel() as client:
+        done = client.call(MsgType.ADMIN_KEYS, {"op": "revoke", "name": name})
+    out.print(f"revoked {done['revoked']} key(s) of {name}")
 
 
 def agents_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:

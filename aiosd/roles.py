@@ -8,6 +8,9 @@ from __future__ import annotations
 EX_CONFIG = 78
 
 SCHEDULER = "scheduler"
+#: The HTTP gateway (OpenAI API and MCP): a client of the scheduler that
+#: calls on behalf of the agent whose key a request bears.
+GATEWAY = "gateway"
 #: An LLM core's child role (one process per configured core, by its name).
 LLM = "llm"
 #: The kernel's services: child name -> (the worker kind it registers as,

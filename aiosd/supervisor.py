@@ -1,8 +1,8 @@
 """The supervisor: aiosd's main process.
 
 It prepares the runtime directory (mode 0700, one daemon per directory),
-spawns the scheduler, one process per LLM core and one per kernel service
-(storage, memory, tools: see roles), reaps and restarts them
+spawns the scheduler, one process per LLM core, one per kernel service
+(storage, memory, tools: see roles) and the HTTP gateway, reaps and restarts them
 with back-off and a restart budget, reports their states to the scheduler
 (so ``aiosctl status`` shows them), talks to systemd, and on SIGTERM runs
 the shutdown ladder: shutdown message, then SIGTERM, then SIGKILL.
@@ -86,6 +86,9 @@ class Supervisor:
             )
         for name, (kind, _) in roles.SERVICES.items():
             self.children.append(Child(name, kind, [*child_main, name], ProcMachine(rules)))
+        if config.gateway.enabled:
+            self.children.append(Child(roles.GATEWAY, roles.GATEWAY, [*child_main, roles.GATEWAY],
+                                       ProcMachine(rules)))
         self.stopping = False
         self.ready = False
         self._lock_fd: int | None = None
@@ -313,6 +316,8 @@ class Supervisor:
                 self._send(sock, MsgType.ADMIN_SHUTDOWN, {}, "shutdown")
             except zmq.Again:
                 pass
+            # the gateway is no worker of the scheduler's: it stops on SIGTERM
+            self._signal_all(signal.SIGTERM, kind=roles.GATEWAY)
         else:
             self._signal_all(signal.SIGTERM)
         if self._wait_children(grace):
@@ -325,8 +330,10 @@ class Supervisor:
         self._signal_all(signal.SIGKILL)
         self._wait_children(5.0)
 
-    def _signal_all(self, sig: int) -> None:
+    def _signal_all(self, sig: int, kind: str | None = None) -> None:
         for child in self.children:
+            if kind is not None and child.kind != kind:
+                continue
             if child.machine.alive and child.popen is not None:
                 try:
                     os.killpg(child.popen.pid, sig)

@@ -45,9 +45,10 @@ class AsyncClient(ClientCore):
         name: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         operator: bool = False,
+        key: str | None = None,
     ):
         super().__init__(endpoint, token=token, name=name, timeout=timeout, operator=operator,
-                         take=awaited_field_of)
+                         take=awaited_field_of, key=key)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         #: the same socket without asyncio's bookkeeping, for sends that
@@ -266,9 +267,19 @@ class AsyncClient(ClientCore):
             await self._reconnect(generation)
             replies = self._replies(protocol.call(mtype, body, timeout), timeout)
             first = await anext(replies)
-        yield first
-        async for rep in replies:
-            yield rep
+        try:
+            yield first
+            async for rep in replies:
+                yield rep
+        finally:
+            await replies.aclose()   # (given up on early: the call is cancelled now)
+
+    def call_stream(self, mtype: MsgType, body: dict[str, Any],
+                    timeout: float | None = None) -> AsyncIterator[protocol.Message]:
+        """Make a call and yield its replies as they come: its partial
+        replies, then its final one (an error is raised). Closing the
+        iterator early gives the call up: the kernel stops it."""
+        return self._stream(mtype, body, self._timeout(timeout))
 
     async def _replies(self, msg: protocol.Message, timeout: float) -> AsyncIterator[protocol.Message]:
         """Send ``msg``; yield its partial replies, then its final reply."""
@@ -278,6 +289,7 @@ class AsyncClient(ClientCore):
         queue: asyncio.Queue[protocol.Message] = asyncio.Queue()
         self._waiting[msg.id] = queue
         deadline = asyncio.get_running_loop().time() + timeout
+        ended = False
         try:
             try:
                 self._note_sent(msg.id)
@@ -291,14 +303,31 @@ class AsyncClient(ClientCore):
                 except TimeoutError:
                     raise no_reply(msg, self.endpoint, timeout) from None
                 if rep.type is MsgType.ERROR:
+                    ended = True
                     self._answered(msg.id, rep)
                     raise errors.from_envelope(rep.body)
+                ended = rep.type is MsgType.REPLY
                 yield rep
-                if rep.type is MsgType.REPLY:
+                if ended:
                     return
         finally:
             self._waiting.pop(msg.id, None)
             self._sent.pop(msg.id, None)
+            if not ended:
+                # given up on (the stream left unread, the task cancelled,
+                # its deadline passed): the kernel stops the call
+                self._cancel(msg.id)
+
+    def _cancel(self, call_id: str) -> None:
+        """Tell the kernel this client gives up on call ``call_id`` (sent if
+        the socket takes it at once; its answer is passed over)."""
+        if self._raw is None:
+            return
+        try:
+            self._raw.send_multipart(protocol.encode(
+                protocol.call(MsgType.CALL_CANCEL, {"call": call_id}, 10.0)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     async def call(self, mtype: MsgType, body: dict[str, Any] | None = None,
                    timeout: float | None = None) -> dict[str, Any]:
@@ -344,6 +373,8 @@ class AsyncClient(ClientCore):
             self._sent.pop(msg.id, None)
             if reply.done() and not reply.cancelled():
                 reply.exception()   # (seen: a call whose send gave up never waited for it)
+            else:
+                self._cancel(msg.id)   # its task was cancelled: the kernel stops the call
         if rep.type is MsgType.ERROR:
             raise errors.from_envelope(rep.body)
         return rep.body

@@ -155,8 +155,11 @@ class ClientCore:
     (:func:`~libaios.services.field_of`, or an awaiting version)."""
 
     def __init__(self, endpoint: str | None, *, token: str | None, name: str | None,
-                 timeout: float, operator: bool, take: Take = field_of):
+                 timeout: float, operator: bool, take: Take = field_of,
+                 key: str | None = None):
         self.endpoint, self.token, self.name = resolve(endpoint, token, name)
+        #: (the kernel's gateway only) the API key of the caller it connects for
+        self.key = key
         self.timeout = seconds(timeout)
         self.operator = operator
         #: who the kernel says this client is (the hello's answer)
@@ -191,4 +194,6 @@ class ClientCore:
         connection's peer, never trusts it alone."""
         body = {"name": self.name, "pid": os.getpid(), "token": self.token,
                 "operator": self.operator}
+        if self.key is not None:
+            body["key"] = self.key
         return body, min(self.timeout, 10.0)

@@ -70,6 +70,7 @@ class MsgType(str, enum.Enum):
     LLM_CHAT = "llm.chat"
     AGENT_WHOAMI = "agent.whoami"
     AGENT_RUN = "agent.run"           # launch an agent process
+    CALL_CANCEL = "call.cancel"       # the caller gives up on one of its calls
     SYS_NULL = "sys.null"             # a no-op through a worker: measures overhead
     MEMORY_ADD = "memory.add"
     MEMORY_GET = "memory.get"
@@ -106,6 +107,7 @@ class MsgType(str, enum.Enum):
     ADMIN_APPROVE = "admin.approve"
     ADMIN_DENY = "admin.deny"
     ADMIN_AUDIT = "admin.audit"
+    ADMIN_KEYS = "admin.keys"         # the gateway's API keys: create, list, revoke
 
     # -- replies (scheduler -> caller, worker -> scheduler) --
     PARTIAL = "partial"

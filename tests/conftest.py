@@ -141,6 +141,9 @@ def start_daemon(root: Path, config: dict[str, Any] | None = None,
     env = base_env(root)
     env.update(extra_env or {})
     argv = [sys.executable, "-m", "aiosd"]
+    # the gateway on a free port: daemons of tests run side by side
+    config = {**(config or {})}
+    config["gateway"] = {"listen": "127.0.0.1:0", **config.get("gateway", {})}
     if config is not None:
         cfg_path = root / "aiosd.toml"
         cfg_path.write_text(tomli_w.dumps(config))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from libaios.protocol import MsgType
 
-from ..config import AccessConfig
+from ..config import AccessConfig, GroupConfig
 
 MEMORY_READS = frozenset({MsgType.MEMORY_GET, MsgType.MEMORY_SEARCH, MsgType.MEMORY_LIST,
                           MsgType.MEMORY_STATS})
@@ -69,9 +69,18 @@ class AccessRules:
         self.cfg = cfg
         self.daemon_uid = os.getuid() if daemon_uid is None else daemon_uid
         self._groups = {g.name: g for g in cfg.groups}
+        #: members a group gained besides the config's (the agents of API
+        #: keys made with a group): agent name -> group names
+        self.joined: dict[str, set[str]] = {}
+
+    def in_group(self, name: str, group: GroupConfig) -> bool:
+        return name in group.members or group.name in self.joined.get(name, ())
+
+    def has_group(self, name: str) -> bool:
+        return name in self._groups
 
     def groups_of(self, name: str) -> list[str]:
-        return [g.name for g in self.cfg.groups if name in g.members]
+        return [g.name for g in self.cfg.groups if self.in_group(name, g)]
 
     def may_connect(self, uid: int | None) -> bool:
         """Whether a process of ``uid`` may register an agent (or operate)."""
@@ -95,7 +104,7 @@ class AccessRules:
         if namespace == who.name:
             return Decision(True, "own namespace")
         for group in self.cfg.groups:
-            if who.name in group.members and namespace in group.members:
+            if self.in_group(who.name, group) and self.in_group(namespace, group):
                 if not write or group.access == "write":
                     return Decision(True, f"group {group.name} ({group.access})")
         verb = "write" if write else "read"
@@ -106,7 +115,7 @@ class AccessRules:
         if who.internal or not self.cfg.require_approval:
             return True
         for group in self.cfg.groups:
-            if who.name in group.members and (op in group.preapprove or "*" in group.preapprove):
+            if self.in_group(who.name, group) and (op in group.preapprove or "*" in group.preapprove):
                 return True
         return False
 

@@ -51,6 +51,7 @@ class AdminCalls:
             MsgType.ADMIN_APPROVE: self.on_decide,
             MsgType.ADMIN_DENY: self.on_decide,
             MsgType.ADMIN_AUDIT: self.on_audit,
+            MsgType.ADMIN_KEYS: self.on_keys,
         }
 
     # -- approvals ---------------------------------------------------------------
@@ -126,7 +127,9 @@ class AdminCalls:
         try:
             plan = confine.plan(path, cwd, self.state.runtime_dir, self.state.data_dir, run_as,
                                 self.state.landlock_abi)
-            agent = self.state.agents.launch(path, args, name, cwd, env, plan)
+            url = self.state.gateway_url
+            agent = self.state.agents.launch(path, args, name, cwd, env, plan,
+                                             openai_base_url=f"{url}/v1" if url else None)
         except (OSError, subprocess.SubprocessError) as exc:
             self.state.users.release(run_as[0] if run_as else None)
             raise errors.InvalidArgument(f"agent.run: cannot start {path}: "
@@ -238,7 +241,18 @@ class AdminCalls:
             "agents": sum(1 for a in self.state.agents.agents.values() if a.alive),
             "sessions": len(self.state.sessions),
             "confinement": self.confinement(),
+            "gateway": self.gateway(),
         }
+
+    def gateway(self) -> dict[str, Any]:
+        """Where the gateway listens, and its process's state."""
+        config = self.state.config.gateway
+        if not config.enabled:
+            return {"enabled": False}
+        proc = next((p for p in self.state.procs if p.get("name") == roles.GATEWAY), {})
+        url = self.state.gateway_url
+        return {"enabled": True, "listen": config.listen, "url": url,
+                "state": "ready" if url else proc.get("state", "starting")}
 
     def confinement(self) -> dict[str, Any]:
         """What keeps launched agents from the kernel, as in force here."""
@@ -337,6 +351,50 @@ class AdminCalls:
             os.kill(self.state.supervisor_pid, signal.SIGTERM)
         else:
             self.state.stopping = True
+
+    def on_keys(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        """The gateway's API keys: 'op' create (a 'name', 'groups'), list,
+        or revoke (every key of a 'name')."""
+        assert session is not None
+        if session.internal:
+            raise errors.PermissionDenied("admin.keys is for operators (aiosctl keys)")
+        body, state = msg.body, self.state
+        op = body.get("op")
+        if op == "list":
+            self.out.send_client(identity, protocol.reply(msg.id, {"keys": state.keys.rows()}))
+            return
+        name = body.get("name")
+        if op not in ("create", "revoke"):
+            raise errors.InvalidArgument("admin.keys: 'op' must be create, list or revoke")
+        if not agent_name_ok(name) or "@" in name or "." in name:
+            raise errors.InvalidArgument(
+                f"admin.keys: 'name' must name an agent (1-64 characters, no control "
+                f"character, '@' or '.'), got {name!r}")
+        if op == "revoke":
+            count = state.keys.revoke(name)
+            if not count:
+                raise errors.NotFound(f"admin.keys: no key of {name!r}: see `aiosctl keys list`")
+            self.life.audit("key.revoked", {"name": name, "keys": count, "by": session.name})
+            # what the gateway holds open for those keys is closed: its next
+            # call says hello again, and is refused
+            for ident, other in list(state.sessions.items()):
+                if other.key is not None and other.name == name and state.keys.by_digest.get(
+                        other.key) is None:
+                    self.life.client_gone(ident)
+            self.out.send_client(identity, protocol.reply(msg.id, {"name": name, "revoked": count}))
+            return
+        groups = body.get("groups") or []
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise errors.InvalidArgument("admin.keys: 'groups' must be a list of group names")
+        unknown = [g for g in groups if not state.rules.has_group(g)]
+        if unknown:
+            raise errors.InvalidArgument(
+                f"admin.keys: no group {unknown[0]!r}; the groups are access.groups in the "
+                f"config ({', '.join(g.name for g in state.config.access.groups) or 'none'})")
+        key = state.keys.create(name, groups)
+        self.life.audit("key.created", {"name": name, "groups": groups, "by": session.name})
+        self.out.send_client(identity, protocol.reply(
+            msg.id, {"name": name, "groups": groups, "key": key}))
 
     def on_procs(self, session: Session | None, identity: bytes, msg: Message) -> None:
         assert session is not None

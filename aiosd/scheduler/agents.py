@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 from .. import confine, credentials, procs
+from .keys import AGENT_PREFIX as AGENT_KEY_PREFIX
 
 
 class AgentState(enum.Enum):
@@ -151,10 +152,12 @@ class AgentTable:
 
     def launch(
         self, path: str, args: list[str], name: str, cwd: str | None, env: dict[str, str],
-        confinement: confine.Plan | None = None,
+        confinement: confine.Plan | None = None, openai_base_url: str | None = None,
     ) -> Agent:
         """Start an agent process with its credential in the environment,
-        confined as ``confinement`` says."""
+        confined as ``confinement`` says. With ``openai_base_url`` (the
+        gateway's), an OpenAI client in it finds the gateway, and its key
+        is the agent's own (see keys)."""
         agent = Agent(
             id=self._new_id(name), name=name, launched=True, started=time.time(),
             state=AgentState.RUNNING, token=secrets.token_hex(16), path=path,
@@ -174,6 +177,9 @@ class AgentTable:
         )
         for var in ("AIOS_CONFIG_JSON", "AIOS_DATA_DIR", credentials.FD_ENV, *self.withheld):
             child_env.pop(var, None)
+        if openai_base_url:
+            child_env["OPENAI_BASE_URL"] = openai_base_url
+            child_env["OPENAI_API_KEY"] = AGENT_KEY_PREFIX + (agent.token or "")
         if agent.uid is not None:
             child_env["HOME"] = "/"   # a dynamic user has no home
         agent.popen = procs.spawn(

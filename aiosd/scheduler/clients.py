@@ -17,8 +17,8 @@ from libaios import errors, protocol
 from libaios.protocol import ErrorCode, Message, MsgType
 
 from .. import chat as chat_request
-from .. import credentials
-from . import access
+from .. import credentials, roles
+from . import access, keys
 from .agents import Agent, agent_name_ok
 from .calls import Call
 from .lifecycle import Lifecycle, unservable
@@ -51,7 +51,7 @@ RESOURCES: dict[MsgType, str] = _resources()
 OPERATOR_ONLY = frozenset({
     MsgType.ADMIN_STATUS, MsgType.ADMIN_PS, MsgType.ADMIN_KILL, MsgType.ADMIN_SHUTDOWN,
     MsgType.ADMIN_PROCS, MsgType.ADMIN_APPROVALS, MsgType.ADMIN_APPROVE, MsgType.ADMIN_DENY,
-    MsgType.ADMIN_AUDIT,
+    MsgType.ADMIN_AUDIT, MsgType.ADMIN_KEYS,
 })
 #: The largest body read from a connection that has not said hello (a
 #: hello is a name, a credential and a few flags).
@@ -74,6 +74,7 @@ class ClientCalls:
             MsgType.HELLO: self.on_hello,
             **{mtype: self.on_schedulable for mtype in RESOURCES},
             MsgType.AGENT_WHOAMI: self.on_whoami,
+            MsgType.CALL_CANCEL: self.on_cancel,
         }
         # the last client message's frame: what the OS says of its sender is
         # read for hello only (every later message has a session)
@@ -164,12 +165,19 @@ class ClientCalls:
             token == self.state.supervisor_token or credentials.verify(self.state.supervisor_token, name, token)))
         if not kernel:
             self._check_room(peer_uid, peer_pid)
+        supervisor = kernel and token == self.state.supervisor_token
         if kernel:
             # The supervisor (its secret) or one of the kernel's processes
             # (the credential of its name); the OS must confirm it is one.
-            self._check_kernel_process(name, peer_pid, supervisor=token == self.state.supervisor_token)
-            session = Session(identity, "supervisor" if token == self.state.supervisor_token else name,
+            self._check_kernel_process(name, peer_pid, supervisor=supervisor)
+        if kernel and name == roles.GATEWAY and not supervisor and "key" in body:
+            # the gateway, for an HTTP caller: the key it bears says who
+            session = self._key_session(identity, body["key"], pid)
+        elif kernel:
+            session = Session(identity, "supervisor" if supervisor else name,
                               operator=True, internal=True)
+            if name == roles.GATEWAY and isinstance(body.get("url"), str):
+                self.state.gateway_url = body["url"]
         elif token:
             agent = self.state.agents.by_token(token) if isinstance(token, str) else None
             if agent is None or not agent.alive:
@@ -189,6 +197,36 @@ class ClientCalls:
         session.pid, session.uid = peer_pid, peer_uid
         self.state.add_session(session)
         self.out.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
+
+    def _key_session(self, identity: bytes, key: object, pid: int | None) -> Session:
+        """The connection the gateway opens for the caller of an API key: it
+        is the key's agent (a launched agent's own key: that agent)."""
+        state = self.state
+        if not isinstance(key, str) or not key:
+            raise errors.InvalidArgument("hello: 'key' must be an API key")
+        record = None
+        if key.startswith(keys.AGENT_PREFIX):
+            agent = state.agents.by_token(key[len(keys.AGENT_PREFIX):])
+            if agent is None or not agent.alive:
+                agent = None
+        else:
+            record = state.keys.lookup(key)
+            agent = None
+            if record is not None:
+                agent = (state.agents.live_launched(record.name)
+                         or state.agents.connected(record.name))
+                if agent is None:
+                    agent = state.agents.register(record.name, None)
+                    self.out.publish(f"agent.{agent.id}.connected", {"agent": agent.id, "pid": pid})
+                state.rules.joined[record.name] = set(record.groups)
+        if agent is None:
+            self.life.audit("key.denied", {"key": key[:len(keys.PREFIX) + 4], "pid": pid,
+                                           "why": "not a key of this kernel, or revoked"})
+            raise errors.Unauthenticated(
+                "the API key is not valid: revoked, never made (aiosctl keys create NAME), or "
+                "the key of an agent that has ended")
+        return Session(identity, agent.name, operator=False, agent=agent,
+                       key=keys.digest(key))
 
     def _check_room(self, uid: int | None, pid: int | None) -> None:
         """Refuse a connection past the per-process or per-uid limit."""
@@ -306,6 +344,17 @@ class ClientCalls:
     def on_whoami(self, session: Session | None, identity: bytes, msg: Message) -> None:
         assert session is not None
         self.out.send_client(identity, protocol.reply(msg.id, self._whoami(session)))
+
+    def on_cancel(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        """The caller gives up on one of its calls (by the id it sent it
+        with): it ends now, answered Cancelled, and its worker stops it."""
+        call_id = msg.body.get("call")
+        if not isinstance(call_id, str):
+            raise errors.InvalidArgument("call.cancel: 'call' must be the id of a call of yours")
+        call = next((c for c in self.state.calls.values()
+                     if c.client == identity and c.client_call_id == call_id), None)
+        cancelled = call is not None and self.life.give_up(call, time.time())
+        self.out.send_client(identity, protocol.reply(msg.id, {"cancelled": cancelled}))
 
     def on_schedulable(self, session: Session | None, identity: bytes, msg: Message) -> None:
         assert session is not None

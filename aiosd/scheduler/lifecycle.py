@@ -207,17 +207,34 @@ class Lifecycle:
             if call.held_for is not None:
                 # it may have run, or run still: not a call that never started
                 timeout = not_run_again(call, call.held_for, "its deadline passed first")
-            if call.state is CallState.QUEUED:
-                state.queues[call.resource].remove(call)
-                self.fail(call, timeout, now)
-            else:
-                self.out.send_client(call.client, protocol.error(
-                    call.client_call_id, timeout.code, timeout.message))
-                self.cancel(call, now)
-                agent = state.agents.get(call.agent)
-                if agent is not None:   # (its usage is not finished: count it here)
-                    agent.usage.failed += 1
-                    agent.usage.throttled += call.throttled
+            self.end_now(call, timeout, now)
+
+    def end_now(self, call: Call, exc: errors.AIOSError, now: float) -> None:
+        """Answer ``call`` with ``exc`` now, whatever its state: a queued
+        or held call leaves the kernel; a running one is cancelled on its
+        worker, which keeps its slot until it lets go."""
+        if call.state is CallState.QUEUED:
+            self.state.queues[call.resource].remove(call)
+            self.fail(call, exc, now)
+        elif call.state is CallState.PENDING:
+            self.fail(call, exc, now)
+        elif call.state is CallState.RUNNING:
+            self.out.send_client(call.client, protocol.error(
+                call.client_call_id, exc.code, exc.message))
+            self.cancel(call, now)
+            agent = self.state.agents.get(call.agent)
+            if agent is not None:   # (its usage is not finished: count it here)
+                agent.usage.failed += 1
+                agent.usage.throttled += call.throttled
+
+    def give_up(self, call: Call, now: float) -> bool:
+        """Its caller gave up on ``call`` (call.cancel): False if it was
+        ending already."""
+        if call.state is CallState.CANCELLING:
+            return False
+        self.end_now(call, errors.Cancelled("cancelled by its caller"), now)
+        self.dispatch()
+        return True
 
     def kill_wedged(self, call: Call) -> None:
         state = self.state

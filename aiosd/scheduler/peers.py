@@ -68,6 +68,8 @@ class Session:
     uid: int | None = None    # and its user
     #: agents whose output this connection follows (agent.run with wait)
     watching: list[Agent] = field(default_factory=list)
+    #: the API key the gateway made this connection for (its hash), if any
+    key: bytes | None = None
 
     @property
     def account(self) -> str:

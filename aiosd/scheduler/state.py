@@ -26,6 +26,7 @@ from . import policy as policies
 from .agents import AgentTable
 from .approvals import ApprovalTable
 from .calls import Call, CallState
+from .keys import KeyStore
 from .peers import Session, Worker
 from .quota import TokenBucket
 
@@ -68,6 +69,16 @@ class State:
     procs: list[dict[str, Any]] = field(default_factory=list)
     stopping: bool = False
     preemptions: int = 0
+    #: where the HTTP gateway listens, as it said when it connected
+    gateway_url: str | None = None
+    _keys: KeyStore | None = None
+
+    @property
+    def keys(self) -> KeyStore:
+        """The API keys (opened when first needed)."""
+        if self._keys is None:
+            self._keys = KeyStore(self.data_dir / "keys")
+        return self._keys
 
     @classmethod
     def create(cls, config: Config, runtime_dir: Path) -> State:
