@@ -105,8 +105,9 @@ def chat_body(req: Any, models: list[str]) -> dict[str, Any]:
     max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
+    # (min_tokens: an extension, as llama.cpp's and vLLM's servers take it)
     for key in ("temperature", "top_p", "stop", "seed", "tools", "tool_choice",
-                "parallel_tool_calls", "response_format"):
+                "parallel_tool_calls", "response_format", "min_tokens"):
         if req.get(key) is not None:
             body[key] = req[key]
     body["stream"] = bool(req.get("stream", False))
