@@ -16,6 +16,7 @@ from libaios import paths
 from libaios.protocol import MsgType
 
 from ..config import Config, ConfigError
+from . import mcp_server
 from .app import create_app
 from .kernel import Control, Kernel
 
@@ -73,7 +74,9 @@ async def _run(config: Config, runtime_dir: Path) -> None:
     log.info("gateway listening on %s", url or config.gateway.listen)
     touch = asyncio.create_task(keep_in_touch())
     try:
-        await server.serve(sockets=[sock])
+        # (uvicorn's lifespan is off: the MCP session manager runs here)
+        async with mcp_server.running(app):
+            await server.serve(sockets=[sock])
     finally:
         touch.cancel()
         await kernel.close()
