@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -70,6 +71,14 @@ async def _run(config: Config, runtime_dir: Path) -> None:
             await kernel.close_idle()
             await asyncio.sleep(2.0)
 
+    def stop(*_: object) -> None:
+        server.should_exit = True
+
+    # uvicorn handles SIGTERM while it serves and raises it again once it
+    # has stopped: with this handler in place then, the gateway closes its
+    # connections and exits 0 rather than dying of the signal
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     await control.connect()
     log.info("gateway listening on %s", url or config.gateway.listen)
     touch = asyncio.create_task(keep_in_touch())
