@@ -1,7 +1,7 @@
 """One benchmark agent process: runs the workload against one system and
 prints its timings as JSON on its last line.
 
-    python -m benchmarks.agent aiosd|direct|shared INDEX [URL]
+    python -m benchmarks.agent aiosd|direct|shared|gateway INDEX [URL [KEY]]
 """
 
 from __future__ import annotations
@@ -75,6 +75,23 @@ def chat_shared(i: int, url: str) -> Any:
     return chat
 
 
+def chat_gateway(i: int, url: str, key: str) -> Any:
+    """Through aiosd's HTTP gateway, with the openai package, as the agent
+    of its own key; min_tokens (an extension the gateway takes) makes every
+    turn as long as aiosd's."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key=key, timeout=3600, max_retries=0)
+
+    def chat(messages: list[dict[str, str]]) -> tuple[str, int]:
+        r = client.chat.completions.create(model="embedded", messages=messages,
+                                           max_tokens=workload.MAX_TOKENS, temperature=0.0,
+                                           extra_body={"min_tokens": workload.MAX_TOKENS})
+        return r.choices[0].message.content or "", r.usage.completion_tokens
+
+    return chat
+
+
 def flood(i: int, threads: int = 6, calls: int = 10) -> None:
     """An agent that floods the kernel: several connections, calls back to back."""
     import threading
@@ -98,7 +115,8 @@ def main() -> None:
         return
     start = time.time()
     chat = {"aiosd": lambda: chat_aiosd(i), "direct": lambda: chat_direct(i),
-            "shared": lambda: chat_shared(i, sys.argv[3])}[system]()
+            "shared": lambda: chat_shared(i, sys.argv[3]),
+            "gateway": lambda: chat_gateway(i, sys.argv[3], sys.argv[4 + i])}[system]()
     messages = workload.first_messages(i)
     calls, generated, failures = [], 0, 0
     for turn in range(workload.TURNS):

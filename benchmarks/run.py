@@ -1,5 +1,6 @@
-"""``make bench``: the workload of N agents on aiosd, on agents calling the
-model directly, and on one shared OpenAI-compatible server; the lower
+"""``make bench``: the workload of N agents on aiosd, through aiosd's HTTP
+gateway with the openai package, on agents calling the model directly, and
+on one shared OpenAI-compatible server; the lower
 bound for the workload on this machine; and the kernel's overhead for a null
 system call beside a bare pyzmq round trip. Prints figures and ratios,
 writes ``benchmarks/results/latest.json`` and draws it as
@@ -121,21 +122,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_aiosd(n: int, config: dict[str, Any] | None = None, flooder: bool = False) -> dict[str, Any]:
+def bench_aiosd(n: int, config: dict[str, Any] | None = None, flooder: bool = False,
+                gateway: bool = False) -> dict[str, Any]:
+    """The workload on aiosd: its agents on libaios, or (``gateway``) on the
+    openai package through the gateway, each with a key of its own."""
     import tomli_w
 
     tmp = Path(tempfile.mkdtemp(prefix="aios-bench-"))
     env = dict(os.environ, AIOS_RUNTIME_DIR=str(tmp / "run"), AIOS_DATA_DIR=str(tmp / "data"))
     argv = [sys.executable, "-m", "aiosd"]
-    if config:
-        (tmp / "aiosd.toml").write_text(tomli_w.dumps(config))
-        argv += ["--config", str(tmp / "aiosd.toml")]
+    config = {**(config or {}), "gateway": {"listen": "127.0.0.1:0"}}
+    (tmp / "aiosd.toml").write_text(tomli_w.dumps(config))
+    argv += ["--config", str(tmp / "aiosd.toml")]
     with PeakRSS() as peak:
         daemon = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
                                   stderr=open(tmp / "aiosd.log", "wb"), cwd=ROOT)
         try:
             wait_ready(env)
-            result = run_agents("aiosd", n, env, [], flooder)
+            if gateway:
+                url = wait_gateway(env)
+                keys = [make_key(env, f"bench{i}") for i in range(n)]
+                result = run_agents("gateway", n, env, [f"{url}/v1", *keys])
+            else:
+                result = run_agents("aiosd", n, env, [], flooder)
             core = core_stats(env)
         finally:
             daemon.terminate()
@@ -170,6 +179,23 @@ def ctl_status(env: dict[str, str]) -> dict[str, Any]:
     if out.returncode not in (0, 1) or not out.stdout:
         return {}
     return json.loads(out.stdout)
+
+
+def wait_gateway(env: dict[str, str]) -> str:
+    """The gateway's URL, once it serves."""
+    end = time.time() + 60
+    while time.time() < end:
+        url = (ctl_status(env).get("gateway") or {}).get("url")
+        if url:
+            return url
+        time.sleep(0.3)
+    raise RuntimeError("aiosd's gateway did not start")
+
+
+def make_key(env: dict[str, str], name: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "aiosd.ctl", "keys", "create", name, "--json"],
+                         env=env, capture_output=True, text=True, cwd=ROOT, check=True)
+    return json.loads(out.stdout)["key"]
 
 
 def wait_ready(env: dict[str, str]) -> None:
@@ -469,7 +495,7 @@ def flood_run() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, action="append", help="agents (repeatable); default 1, 8, 32")
-    parser.add_argument("--systems", default="aiosd,direct,shared")
+    parser.add_argument("--systems", default="aiosd,gateway,direct,shared")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--flood", action="store_true",
                         help="only the flooding-agent run: 16 agents with and without a flooder")
@@ -498,6 +524,8 @@ def main() -> None:
         for system in systems:
             if system == "aiosd":
                 by[system] = bench_aiosd(n)
+            elif system == "gateway":
+                by[system] = bench_aiosd(n, gateway=True)
             elif system == "direct":
                 by[system] = bench_direct(n, per_agent_mb)
                 if by[system].get("peak_rss_mb") and n:
@@ -530,6 +558,7 @@ def main() -> None:
             line += f"; aiosd/bound {by['aiosd']['makespan_s'] / bound:.2f}"
             line += f"; direct/aiosd {ratio(by['aiosd'], by.get('direct', {}))}"
             line += f"; shared/aiosd {ratio(by['aiosd'], by.get('shared', {}))}"
+            line += f"; gateway/aiosd {ratio(by['aiosd'], by.get('gateway', {}))}"
         print(line)
         floors[str(n)] = floor_report(n, by, costs, sh, bound)
     result: dict[str, Any] = {"runs": runs, "lower_bound_s": bounds, "floor": floors, "rates": measured,
