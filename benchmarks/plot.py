@@ -25,6 +25,7 @@ DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 #: how each system is drawn, in the order of the legend
 STYLES = {
     "aiosd": {"color": "#1f77b4", "marker": "o"},
+    "gateway": {"color": "#9467bd", "marker": "D"},
     "direct": {"color": "#d62728", "marker": "s"},
     "shared": {"color": "#ff7f0e", "marker": "^"},
 }
@@ -32,7 +33,8 @@ FLOOR_STYLE = {"color": "#2ca02c", "marker": "_", "linestyle": "--", "markersize
                "markeredgewidth": 2.5}
 BOUND_STYLE = {"color": "#7f7f7f", "marker": "x", "linestyle": ":"}
 LABEL_BOX = {"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
-LABELS = {"aiosd": "aiosd", "direct": "direct (each agent loads the model)",
+LABELS = {"aiosd": "aiosd", "gateway": "aiosd through the gateway (openai package)",
+          "direct": "direct (each agent loads the model)",
           "shared": "shared (one llama_cpp.server)"}
 
 
