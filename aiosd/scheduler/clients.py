@@ -170,6 +170,12 @@ class ClientCalls:
             # The supervisor (its secret) or one of the kernel's processes
             # (the credential of its name); the OS must confirm it is one.
             self._check_kernel_process(name, peer_pid, supervisor=supervisor)
+        if "key" in body and not (kernel and name == roles.GATEWAY and not supervisor):
+            self.life.audit("hello.denied", {"name": name, "pid": pid,
+                                             "why": "an API key from a process not the gateway"})
+            raise errors.PermissionDenied(
+                "hello: only aiosd's gateway presents API keys; an agent connects as itself "
+                "(send the key to the gateway's HTTP API instead)")
         if kernel and name == roles.GATEWAY and not supervisor and "key" in body:
             # the gateway, for an HTTP caller: the key it bears says who
             session = self._key_session(identity, body["key"], pid)

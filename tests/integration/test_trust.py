@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,42 @@ def test_no_kernel_process_has_a_credential_in_its_environment(daemon: Daemon) -
         names = {entry.split(b"=", 1)[0] for entry in environ}
         assert b"AIOS_SUPERVISOR_TOKEN" not in names
         assert not any(b"TOKEN" in n or b"SECRET" in n for n in names), (pid, names)
+
+
+def test_only_the_gateway_presents_api_keys(daemon: Daemon) -> None:
+    """An API key makes its bearer the key's agent only through the gateway:
+    a process that presents one itself over kernel.sock (under any name,
+    the gateway's too) is refused, and the refusal is audited."""
+    import asyncio
+
+    from libaios.aio import AsyncClient
+
+    made = daemon.ctl("keys", "create", "keyed", "--json")
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["key"]
+
+    async def hello(name: str) -> None:
+        client = AsyncClient(daemon.endpoint, name=name, key=key, timeout=10)
+        try:
+            await client.connect()
+        finally:
+            await client.close()
+
+    for name in ("keyed", "gateway"):
+        with pytest.raises(errors.PermissionDenied, match="only aiosd's gateway presents API keys"):
+            asyncio.run(hello(name))
+    assert not any(a["name"] == "keyed" for a in daemon.ps())
+
+    def denials() -> int:   # (the audit log is written by the storage worker, soon after)
+        audit = daemon.ctl("audit", "--json")
+        assert audit.returncode == 0, audit.stderr
+        return sum(1 for r in json.loads(audit.stdout)
+                   if r.get("event") == "hello.denied" and "not the gateway" in r.get("why", ""))
+
+    deadline = time.monotonic() + 30
+    while denials() < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert denials() == 2
 
 
 # -- workers.sock ------------------------------------------------------------------
