@@ -1,4 +1,5 @@
-"""Pure scheduler logic: the FIFO policy, the access rules, approvals."""
+"""Pure scheduler logic, no sockets and no processes: the policies, the access rules,
+approvals, quotas, and the dispatcher's decisions on a clock the test sets."""
 
 
 from aiosd.config import AccessConfig, GroupConfig
