@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from typing import Any
 
-from libaios import errors
+from libaios import errors, protocol
 from libaios.aio import AsyncClient
 from libaios.protocol import MsgType
 
@@ -103,3 +104,21 @@ class Kernel:
             await self.forget(key)
             client = await self.client(key)
             return await client.call(mtype, body, timeout)
+
+    async def stream(self, key: str, mtype: MsgType, body: dict[str, Any],
+                     timeout: float | None = None
+                     ) -> tuple[protocol.Message, AsyncIterator[protocol.Message]]:
+        """A streamed system call as ``key``'s agent: its first reply (or its
+        error, raised: the caller's HTTP status) and the iterator of the rest.
+        Closing the iterator gives the call up (the kernel cancels it)."""
+        client = await self.client(key)
+        replies = client.call_stream(mtype, body, timeout)
+        try:
+            return await anext(replies), replies
+        except errors.Unauthenticated:
+            # the key's connection was dropped (revoked): hello again, so
+            # the caller hears why
+            await self.forget(key)
+            client = await self.client(key)
+            replies = client.call_stream(mtype, body, timeout)
+            return await anext(replies), replies
