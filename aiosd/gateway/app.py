@@ -32,7 +32,7 @@ from libaios import errors, protocol
 from libaios.protocol import MsgType
 
 from ..config import Config
-from . import openai_api, responses_api
+from . import mcp_server, openai_api, responses_api
 from .kernel import Kernel
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def create_app(config: Config, kernel: Kernel) -> FastAPI:
     models = models_of(config)
     timeout = config.kernel.call_timeout
     store = responses_api.ResponseStore()
+    mcp_server.mount(app, config, kernel)
 
     @app.exception_handler(errors.AIOSError)
     async def on_kernel_error(request: Request, exc: errors.AIOSError) -> JSONResponse:
