@@ -54,7 +54,8 @@ def models_of(config: Config) -> list[str]:
 
 def error_response(exc: errors.AIOSError) -> JSONResponse:
     status, body = openai_api.error_body(exc)
-    headers = {"Retry-After": str(openai_api.RETRY_AFTER)} if status == 429 else None
+    headers = ({"Retry-After": str(openai_api.RETRY_AFTER)} if status == 429 else
+               {"WWW-Authenticate": "Bearer"} if status == 401 else None)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

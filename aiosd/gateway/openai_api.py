@@ -37,7 +37,7 @@ STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.QUOTA_EXCEEDED: (429, "rate_limit_error"),
     ErrorCode.CANCELLED: (499, "cancelled"),
     ErrorCode.BACKEND: (502, "api_error"),
-    ErrorCode.TOOL_CALL_INCOMPLETE: (502, "api_error"),
+    ErrorCode.TOOL_CALL_INCOMPLETE: (500, "server_error"),
     ErrorCode.UNAVAILABLE: (503, "service_unavailable"),
     ErrorCode.WORKER_LOST: (503, "service_unavailable"),
     ErrorCode.SHUTTING_DOWN: (503, "service_unavailable"),
