@@ -207,14 +207,19 @@ def create_app(config: Config, kernel: Kernel) -> FastAPI:
     def model_entry(model: str) -> dict[str, Any]:
         return {"id": model, "object": "model", "created": 0, "owned_by": "aios"}
 
+    async def check_key(request: Request) -> None:
+        """Refuse a bad key where no system call would: the kernel is asked
+        who the key's caller is (a connection it dropped says hello again)."""
+        await kernel.call(api_key(request), MsgType.AGENT_WHOAMI, {}, 10.0)
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        await kernel.client(api_key(request))   # (a bad key is refused here too)
+        await check_key(request)
         return {"object": "list", "data": [model_entry(m) for m in models]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str, request: Request) -> dict[str, Any]:
-        await kernel.client(api_key(request))
+        await check_key(request)
         if model not in models:
             raise errors.NotFound(f"the model {model!r} does not exist here; the models are: "
                                   f"{', '.join(models)}")

@@ -233,7 +233,7 @@ def parse_request(req: Any, models: list[str]) -> ResponsesRequest:
         options["response_format"] = response_format
     if req.get("max_output_tokens") is not None:
         options["max_tokens"] = req["max_output_tokens"]
-    for key in ("temperature", "top_p", "parallel_tool_calls"):
+    for key in ("temperature", "top_p", "parallel_tool_calls", "min_tokens"):
         if req.get(key) is not None:
             options[key] = req[key]
     flags = {}
