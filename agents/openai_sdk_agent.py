@@ -6,9 +6,9 @@ libaios.
 
 The loop: the model calls a tool (a calculator run here, in the agent), the
 result goes back, and again, until the model calls final_answer. The first
-step must use the calculator and the last (--steps) must give the answer. Over the chat completions API (the default) or, with
---api responses, the Responses API continuing its conversation by
-previous_response_id.
+step must use the calculator and the last (--steps) must give the answer.
+Over the chat completions API (the default) or, with --api responses, the
+Responses API, continuing its conversation by previous_response_id.
 
     aiosctl run agents/openai_sdk_agent.py --task "A box holds 12 eggs. How many eggs are in 7 boxes?"
 """
