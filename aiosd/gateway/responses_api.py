@@ -253,7 +253,7 @@ def parse_request(req: Any, models: list[str]) -> ResponsesRequest:
         "instructions": instructions,
         "max_output_tokens": req.get("max_output_tokens"),
         "metadata": metadata or {},
-        "parallel_tool_calls": req.get("parallel_tool_calls", True),
+        "parallel_tool_calls": req.get("parallel_tool_calls") is not False,
         "previous_response_id": previous,
         "store": flags["store"],
         "temperature": req.get("temperature", 0.0),
