@@ -114,9 +114,15 @@ def main() -> None:
         flood(i)
         return
     start = time.time()
+    # (how long this process took to get ready: its interpreter, its client's
+    # imports, its client; counted in the makespan like everything else)
+    import psutil
+
+    born = psutil.Process().create_time()
     chat = {"aiosd": lambda: chat_aiosd(i), "direct": lambda: chat_direct(i),
             "shared": lambda: chat_shared(i, sys.argv[3]),
             "gateway": lambda: chat_gateway(i, sys.argv[3], sys.argv[4 + i])}[system]()
+    ready_s = time.time() - born
     messages = workload.first_messages(i)
     calls, generated, failures = [], 0, 0
     for turn in range(workload.TURNS):
@@ -131,7 +137,7 @@ def main() -> None:
         generated += n
         messages += [{"role": "assistant", "content": text}, workload.tool_result(i, turn)]
     print(json.dumps({"start": start, "end": time.time(), "calls": calls, "generated": generated,
-                      "failures": failures}))
+                      "failures": failures, "ready_s": ready_s}))
 
 
 if __name__ == "__main__":

@@ -113,6 +113,7 @@ def run_agents(system: str, n: int, env: dict[str, str], extra: list[str],
         "p50_call_s": round(pct(calls, 50), 4), "p95_call_s": round(pct(calls, 95), 4),
         "p95_turnaround_s": round(pct([r["end"] - r["start"] for r in reports], 95), 4),
         "failures": failures + sum(r["failures"] for r in reports), "generated": generated,
+        "agent_ready_s": round(sum(r.get("ready_s", 0.0) for r in reports) / max(1, len(reports)), 3),
     }
 
 
@@ -142,7 +143,10 @@ def bench_aiosd(n: int, config: dict[str, Any] | None = None, flooder: bool = Fa
             if gateway:
                 url = wait_gateway(env)
                 keys = [make_key(env, f"bench{i}") for i in range(n)]
+                pid = next(p["pid"] for p in ctl_status(env)["procs"] if p["name"] == "gateway")
+                before = sum(psutil.Process(pid).cpu_times()[:2])
                 result = run_agents("gateway", n, env, [f"{url}/v1", *keys])
+                result["gateway_cpu_s"] = round(sum(psutil.Process(pid).cpu_times()[:2]) - before, 2)
             else:
                 result = run_agents("aiosd", n, env, [], flooder)
             core = core_stats(env)
@@ -541,6 +545,11 @@ def main() -> None:
                       f"call p50 {r['p50_call_s']:.3f}s p95 {r['p95_call_s']:.3f}s  "
                       f"turnaround p95 {r['p95_turnaround_s']:.2f}s  peak {r['peak_rss_mb']:.0f} MB  "
                       f"failures {r['failures']}")
+            if "skipped" not in r:
+                extra = (f"; the gateway process used {r['gateway_cpu_s']:.1f} CPU-s"
+                         if "gateway_cpu_s" in r else "")
+                print(f"       {system} agents: {r['agent_ready_s']:.2f}s on average from start to "
+                      f"their first call (interpreter, imports, client){extra}")
             if r.get("core"):
                 c = r["core"]
                 print(f"       aiosd core: decoding {c.get('decode_s', 0):.1f}s of {r['makespan_s']:.1f}s; "
