@@ -374,6 +374,7 @@ class AdminCalls:
             count = state.keys.revoke(name)
             if not count:
                 raise errors.NotFound(f"admin.keys: no key of {name!r}: see `aiosctl keys list`")
+            state.rules.joined.pop(name, None)   # the groups its keys brought go with them
             self.life.audit("key.revoked", {"name": name, "keys": count, "by": session.name})
             # what the gateway holds open for those keys is closed: its next
             # call says hello again, and is refused

@@ -442,3 +442,43 @@ def test_a_throttled_call_that_times_out_running_counts_as_throttled(sched) -> N
     c.deadline = time.time() - 1
     sched.tick(time.time())
     assert agent.usage.failed == 1 and agent.usage.throttled == 1
+
+
+def test_a_key_binds_the_gateway_s_connection_and_its_revocation_ends_it(
+        tmp_path, monkeypatch) -> None:
+    """An API key, presented by the gateway (its kernel credential), makes
+    the connection its agent's, in the groups the key was made with; the
+    same hello from anyone else is refused; revoking the key drops the
+    connection and the groups."""
+    from aiosd import credentials
+    from aiosd.config import from_dict
+    from aiosd.scheduler.kernel import Kernel
+    from aiosd.scheduler.peers import Session
+
+    monkeypatch.setenv("AIOS_DATA_DIR", str(tmp_path / "data"))
+    config = from_dict({"access": {"groups": [{"name": "team", "members": [],
+                                                "access": "write"}]}})
+    k = Kernel(config, tmp_path)
+    k.state.supervisor_token = "the supervisor's secret"   # (no supervisor pid: not checked)
+    k.state.add_session(Session(b"op", "op", operator=True))
+
+    def send(identity: bytes, mtype: MsgType, body: dict) -> protocol.Message:
+        msg = protocol.call(mtype, body)
+        k.on_client_frames([zmq.Frame(f) for f in [identity, *protocol.encode(msg)]])
+        (reply,) = [m for who, m in k.out.clients if m.re == msg.id]
+        return reply
+
+    made = send(b"op", MsgType.ADMIN_KEYS, {"op": "create", "name": "alice", "groups": ["team"]})
+    key = made.body["key"]
+    assert key.startswith("aios-sk-") and k.state.keys.rows()[0]["name"] == "alice"
+    refused = send(b"agent", MsgType.HELLO, {"name": "alice", "key": key})
+    assert refused.body["code"] == ErrorCode.PERMISSION_DENIED
+    gateway = credentials.derive("the supervisor's secret", "gateway")
+    hello = send(b"gw", MsgType.HELLO, {"name": "gateway", "token": gateway, "key": key})
+    assert hello.body["name"] == "alice" and not hello.body["operator"]
+    assert k.state.rules.groups_of("alice") == ["team"]
+    bad = send(b"gw2", MsgType.HELLO, {"name": "gateway", "token": gateway, "key": key + "x"})
+    assert bad.body["code"] == ErrorCode.UNAUTHENTICATED
+    send(b"op", MsgType.ADMIN_KEYS, {"op": "revoke", "name": "alice"})
+    assert b"gw" not in k.state.sessions and k.state.rules.groups_of("alice") == []
+    assert send(b"gw", MsgType.SYS_NULL, {}).body["code"] == ErrorCode.UNAUTHENTICATED
