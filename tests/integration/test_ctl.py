@@ -44,11 +44,14 @@ def test_status_and_ps_json(daemon: Daemon) -> None:
     status = json.loads(result.stdout)
     assert status["ready"] is True
     assert [c["name"] for c in status["cores"]] == ["core0"]
-    assert {p["name"] for p in status["procs"]} == {"scheduler", "core0", "storage", "memory", "tools"}
+    assert {p["name"] for p in status["procs"]} == {"scheduler", "core0", "storage", "memory", "tools",
+                                                   "gateway"}
+    assert status["gateway"]["url"].startswith("http://127.0.0.1:")
     assert status["healthy"] is True
     assert status["cores"][0]["info"]["model"].endswith(".gguf")
     human = daemon.ctl("status")
     assert human.returncode == 0 and "core0" in human.stdout
+    assert f"OpenAI API at {status['gateway']['url']}/v1" in human.stdout
     result = daemon.ctl("ps", "--json", "--all")
     assert result.returncode == 0
     assert isinstance(json.loads(result.stdout), list)
