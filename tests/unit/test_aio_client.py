@@ -173,7 +173,7 @@ def test_calls_that_find_a_restarted_kernel_reconnect_once_and_all_go_through() 
     async def main() -> tuple[list[object], list[object]]:
         ctx = zmq.asyncio.Context.instance()
         kernel = {"router": ctx.socket(zmq.ROUTER)}
-        port = kernel["router"].bind_to_random_port("tcp://127.0.0.1")
+        port = kernel["router"].bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=32000)
         kernel["task"] = asyncio.create_task(picky(kernel["router"]))
 
         async def restart() -> None:
@@ -233,7 +233,7 @@ def test_calls_a_restarted_kernel_answers_late_go_out_again_rather_than_fail() -
     async def main() -> list[object]:
         ctx = zmq.asyncio.Context.instance()
         router = ctx.socket(zmq.ROUTER)
-        port = router.bind_to_random_port("tcp://127.0.0.1")
+        port = router.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=32000)
         task = asyncio.create_task(slow(router))
         try:
             async with aio.connect(f"tcp://127.0.0.1:{port}", name="test") as c:

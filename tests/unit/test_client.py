@@ -60,6 +60,12 @@ def test_a_call_that_cannot_be_sent_times_out_at_its_deadline(tmp_path: Path) ->
         kernel_ctx.destroy(linger=0)
 
 
+# A stand-in kernel listens below the ephemeral port range (32768 and up on
+# Linux): a client reconnecting to a port of that range while nothing
+# listens there can be given that very port as its own and connect to
+# itself, and the port is then taken when the stand-in binds it again.
+
+
 def bind_again(sock: zmq.Socket, endpoint: str) -> None:
     """Bind where a socket just closed (libzmq lets go of the port a moment
     after the close returns)."""
@@ -108,7 +114,7 @@ def test_calls_and_streams_reconnect_to_a_restarted_kernel() -> None:
     def start(port: int | None) -> int:
         router = ctx.socket(zmq.ROUTER)
         if port is None:
-            port = router.bind_to_random_port("tcp://127.0.0.1")
+            port = router.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=32000)
         else:
             bind_again(router, f"tcp://127.0.0.1:{port}")
         stop = threading.Event()
@@ -145,7 +151,7 @@ def test_calls_and_streams_reconnect_to_a_restarted_kernel() -> None:
 def test_a_call_made_while_a_stream_is_read_is_refused_and_the_stream_goes_on() -> None:
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
+    port = router.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=32000)
     stop = threading.Event()
 
     def answer(identity: bytes, msg: protocol.Message) -> list[protocol.Message]:
@@ -189,7 +195,7 @@ def assert_given_up(kernel: Callable[[zmq.Socket], None], stop: threading.Event)
     ``stop``) whose ``cancelled`` is set 0.2 s in fails as cancelled."""
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
+    port = router.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=32000)
     thread = threading.Thread(target=kernel, args=(router,), daemon=True)
     thread.start()
     client = Client(f"tcp://127.0.0.1:{port}", name="test").connect()
