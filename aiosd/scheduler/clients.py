@@ -432,8 +432,7 @@ class ClientCalls:
             return
         if destructive_tool is not None:
             call.approved = True
-        queue.push(call)
-        self.life.dispatch()
+        self.life.submit(call)
 
     def _namespace_of(self, session: Session, mtype: MsgType, body: dict[str, Any]) -> str | None:
         """Whose data a memory or storage call acts on: the caller's own,

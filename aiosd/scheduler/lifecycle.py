@@ -281,8 +281,7 @@ class Lifecycle:
         call.queued_at = now
         if granted:
             call.approved = True
-            self.state.queues[call.resource].push(call)
-            self.dispatch()
+            self.submit(call)
         else:
             self.fail(call, errors.PermissionDenied(
                 f"{call.type.value} needs approval ({approval.op}) and was {verdict} {why}"
@@ -303,7 +302,8 @@ class Lifecycle:
         ), dispatch=False)
 
     def submit(self, call: Call, dispatch: bool = True) -> None:
-        """A new call waits in its resource's queue."""
+        """``call`` waits in its resource's queue (a new call, or one an
+        operator approved)."""
         self.state.calls[call.kid] = call
         self.state.queues[call.resource].push(call)
         if dispatch:
