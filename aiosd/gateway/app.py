@@ -33,7 +33,7 @@ from libaios.protocol import MsgType
 
 from ..config import Config
 from . import mcp_server, openai_api, responses_api
-from .kernel import Kernel
+from .kernel import Kernel, bearer_key
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,7 @@ class BodyLimit:
 
 
 def api_key(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise errors.Unauthenticated(
-            "no API key: send 'Authorization: Bearer KEY' (aiosctl keys create NAME makes one)")
-    return key.strip()
+    return bearer_key(request.headers.get("authorization"))
 
 
 def _no_constants(name: str) -> Any:

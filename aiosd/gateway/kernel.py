@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from libaios import errors, protocol
 from libaios.aio import AsyncClient
 from libaios.protocol import MsgType
 
 from .. import credentials, roles
+
+T = TypeVar("T")
 
 #: connections kept open for keys at most, and how long one may sit unused
 MOST_KEYS = 512
@@ -37,6 +39,17 @@ class Control(AsyncClient):
         if self.url is not None:
             body["url"] = self.url
         return body, timeout
+
+
+def bearer_key(header: str | None, where: str = "") -> str:
+    """The API key of an Authorization header (Unauthenticated if none);
+    ``where`` says where a key is expected, in the refusal."""
+    scheme, _, key = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise errors.Unauthenticated(
+            f"no API key: send 'Authorization: Bearer KEY'{where} "
+            "(aiosctl keys create NAME makes one)")
+    return key.strip()
 
 
 class Kernel:
@@ -92,18 +105,20 @@ class Kernel:
             await client.close()
         self._clients.clear()
 
-    async def call(self, key: str, mtype: MsgType, body: dict[str, Any],
-                   timeout: float | None = None) -> dict[str, Any]:
-        """One system call as ``key``'s agent. A connection the kernel has
+    async def _as(self, key: str, act: Callable[[AsyncClient], Awaitable[T]]) -> T:
+        """``act`` on ``key``'s connection. A connection the kernel has
         dropped (the key was revoked) is made again once, so the caller
         hears why."""
-        client = await self.client(key)
         try:
-            return await client.call(mtype, body, timeout)
+            return await act(await self.client(key))
         except errors.Unauthenticated:
             await self.forget(key)
-            client = await self.client(key)
-            return await client.call(mtype, body, timeout)
+            return await act(await self.client(key))
+
+    async def call(self, key: str, mtype: MsgType, body: dict[str, Any],
+                   timeout: float | None = None) -> dict[str, Any]:
+        """One system call as ``key``'s agent."""
+        return await self._as(key, lambda client: client.call(mtype, body, timeout))
 
     async def stream(self, key: str, mtype: MsgType, body: dict[str, Any],
                      timeout: float | None = None
@@ -111,14 +126,9 @@ class Kernel:
         """A streamed system call as ``key``'s agent: its first reply (or its
         error, raised: the caller's HTTP status) and the iterator of the rest.
         Closing the iterator gives the call up (the kernel cancels it)."""
-        client = await self.client(key)
-        replies = client.call_stream(mtype, body, timeout)
-        try:
-            return await anext(replies), replies
-        except errors.Unauthenticated:
-            # the key's connection was dropped (revoked): hello again, so
-            # the caller hears why
-            await self.forget(key)
-            client = await self.client(key)
+        async def first(client: AsyncClient
+                        ) -> tuple[protocol.Message, AsyncIterator[protocol.Message]]:
             replies = client.call_stream(mtype, body, timeout)
             return await anext(replies), replies
+
+        return await self._as(key, first)

@@ -61,7 +61,7 @@ from libaios import errors
 from libaios.protocol import MsgType
 
 from ..config import Config
-from .kernel import Kernel
+from .kernel import Kernel, bearer_key
 
 log = logging.getLogger(__name__)
 
@@ -354,16 +354,6 @@ def header_schema(name: str) -> dict[str, Any] | None:
     return service.schema if service is not None else None
 
 
-def bearer_key(header: str | None) -> str:
-    """The API key of an Authorization header (Unauthenticated if none)."""
-    scheme, _, key = (header or "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise errors.Unauthenticated(
-            "no API key: send 'Authorization: Bearer KEY' with every request to /mcp "
-            "(aiosctl keys create NAME makes one)")
-    return key.strip()
-
-
 def caller_key(ctx: ServerRequestContext[Any, Any]) -> str:
     """The API key of the HTTP request that carried the message being handled."""
     request = ctx.request
@@ -433,7 +423,8 @@ class McpServer:
         if scope["type"] != "http":
             return
         try:
-            key = bearer_key(Headers(scope=scope).get("authorization"))
+            key = bearer_key(Headers(scope=scope).get("authorization"),
+                             " with every request to /mcp")
             who = await self.kernel.call(key, MsgType.AGENT_WHOAMI, {}, AUTH_TIMEOUT)
         except errors.AIOSError as exc:
             await refusal(exc)(scope, receive, send)
