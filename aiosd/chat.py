@@ -38,6 +38,8 @@ class ChatRequest:
     #: ``{"type": "json_object"}``, optionally with a "schema", or
     #: ``{"type": "json_schema", "json_schema": {"schema": {...}}}``.
     response_format: dict[str, Any] | None = None
+    #: the model named (None: the kernel's default model)
+    model: str | None = None
 
     @property
     def json_schema(self) -> dict[str, Any] | None:
@@ -217,6 +219,9 @@ def parse(body: dict[str, Any]) -> ChatRequest:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise InvalidArgument(f"llm.chat: 'seed' must be a non-negative integer, got {seed!r}")
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise InvalidArgument(f"llm.chat: 'model' must be the name of a model, got {model!r}")
     tools = _tools(body.get("tools"))
     tool_choice = body.get("tool_choice", "auto")
     names = {t["function"]["name"] for t in tools}
@@ -246,4 +251,5 @@ def parse(body: dict[str, Any]) -> ChatRequest:
         tool_choice=tool_choice,
         parallel_tool_calls=_flag(body, "parallel_tool_calls", True),
         response_format=response_format,
+        model=model,
     )

@@ -1,7 +1,7 @@
 """Configuration: one TOML file loaded into a tree of typed objects.
 
 Every value is checked as it is loaded; a bad one raises :class:`ConfigError`
-naming the key (``llm.cores[1].threads: ...``). With no file at all the
+naming the key (``llm.models[1].threads: ...``). With no file at all the
 defaults run one ``llamacpp`` core on the embedded model with every CPU the
 process may use.
 """
@@ -75,6 +75,9 @@ class SchedulerConfig:
     #: fair: a call waiting this long runs next, whatever its agent's service.
     starvation_s: float = field(default=10.0, metadata=_check("positive"))
     agents: list[AgentRule] = field(default_factory=list)
+    #: An agent's calls to a model go to the core holding its conversation's
+    #: KV cells, unless waiting there would cost more than prefilling it again.
+    affinity: bool = True
 
 
 @dataclass(frozen=True)
@@ -92,13 +95,18 @@ class SupervisorConfig:
 
 
 @dataclass(frozen=True)
-class CoreConfig:
-    """One LLM core: a worker process serving one model instance."""
+class ModelConfig:
+    """A named model, served by one or more LLM cores (a worker process each)."""
 
-    name: str = "core0"
+    #: What calls name it by (``chat(model=...)``, the gateway's ``model``).
+    name: str = "smollm2-135m"
     backend: str = field(default="llamacpp", metadata=_check("one of: llamacpp, openai"))
-    #: llamacpp: a GGUF path or "embedded"; openai: the served model's name.
-    model: str = "embedded"
+    #: llamacpp: a GGUF file, a directory holding one (such as a Hugging Face
+    #: cache snapshot), or "embedded" (the model shipped with AIOS).
+    path: str = "embedded"
+    #: Cores serving it. Their ``cpus`` and ``devices`` are shared out among
+    #: them in order (two replicas on cpus = [0, 1]: one CPU each).
+    replicas: int = field(default=1, metadata=_check("positive"))
     #: Tokens one sequence (an agent's conversation) holds (llamacpp).
     n_ctx: int = field(default=2048, metadata=_check("positive"))
     #: KV cache memory in MiB: it holds kv_mb / (n_ctx x KV bytes per token)
@@ -115,15 +123,30 @@ class CoreConfig:
     flash_attn: bool = False
     #: Decode threads; 0 means one per CPU the core may use (llamacpp).
     threads: int = field(default=0, metadata=_check("non-negative"))
-    #: CPUs to pin the core to; empty means every CPU the process may use.
+    #: CPUs to pin the cores to; empty means every CPU the process may use.
     cpus: list[int] = field(default_factory=list)
-    #: Calls the core runs at once (decoded together in one batch). Each
+    #: Calls a core runs at once (decoded together in one batch). Each
     #: running call needs a KV sequence: kv_mb must hold slots + 1 of them.
     slots: int = field(default=32, metadata=_check("positive"))
     #: RAM for snapshots of suspended calls; past it they spill to disk.
     snapshot_ram_bytes: int = field(default=256 * 1024 * 1024, metadata=_check("positive"))
+    #: Layers offloaded to the GPU (llamacpp): -1 all; unset, all where
+    #: llama.cpp was built with GPU support and a GPU is found, else 0.
+    n_gpu_layers: int | None = field(default=None, metadata=_check("layers"))
+    #: The GPU (among the core's devices) that holds the model when it is
+    #: not split, and the scratch buffers when it is.
+    main_gpu: int = field(default=0, metadata=_check("non-negative"))
+    #: How much of the model each of the core's GPUs holds, in proportion.
+    tensor_split: list[float] = field(default_factory=list)
+    #: GPUs the cores may see (CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES in
+    #: their environment); empty: the environment's own.
+    devices: list[int] = field(default_factory=list)
+    #: Let this model's cores use a GPU another core is given too.
+    share: bool = False
     #: openai: the server's base URL, such as http://127.0.0.1:8000/v1.
     base_url: str = ""
+    #: openai: the model's name on that server (default: this model's name).
+    remote_name: str = ""
     #: openai: the environment variable holding the API key.
     api_key_env: str = "OPENAI_API_KEY"
     #: openai: seconds to wait for the server.
@@ -131,8 +154,60 @@ class CoreConfig:
 
 
 @dataclass(frozen=True)
+class CoreConfig(ModelConfig):
+    """One LLM core: a worker process serving a model (``name``) with its
+    share of the model's ``cpus`` and ``devices``. Made from the models,
+    never written in the file."""
+
+    #: the core's own name (the model's when it has one core, else NAME-I)
+    core: str = ""
+    #: which of the model's cores it is (0, 1, ...)
+    index: int = 0
+
+
+@dataclass(frozen=True)
 class LLMConfig:
-    cores: list[CoreConfig] = field(default_factory=lambda: [CoreConfig()])
+    models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig()])
+    #: The model of a call that names none; empty: the first one.
+    default_model: str = ""
+
+    @property
+    def default(self) -> str:
+        return self.default_model or (self.models[0].name if self.models else "")
+
+    @property
+    def cores(self) -> list[CoreConfig]:
+        """Every core of every model, in the order of the models."""
+        counts: dict[str, int] = {}
+        for model in self.models:
+            counts[model.name] = counts.get(model.name, 0) + model.replicas
+        out: list[CoreConfig] = []
+        seen: dict[str, int] = {}
+        for model in self.models:
+            for r in range(model.replicas):
+                i = seen.get(model.name, 0)
+                seen[model.name] = i + 1
+                name = model.name if counts[model.name] == 1 else f"{model.name}-{i}"
+                fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+                fields.update(cpus=_share(model.cpus, model.replicas, r),
+                              devices=_share(model.devices, model.replicas, r))
+                out.append(CoreConfig(**fields, core=name, index=i))
+        return out
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def names(self) -> list[str]:
+        """The model names, each once, in the config's order."""
+        return list(dict.fromkeys(m.name for m in self.models))
+
+
+def _share(items: list[int], parts: int, part: int) -> list[int]:
+    """Part ``part`` of ``items`` shared out evenly among ``parts``."""
+    if not items:
+        return []
+    size = len(items) // parts
+    return items[part * size:(part + 1) * size]
 
 
 @dataclass(frozen=True)
@@ -275,6 +350,8 @@ def _validate_rule(key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
     if rule == "non-negative" and not value >= 0:
         raise ConfigError(f"{key}: must be 0 or more, got {value!r}")
+    if rule == "layers" and not value >= -1:
+        raise ConfigError(f"{key}: must be -1 (all layers) or a number of layers, got {value!r}")
     if rule == "fraction" and not 0 < value <= 1:
         raise ConfigError(f"{key}: must be a fraction in (0, 1], got {value!r}")
     if rule == "not root" and str(value).strip() in ("root", "0", ""):
@@ -337,22 +414,66 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _check_cores(cfg: Config) -> None:
-    if not cfg.llm.cores:
-        raise ConfigError("llm.cores: at least one core is needed")
-    seen: set[str] = set()
-    for i, core in enumerate(cfg.llm.cores):
-        key = f"llm.cores[{i}]"
-        if not core.name or not core.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"{key}.name: must be letters, digits, '-' or '_', got {core.name!r}")
-        if core.name in seen:
-            raise ConfigError(f"{key}.name: {core.name!r} names two cores")
-        seen.add(core.name)
-        if core.backend == "openai" and not core.base_url:
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _check_models(cfg: Config) -> None:
+    models = cfg.llm.models
+    if not models:
+        raise ConfigError("llm.models: at least one model is needed")
+    first: dict[str, ModelConfig] = {}
+    for i, model in enumerate(models):
+        key = f"llm.models[{i}]"
+        if not model.name or not model.name[0].isalnum() or not set(model.name) <= NAME_CHARS:
+            raise ConfigError(f"{key}.name: must start with a letter or digit and hold only "
+                              f"letters, digits, '-', '_' or '.', got {model.name!r}")
+        same = first.setdefault(model.name, model)
+        if (same.backend, same.path, same.base_url, same.remote_name) != (
+                model.backend, model.path, model.base_url, model.remote_name):
+            raise ConfigError(f"{key}: two entries name model {model.name!r} with different "
+                              "backends, paths or servers; give each model a name of its own")
+        if model.backend == "openai" and not model.base_url:
             raise ConfigError(f"{key}.base_url: the openai backend needs the server's URL")
-        for cpu in core.cpus:
-            if cpu < 0:
-                raise ConfigError(f"{key}.cpus: CPU numbers are 0 or more, got {cpu}")
+        for what in ("cpus", "devices"):
+            items = getattr(model, what)
+            if any(n < 0 for n in items):
+                raise ConfigError(f"{key}.{what}: numbers are 0 or more, got {items}")
+            if len(set(items)) != len(items):
+                raise ConfigError(f"{key}.{what}: {items} names one twice")
+            if items and len(items) % model.replicas:
+                raise ConfigError(f"{key}.{what}: {len(items)} cannot be shared out evenly "
+                                  f"among {model.replicas} replicas")
+        per_core = len(model.devices) // model.replicas
+        if any(not x >= 0 for x in model.tensor_split) or (
+                model.tensor_split and not sum(model.tensor_split) > 0):
+            raise ConfigError(f"{key}.tensor_split: proportions are 0 or more, not all 0; "
+                              f"got {model.tensor_split}")
+        if model.devices and len(model.tensor_split) > per_core:
+            raise ConfigError(f"{key}.tensor_split: {len(model.tensor_split)} proportions for "
+                              f"the {per_core} GPU(s) each core is given (devices)")
+        if model.devices and model.main_gpu >= per_core:
+            raise ConfigError(f"{key}.main_gpu: {model.main_gpu} is not among the {per_core} "
+                              "GPU(s) each core is given (devices; counted from 0)")
+    default = cfg.llm.default_model
+    if default and cfg.llm.model(default) is None:
+        raise ConfigError(f"llm.default_model: no model {default!r} "
+                          f"(there are: {', '.join(cfg.llm.names())})")
+    cores = cfg.llm.cores
+    names: dict[str, str] = {}
+    for core in cores:
+        if core.core in names:
+            raise ConfigError(f"llm.models: models {names[core.core]!r} and {core.name!r} "
+                              f"both have a core named {core.core!r}; rename one")
+        names[core.core] = core.name
+    holders: dict[int, list[CoreConfig]] = {}
+    for core in cores:
+        for gpu in core.devices:
+            holders.setdefault(gpu, []).append(core)
+    for gpu, held in sorted(holders.items()):
+        if len(held) > 1 and not all(c.share for c in held):
+            raise ConfigError(f"llm.models: GPU {gpu} is given to cores "
+                              f"{', '.join(c.core for c in held)}; set share = true on their "
+                              "models to let them share it")
 
 
 def _check_names(items: list[Any], key: str, what: str) -> None:
@@ -396,8 +517,12 @@ def _check_services(cfg: Config) -> None:
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from plain data."""
+    llm = data.get("llm")
+    if isinstance(llm, dict) and "cores" in llm:
+        raise ConfigError("llm.cores: cores are now given by model: [[llm.models]] with its "
+                          "name, path (was model) and replicas (see docs/configuration.md)")
     cfg = _build(Config, data, "")
-    _check_cores(cfg)
+    _check_models(cfg)
     _check_services(cfg)
     return cfg
 
@@ -421,4 +546,11 @@ def default_toml() -> str:
     """The default configuration as TOML (``aiosd --print-default-config``)."""
     import tomli_w
 
-    return tomli_w.dumps(Config().to_dict())
+    def written(value: Any) -> Any:   # TOML has no null: a key left unset is left out
+        if isinstance(value, dict):
+            return {k: written(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [written(v) for v in value]
+        return value
+
+    return tomli_w.dumps(written(Config().to_dict()))

@@ -29,7 +29,7 @@ EXIT_FAIL = 1
 EXIT_NOT_RUNNING = 3
 
 # Tables keep their columns when the output is a file or a pipe (make run, CI).
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True,
               width=None if sys.stderr.isatty() else 140)
 
@@ -170,10 +170,10 @@ def status(as_json: bool) -> None:
         table.add_row(proc["name"], proc["kind"], f"[{colour}]{proc['state']}[/]" if colour else proc["state"],
                       str(proc["pid"] or "-"), str(proc["restarts"]), proc["exit"] or "-")
     out.print(table)
-    cores = Table("core", "backend", "state", "model", "slots", "running", "served")
+    out.print(models_table(data["models"]))
+    cores = Table("core", "model", "backend", "state", "slots", "running", "served")
     for core in data["cores"]:
-        info = core.get("info", {})
-        cores.add_row(core["name"], core["backend"], core["state"], str(info.get("model", "-")),
+        cores.add_row(core["name"], core["model"], core["backend"], core["state"],
                       str(core.get("capacity", "-")), str(core.get("running", "-")),
                       str(core.get("served", "-")))
     out.print(cores)
@@ -195,6 +195,29 @@ def status(as_json: bool) -> None:
     failed = [c["name"] for c in data["cores"] + data["services"] if c["state"] == "failed"]
     if failed:
         fail(f"failed: {', '.join(failed)} (restart budget spent; see the log)")
+
+
+def models_table(models: list[dict[str, Any]]) -> Table:
+    table = Table("model", "backend", "path or URL", "context", "cores", "slots", "state",
+                  title="models")
+    for m in models:
+        name = f"{m['name']} (default)" if m["default"] else m["name"]
+        source = m["source"] + (f" ({m['remote_name']})" if m.get("remote_name") else "")
+        table.add_row(name, m["backend"], source, str(m["n_ctx"] or "-"), ", ".join(m["cores"]),
+                      str(m["slots"] or "-"), m["state"])
+    return table
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(as_json: bool) -> None:
+    """List the models calls can name, with their cores and state."""
+    with kernel() as client:
+        data = client.call(MsgType.ADMIN_STATUS)
+    if as_json:
+        emit_json(data["models"])
+        return
+    out.print(models_table(data["models"]))
 
 
 # -- API keys ---------------------------------------------------------------------
@@ -347,16 +370,19 @@ def kill(agent: str, as_json: bool) -> None:
 def top_view(status: dict[str, Any], agents: list[dict[str, Any]]) -> Any:
     from rich.console import Group
 
-    cores = Table("core", "state", "slots", "running", "served", "KV seqs", "evicted kept",
-                  "cached tok", "shared tok", "prefilled tok", "decoded tok", title="LLM cores")
+    cores = Table("core", "state", "slots", "running", "served", "hits/moves", "KV seqs", "evicted kept", "cached tok", "shared tok", "prefilled tok",
+                  "decoded tok", title="LLM cores")
     for core in status["cores"]:
         # a local core's KV cache, as of its last heartbeat
         kv = core.get("stats") or {}
         seqs = f"{kv['retained_seqs']}/{kv['seqs']}" if "seqs" in kv else "-"
         # conversations evicted from the KV cache whose cells wait in RAM
         kept = f"{kv['evicted_kept']} ({kv['evicted_kept_mb']} MiB)" if "evicted_kept" in kv else "-"
+        # an agent's calls that ran where its conversation was, and those that moved here
+        sticky = core.get("affinity") or {}
         cores.add_row(core["name"], core["state"], str(core.get("capacity", "-")),
-                      str(core.get("running", "-")), str(core.get("served", "-")), seqs, kept,
+                      str(core.get("running", "-")), str(core.get("served", "-")),
+                      f"{sticky.get('hits', 0)}/{sticky.get('moves', 0)}", seqs, kept,
                       *(str(kv.get(k, "-")) for k in ("cached_tokens", "shared_tokens",
                                                        "prefill_tokens", "decode_tokens")))
     queues = ", ".join(f"{k} {v}" for k, v in status["queues"].items())

@@ -33,12 +33,12 @@ def main(config_path: str | None, print_default_config: bool, check_config: bool
         return
     try:
         cfg = config_mod.load(config_path)
-        if cfg.llm.cores and any(c.backend == "llamacpp" for c in cfg.llm.cores):
+        if any(m.backend == "llamacpp" for m in cfg.llm.models):
             from .llm.llamacpp import resolve_model
 
-            for core in cfg.llm.cores:
-                if core.backend == "llamacpp":
-                    resolve_model(core.model)
+            for i, model in enumerate(cfg.llm.models):
+                if model.backend == "llamacpp":
+                    resolve_model(model.path, f"llm.models[{i}].path")
     except config_mod.ConfigError as exc:
         click.echo(f"aiosd: configuration error: {exc}", err=True)
         sys.exit(EX_CONFIG)

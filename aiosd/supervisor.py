@@ -82,7 +82,7 @@ class Supervisor:
                                ProcMachine(rules))]
         for core in config.llm.cores:
             self.children.append(
-                Child(core.name, roles.LLM, [*child_main, roles.LLM, core.name], ProcMachine(rules))
+                Child(core.core, roles.LLM, [*child_main, roles.LLM, core.core], ProcMachine(rules))
             )
         for name, (kind, _) in roles.SERVICES.items():
             self.children.append(Child(name, kind, [*child_main, name], ProcMachine(rules)))

@@ -81,10 +81,12 @@ def chat_gateway(i: int, url: str, key: str) -> Any:
     turn as long as aiosd's."""
     import openai
 
+    from aiosd.config import Config
+
     client = openai.OpenAI(base_url=url, api_key=key, timeout=3600, max_retries=0)
 
     def chat(messages: list[dict[str, str]]) -> tuple[str, int]:
-        r = client.chat.completions.create(model="embedded", messages=messages,
+        r = client.chat.completions.create(model=Config().llm.default, messages=messages,
                                            max_tokens=workload.MAX_TOKENS, temperature=0.0,
                                            extra_body={"min_tokens": workload.MAX_TOKENS})
         return r.choices[0].message.content or "", r.usage.completion_tokens

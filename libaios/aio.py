@@ -381,7 +381,8 @@ class AsyncClient(ClientCore):
 
     async def chat(self, messages: list[dict[str, Any]] | str, *, timeout: float | None = None,
                    **options: Any) -> ChatResult:
-        """Chat with the kernel's model (options as for :meth:`libaios.Client.chat`)."""
+        """Chat with one of the kernel's models (``model=``; options as for
+        :meth:`libaios.Client.chat`)."""
         options.pop("stream", None)
         body = chat_body(messages, **options)
         return ChatResult.from_body(await self.call(MsgType.LLM_CHAT, body, timeout))

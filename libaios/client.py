@@ -219,6 +219,7 @@ class Client(ClientCore):
         self,
         messages: list[dict[str, Any]] | str,
         *,
+        model: str | None = None,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
         parallel_tool_calls: bool | None = None,
@@ -232,7 +233,8 @@ class Client(ClientCore):
         stream: bool = False,
         timeout: float | None = None,
     ) -> ChatResult | Iterator[str | dict[str, Any]]:
-        """Chat with the kernel's model.
+        """Chat with one of the kernel's models: ``model`` (``aiosctl models``
+        lists them), else the kernel's default model.
 
         ``messages`` is an OpenAI-style list (a bare string becomes one user
         message). With ``stream=True`` this returns an iterator of text
@@ -246,7 +248,7 @@ class Client(ClientCore):
         (as vLLM's server does).
         """
         body = chat_body(
-            messages, tools=tools, tool_choice=tool_choice,
+            messages, model=model, tools=tools, tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls, response_format=response_format,
             max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p,
             stop=stop, seed=seed, stream=stream,

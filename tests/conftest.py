@@ -62,7 +62,7 @@ class Daemon:
         with self.client(operator=True, timeout=10) as c:
             return c.call(MsgType.ADMIN_PS, {"limit": 5000})["agents"]
 
-    def core_pid(self, name: str = "core0") -> int | None:
+    def core_pid(self, name: str = "smollm2-135m") -> int | None:
         """The pid of core ``name`` while it is registered, else None."""
         core = next(c for c in self.status()["cores"] if c["name"] == name)
         return core.get("pid")

@@ -48,8 +48,10 @@ PING_S = 15
 
 
 def models_of(config: Config) -> list[str]:
-    """The model names /v1/models lists: the configured cores' models."""
-    return sorted({core.model for core in config.llm.cores})
+    """The model names /v1/models lists: the configured models, the default
+    first (an agent that takes the first gets the default)."""
+    default = config.llm.default
+    return [default, *(name for name in config.llm.names() if name != default)]
 
 
 def error_response(exc: errors.AIOSError) -> JSONResponse:

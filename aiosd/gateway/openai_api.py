@@ -267,9 +267,9 @@ def chat_body(req: Any, models: list[str]) -> dict[str, Any]:
     naming the field, if it cannot be one; NotFound for an unknown model)."""
     if not isinstance(req, dict):
         raise RequestError("the body must be a JSON object")
-    check_model(req, models)
+    model = check_model(req, models)
     _refuse_unsupported(req)
-    body: dict[str, Any] = {"messages": messages_of(req.get("messages"))}
+    body: dict[str, Any] = {"messages": messages_of(req.get("messages")), "model": model}
     max_tokens = req.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = req.get("max_tokens")

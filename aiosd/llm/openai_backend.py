@@ -64,11 +64,16 @@ class OpenAIBackend:
         self.snapshots: dict[str, tuple[str, int]] = {}
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "openai", "model": self.cfg.model, "base_url": self.cfg.base_url}
+        return {"backend": "openai", "model": self.cfg.name, "remote_name": self.remote_name,
+                "base_url": self.cfg.base_url}
+
+    @property
+    def remote_name(self) -> str:
+        return self.cfg.remote_name or self.cfg.name
 
     def _params(self, req: ChatRequest) -> dict[str, Any]:
         params: dict[str, Any] = {
-            "model": self.cfg.model,
+            "model": self.remote_name,
             "messages": req.messages,
             "max_tokens": req.max_tokens,
             "temperature": req.temperature,
@@ -101,7 +106,7 @@ class OpenAIBackend:
         prior, prior_tokens = "", 0
         if resume is not None:
             if resume not in self.snapshots:
-                raise BackendError(f"snapshot {resume} is not on core {self.cfg.name}",
+                raise BackendError(f"snapshot {resume} is not on core {self.cfg.core}",
                                    retriable=False)
             prior, prior_tokens = self.snapshots.pop(resume)
         # A caller that does not stream, on a kernel that does not preempt,

@@ -193,15 +193,39 @@ class AdminCalls:
             })
         return rows
 
+    def models(self, cores: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each model with its backend, where it is, its context, its cores,
+        slots and state (ready: every core serves; partial: some do)."""
+        out = []
+        llm = self.state.config.llm
+        for name in llm.names():
+            model = llm.model(name)
+            assert model is not None
+            mine = [c for c in cores if c["model"] == name]
+            states = {c["state"] for c in mine}
+            state = (states.pop() if len(states) == 1
+                     else "partial" if "ready" in states else "starting")
+            out.append({
+                "name": name, "backend": model.backend,
+                "source": model.base_url if model.backend == "openai" else model.path,
+                "remote_name": (model.remote_name or name) if model.backend == "openai" else None,
+                "n_ctx": model.n_ctx if model.backend == "llamacpp" else None,
+                "cores": [c["name"] for c in mine],
+                "slots": sum(c.get("capacity") or 0 for c in mine),
+                "state": state, "default": name == llm.default,
+            })
+        return out
+
     def status(self) -> dict[str, Any]:
         now = time.time()
         cores = []
         for core in self.state.config.llm.cores:
-            worker = self.state.workers.get(core.name)
-            proc = next((p for p in self.state.procs if p.get("name") == core.name), {})
+            worker = self.state.workers.get(core.core)
+            proc = next((p for p in self.state.procs if p.get("name") == core.core), {})
             state = "ready" if worker else ("failed" if proc.get("state") == "fatal" else "starting")
-            entry = {"name": core.name, "backend": core.backend, "state": state,
-                     "proc": proc or None}
+            entry = {"name": core.core, "model": core.name, "backend": core.backend,
+                     "state": state, "proc": proc or None,
+                     "affinity": dict(self.state.affinity_counts.get(core.core, {}))}
             if worker:
                 entry.update(worker.to_dict())
             cores.append(entry)
@@ -231,6 +255,8 @@ class AdminCalls:
             "stopping": self.state.stopping,
             "policy": self.state.config.scheduler.policy,
             "cores": cores,
+            "models": self.models(cores),
+            "default_model": self.state.config.llm.default,
             "services": services,
             "approvals": len(self.state.approvals.pending),
             "procs": self.state.procs,

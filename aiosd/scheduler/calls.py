@@ -52,6 +52,7 @@ class Call:
     tokens: int = 0           # generated so far, over every turn on a core
     turn_tokens: int = 0      # generated since its latest dispatch
     suspending: bool = False  # asked to suspend, not yet answered
+    model: str | None = None     # llm.chat: the model it goes to
     affinity: str | None = None  # the core holding its snapshot
     resume: str | None = None    # the snapshot it resumes from (suspended, queued again)
     preemptions: int = 0

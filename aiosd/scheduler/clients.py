@@ -373,8 +373,9 @@ class ClientCalls:
             namespace = body.get("as_namespace") if isinstance(body.get("as_namespace"), str) else None
         tool = None
         destructive_tool = None
+        model = None
         if msg.type is MsgType.LLM_CHAT:
-            chat_request.parse(body)  # reject bad input before it queues
+            model = self._model_of(chat_request.parse(body))  # reject bad input before it queues
         elif msg.type is MsgType.TOOL_CALL:
             tool = body.get("name")
             if not isinstance(tool, str) or not tool:
@@ -411,7 +412,7 @@ class ClientCalls:
             deadline=deadline, submitted=now, queued_at=now, namespace=namespace,
             caller={"agent": who.agent, "name": who.name,
                     "groups": self.state.rules.groups_of(who.name)},
-            tool=tool,
+            tool=tool, model=model,
             # the kernel's own calls and operators need no approval; callers
             # whose group pre-approves overwrites are spared that question
             approved=who.internal or who.operator
@@ -433,6 +434,18 @@ class ClientCalls:
         if destructive_tool is not None:
             call.approved = True
         self.life.submit(call)
+
+    def _model_of(self, req: chat_request.ChatRequest) -> str:
+        """The model a chat goes to: the one it names, else the default
+        (InvalidArgument naming it and the models there are if there is no
+        such model)."""
+        llm = self.state.config.llm
+        if req.model is None:
+            return llm.default
+        if llm.model(req.model) is None:
+            raise errors.InvalidArgument(f"llm.chat: no model {req.model!r}; the models are: "
+                                         f"{', '.join(llm.names())} (aiosctl models)")
+        return req.model
 
     def _namespace_of(self, session: Session, mtype: MsgType, body: dict[str, Any]) -> str | None:
         """Whose data a memory or storage call acts on: the caller's own,

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from libaios.protocol import MsgType
 
+from . import affinity
+from .affinity import Home
 from .calls import Call, CallState
 from .peers import Worker
 from .state import State
@@ -25,6 +27,8 @@ class Start:
 
     call: Call
     worker: Worker
+    #: a chat's affinity outcome (affinity.HIT, MOVE or NEW)
+    outcome: str | None = None
 
 
 @dataclass
@@ -41,29 +45,55 @@ def quota_ok(state: State, call: Call, now: float) -> bool:
 
 
 def plan(state: State, now: float) -> Plan:
-    """The calls to start now: for each resource, while a worker has a free
-    slot, the call its queue's policy chooses among those that can run. A
-    call for a saturated tool, an agent over its quota, or a core busy with
-    a suspended call's snapshot waits while the calls behind it run. A null
-    call runs inline on its worker's loop and takes no slot."""
+    """The calls to start now: for each resource, while a call can start,
+    the one its queue's policy chooses among those that can. A chat goes to
+    a core of its model (see affinity: to the core holding its agent's
+    conversation, where it has one); a call for a saturated tool, an agent
+    over its quota, or a core busy with a suspended call's snapshot waits
+    while the calls behind it run. A null call runs inline on its worker's
+    loop and takes no slot."""
     decided = Plan()
     free = {name: worker.free for name, worker in state.workers.items()}
     last = {name: worker.last_dispatch for name, worker in state.workers.items()}
     tools: Counter[str] = Counter(state.tool_running)
     chosen: set[str] = set()
     held: set[str] = set()
+    sticky = state.config.scheduler.affinity
+    # calls waiting for each core that holds their conversation
+    homed: Counter[str] = Counter()
+    if sticky:
+        for call in state.queues.get("llm", ()):
+            home = home_of(state, call)
+            if home is not None:
+                homed[home.core] += 1
 
-    def worker_for(resource: str, call_type: MsgType) -> Worker | None:
-        best = None
-        for worker in state.workers.values():
-            busy = free[worker.name] <= 0 and call_type is not MsgType.SYS_NULL
-            if worker.kind != resource or busy or call_type.value not in worker.types:
-                continue
-            # the most free slots first; among equals the one idle longest
-            if best is None or ((free[worker.name], -last[worker.name])
-                                > (free[best.name], -last[best.name])):
-                best = worker
-        return best
+    def workers_for(resource: str, call: Call) -> list[Worker]:
+        return [w for w in state.workers.values()
+                if w.kind == resource and call.type.value in w.types
+                and (call.model is None or state.core_model.get(w.name) == call.model)]
+
+    def view(worker: Worker, home: Home | None) -> affinity.CoreView:
+        mine = home is not None and home.core == worker.name
+        return affinity.CoreView(
+            worker.name, free[worker.name], worker.capacity,
+            waiting=homed[worker.name] - (1 if mine else 0),
+            call_s=state.call_s.get(worker.name),
+            token_rate=affinity.token_rate(worker.stats), last_dispatch=last[worker.name])
+
+    def target(call: Call) -> tuple[Worker, str | None] | None:
+        """Where ``call`` runs now, and its affinity outcome; None: it waits."""
+        if call.affinity is not None:   # resumes from a snapshot that core holds
+            worker = state.workers.get(call.affinity)
+            return (worker, None) if worker is not None and free[worker.name] > 0 else None
+        workers = workers_for(call.resource, call)
+        if call.type is MsgType.SYS_NULL:   # inline: a full worker will do
+            best = max(workers, key=lambda w: (free[w.name], -last[w.name]), default=None)
+            return (best, None) if best is not None else None
+        home = home_of(state, call) if sticky else None
+        name, outcome = affinity.choose(home, [view(w, home) for w in workers])
+        if name is None:
+            return None
+        return state.workers[name], outcome if call.model is not None else None
 
     def runnable(call: Call) -> bool:
         if call.kid in chosen:
@@ -77,38 +107,47 @@ def plan(state: State, now: float) -> Plan:
                 held.add(call.kid)
                 decided.throttled.append(call)
             return False
-        if call.affinity is not None:
-            return call.affinity in state.workers and free[call.affinity] > 0
         return True
 
-    def null(call: Call) -> bool:
-        return call.kid not in chosen and call.type is MsgType.SYS_NULL
+    targets: dict[str, tuple[Worker, str | None]] = {}
+    only_null = [False]
+
+    def startable(call: Call) -> bool:
+        if only_null[0] and call.type is not MsgType.SYS_NULL:
+            return False
+        if not runnable(call):
+            return False
+        where = target(call)
+        if where is None:
+            return False
+        targets[call.kid] = where
+        return True
 
     for resource, queue in state.queues.items():
         while True:
-            head = next((c for c in queue if c.kid not in chosen), None)
-            if head is None:
-                break
-            worker = worker_for(resource, head.type)
-            only_null = worker is None or free[worker.name] <= 0
-            if worker is None:   # no slot for the head: null calls behind still go
-                worker = worker_for(resource, MsgType.SYS_NULL)
-            if worker is None:
-                break
-            # only null calls may go to a worker with no free slot
-            call = queue.choose(null if only_null else runnable, now)
+            targets.clear()
+            # with no free slot anywhere only null calls can start: skip the rest
+            only_null[0] = not any(free[w.name] > 0 for w in state.workers.values()
+                                   if w.kind == resource)
+            call = queue.choose(startable, now)
             if call is None:
                 break
-            if call.affinity is not None:
-                worker = state.workers[call.affinity]
+            worker, outcome = targets[call.kid]
             chosen.add(call.kid)
             last[worker.name] = now
             if call.type is not MsgType.SYS_NULL:
                 free[worker.name] -= 1
             if call.tool is not None:
                 tools[call.tool] += 1
-            decided.starts.append(Start(call, worker))
+            decided.starts.append(Start(call, worker, outcome))
     return decided
+
+
+def home_of(state: State, call: Call) -> Home | None:
+    """The core holding the conversation of ``call``'s agent with its model."""
+    if call.type is not MsgType.LLM_CHAT or call.model is None:
+        return None
+    return state.homes.get((call.agent, call.model))
 
 
 def needs_slot(state: State, call: Call, now: float) -> bool:
@@ -118,22 +157,29 @@ def needs_slot(state: State, call: Call, now: float) -> bool:
 
 
 def preemptions(state: State, now: float) -> list[Call]:
-    """The running LLM calls that should give way now: as many as the
-    waiting calls that could run need slots, less the free slots and the
-    calls already giving way, chosen by the policy, the longest past its
-    quantum first."""
+    """The running LLM calls that should give way now: for each model, as
+    many as the waiting calls for it that could run need slots, less its
+    cores' free slots and the calls already giving way, chosen by the
+    policy, the longest past its quantum first."""
     queue = state.queues["llm"]
     if not len(queue):
         return []
-    cores = [w for w in state.workers.values() if w.kind == "llm"]
-    running = [c for w in cores for c in w.inflight.values()
-               if c.state is CallState.RUNNING and c.type is MsgType.LLM_CHAT]
-    need = (sum(1 for c in queue if needs_slot(state, c, now))
-            - sum(max(0, w.free) for w in cores)
-            - sum(1 for c in running if c.suspending))
-    if need <= 0:
-        return []
-    chosen = queue.preempt([c for c in running if not c.suspending], now,
-                           lambda c: needs_slot(state, c, now))
-    chosen.sort(key=lambda c: -c.turn_tokens)
-    return [c for c in chosen[:need] if c.worker in state.workers]
+    out: list[Call] = []
+    for model in {c.model for c in queue}:
+        cores = [w for w in state.workers.values() if w.kind == "llm"
+                 and (model is None or state.core_model.get(w.name) == model)]
+        running = [c for w in cores for c in w.inflight.values()
+                   if c.state is CallState.RUNNING and c.type is MsgType.LLM_CHAT]
+
+        def wants(call: Call, model: str | None = model) -> bool:
+            return call.model == model and needs_slot(state, call, now)
+
+        need = (sum(1 for c in queue if wants(c))
+                - sum(max(0, w.free) for w in cores)
+                - sum(1 for c in running if c.suspending))
+        if need <= 0:
+            continue
+        chosen = queue.preempt([c for c in running if not c.suspending], now, wants)
+        chosen.sort(key=lambda c: -c.turn_tokens)
+        out += [c for c in chosen[:need] if c.worker in state.workers]
+    return out

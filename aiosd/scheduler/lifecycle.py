@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from libaios import errors, protocol
 from libaios.protocol import Message, MsgType
 
 from . import dispatcher
+from .affinity import Home
 from .agents import Agent
 from .approvals import Approval
 from .calls import Call, CallState
@@ -35,6 +37,8 @@ log = logging.getLogger("aiosd.scheduler")
 #: How long a worker may take to let go of a cancelled call before it is
 #: considered wedged and killed (the supervisor restarts it).
 CANCEL_GRACE = 5.0
+#: weight of the newest call in a core's mean call time
+CALL_S_WEIGHT = 0.2
 
 
 def _count(value: object) -> int:
@@ -58,6 +62,8 @@ class Lifecycle:
             call.throttled = True
         for start in decided.starts:
             self.state.queues[start.call.resource].remove(start.call)
+            if start.outcome is not None:
+                self.state.affinity_counts.setdefault(start.worker.name, Counter())[start.outcome] += 1
             self.start(start.call, start.worker, now)
 
     def preempt(self) -> None:
@@ -138,11 +144,27 @@ class Lifecycle:
             tokens = result.body.get("usage")
             tokens = tokens if isinstance(tokens, dict) else {}
             prompt, completion = (_count(tokens.get(k)) for k in ("prompt_tokens", "completion_tokens"))
+            self.served_chat(call, prompt + completion)
             usage.prompt_tokens += prompt
             usage.completion_tokens += completion
             bucket = state.buckets.get(agent.name)
             if bucket is not None:
                 bucket.charge(prompt + completion, now)
+
+    def served_chat(self, call: Call, tokens: int) -> None:
+        """A chat ended well on its core: the core now holds the agent's
+        conversation (``tokens`` long), and its time there feeds the core's
+        mean call time (what the affinity choice weighs)."""
+        state = self.state
+        core = call.worker
+        if core is None or core not in state.workers:
+            return
+        if call.model is not None:
+            state.homes[(call.agent, call.model)] = Home(core, tokens)
+        if call.service_s > 0:
+            mean = state.call_s.get(core)
+            state.call_s[core] = (call.service_s if mean is None
+                                  else mean + CALL_S_WEIGHT * (call.service_s - mean))
 
     def charge_generated(self, call: Call, now: float) -> None:
         """An LLM call that ends without its usage (failed, timed out,
@@ -319,6 +341,8 @@ class Lifecycle:
             return
         now = self.clock()
         state = self.state
+        for key in [k for k in state.homes if k[0] == agent.id]:
+            del state.homes[key]
         for call in list(state.calls.values()):
             if call.agent != agent.id:
                 continue
@@ -358,6 +382,9 @@ class Lifecycle:
     def worker_lost(self, worker: Worker, why: str) -> None:
         """Forget ``worker``; run its calls again elsewhere, or fail them."""
         state = self.state
+        # the conversations it held went with it
+        for key in [k for k, home in state.homes.items() if home.core == worker.name]:
+            del state.homes[key]
         if state.workers.get(worker.name) is worker:
             del state.workers[worker.name]
         log.warning("worker %s lost: %s", worker.name, why)

@@ -23,6 +23,7 @@ from .. import confine, credentials
 from ..config import Config
 from . import access
 from . import policy as policies
+from .affinity import Home
 from .agents import AgentTable
 from .approvals import ApprovalTable
 from .calls import Call, CallState
@@ -71,6 +72,14 @@ class State:
     preemptions: int = 0
     #: where the HTTP gateway listens, as it said when it connected
     gateway_url: str | None = None
+    #: core name -> the model it serves
+    core_model: dict[str, str] = field(default_factory=dict)
+    #: (agent id, model) -> the core holding the agent's conversation (affinity)
+    homes: dict[tuple[str, str], Home] = field(default_factory=dict)
+    #: per core: a chat's mean time there, seconds (moving average)
+    call_s: dict[str, float] = field(default_factory=dict)
+    #: per core: its calls by affinity outcome (hits, moves, new)
+    affinity_counts: dict[str, Counter[str]] = field(default_factory=dict)
     _keys: KeyStore | None = None
 
     @property
@@ -85,8 +94,8 @@ class State:
         """The state of a scheduler starting under ``config``."""
         endpoint = paths.ipc(runtime_dir, paths.KERNEL_SOCKET)
         agents = AgentTable(endpoint, runtime_dir)
-        agents.withheld = {core.api_key_env for core in config.llm.cores
-                           if core.backend == "openai" and core.api_key_env}
+        agents.withheld = {model.api_key_env for model in config.llm.models
+                           if model.backend == "openai" and model.api_key_env}
         sched = config.scheduler
         state = cls(
             config=config, runtime_dir=runtime_dir,
@@ -97,6 +106,7 @@ class State:
             supervisor_token=credentials.mine() or None,
             landlock_abi=confine.landlock_abi(),
             rules_by_agent={rule.agent: rule for rule in sched.agents},
+            core_model={core.core: core.name for core in config.llm.cores},
             buckets={rule.agent: TokenBucket(rule.tokens_per_s, rule.burst)
                      for rule in sched.agents if rule.tokens_per_s > 0},
         )

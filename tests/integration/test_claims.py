@@ -311,7 +311,7 @@ def test_directories_from_the_xdg_variables_and_the_config_from_aios_config(
     for path in (xdg_run, xdg_data, home):
         path.mkdir(mode=0o700)
     config = short_tmp / "elsewhere.toml"
-    config.write_text(tomli_w.dumps({"llm": {"cores": [{"name": "named-by-aios-config",
+    config.write_text(tomli_w.dumps({"llm": {"models": [{"name": "named-by-aios-config",
                                                           "slots": 2}]}}))
     env = {k: v for k, v in os.environ.items()
            if k not in ("AIOS_RUNTIME_DIR", "AIOS_DATA_DIR", "AIOS_ENDPOINT", "AIOS_AGENT_TOKEN",
@@ -390,7 +390,7 @@ def test_snapshots_spill_to_disk_and_their_calls_resume_exactly(make_daemon) -> 
     # one slot and three agents under round-robin: two calls are suspended
     # at a time, and past snapshot_ram_bytes (1 byte) all but the newest
     # snapshot spill to disk
-    d: Daemon = make_daemon(config={"llm": {"cores": [{"slots": 1, "snapshot_ram_bytes": 1}]},
+    d: Daemon = make_daemon(config={"llm": {"models": [{"slots": 1, "snapshot_ram_bytes": 1}]},
                                     "scheduler": {"policy": "rr", "quantum_tokens": 8}})
     prompts = {"ann": "Write a long story about a lighthouse keeper.",
                "bob": "Describe a busy harbour at dawn.",
@@ -425,7 +425,7 @@ def test_a_suspended_call_s_snapshot_is_dropped_at_its_deadline(make_daemon) -> 
     runs; its deadline passes: its caller gets Timeout, and its snapshot is
     dropped (its caller still connected, the other call still running)."""
     d: Daemon = make_daemon(config={
-        "llm": {"cores": [{"slots": 1, "n_ctx": 4096}]},
+        "llm": {"models": [{"slots": 1, "n_ctx": 4096}]},
         "scheduler": {"policy": "fair", "quantum_tokens": 8,
                       "agents": [{"agent": "favoured", "priority": 10}]}})
     answered, may_leave, gave_up = threading.Event(), threading.Event(), threading.Event()

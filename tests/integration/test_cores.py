@@ -21,18 +21,21 @@ from .test_chat import run_agent
 pytestmark = pytest.mark.integration
 
 
-def test_calls_are_spread_over_two_pinned_cores(make_daemon) -> None:
-    config = {"llm": {"cores": [{"name": "left", "cpus": [0], "threads": 1},
-                                {"name": "right", "cpus": [1], "threads": 1}]}}
+def test_agents_are_spread_over_a_models_two_pinned_cores(make_daemon) -> None:
+    """Two replicas of a model on cpus = [0, 1]: one CPU each; agents with
+    no conversation yet go to the core with the most free slots."""
+    config = {"llm": {"models": [{"replicas": 2, "cpus": [0, 1], "threads": 1}]}}
     d: Daemon = make_daemon(config=config)
     status = d.status()
     info = {c["name"]: c["info"] for c in status["cores"]}
-    assert info["left"]["cpus"] == [0] and info["right"]["cpus"] == [1]
-    assert info["left"]["threads"] == 1
+    assert info["smollm2-135m-0"]["cpus"] == [0] and info["smollm2-135m-1"]["cpus"] == [1]
+    assert info["smollm2-135m-0"]["threads"] == 1
     cores: list[str] = []
+    go = threading.Barrier(6)
 
     def call(i: int) -> None:
-        with d.client() as c:
+        with d.client(name=f"spread-{i}") as c:
+            go.wait(timeout=60)
             cores.append(c.chat(f"Say {i}.", max_tokens=24).core)
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
@@ -41,14 +44,14 @@ def test_calls_are_spread_over_two_pinned_cores(make_daemon) -> None:
     for t in threads:
         t.join(timeout=300)
     assert len(cores) == 6
-    assert set(cores) == {"left", "right"}
+    assert set(cores) == {"smollm2-135m-0", "smollm2-135m-1"}
 
 
 def test_agents_taking_turns_on_a_small_kv_cache_continue_from_kept_cells(make_daemon) -> None:
     # 36 MiB hold three streams of 512 cells: one is the spare, so two
     # sequences for three agents, and each conversation is evicted before
     # its agent's next call
-    d: Daemon = make_daemon(config={"llm": {"cores": [{"slots": 1, "n_ctx": 512, "kv_mb": 36,
+    d: Daemon = make_daemon(config={"llm": {"models": [{"slots": 1, "n_ctx": 512, "kv_mb": 36,
                                                        "evicted_mb": 64}]}})
     convs = {k: [{"role": "system", "content": f"You are agent {k}."},
                  {"role": "user", "content": f"Tell me about the number {i}."}]
@@ -76,7 +79,7 @@ def test_agents_taking_turns_on_a_small_kv_cache_continue_from_kept_cells(make_d
 def test_agents_that_ended_leave_nothing_kept_on_the_core(make_daemon) -> None:
     # three agents at once on two sequences: conversations are evicted and
     # kept in RAM while the agents run, and let go of when they exit
-    d: Daemon = make_daemon(config={"llm": {"cores": [{"slots": 1, "n_ctx": 512, "kv_mb": 36,
+    d: Daemon = make_daemon(config={"llm": {"models": [{"slots": 1, "n_ctx": 512, "kv_mb": 36,
                                                        "evicted_mb": 64}]}})
     results: list[dict[str, Any]] = []
 
@@ -96,7 +99,7 @@ def test_agents_that_ended_leave_nothing_kept_on_the_core(make_daemon) -> None:
 
 
 def test_a_suspended_call_s_snapshot_is_dropped_when_its_agent_is_killed(make_daemon) -> None:
-    d: Daemon = make_daemon(config={"llm": {"cores": [{"slots": 1}]},
+    d: Daemon = make_daemon(config={"llm": {"models": [{"slots": 1}]},
                                     "scheduler": {"policy": "rr", "quantum_tokens": 64}})
     with d.client(operator=True, timeout=30) as ctl:
         for name in ("first", "second"):

@@ -43,14 +43,24 @@ def test_status_and_ps_json(daemon: Daemon) -> None:
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert status["ready"] is True
-    assert [c["name"] for c in status["cores"]] == ["core0"]
-    assert {p["name"] for p in status["procs"]} == {"scheduler", "core0", "storage", "memory", "tools",
+    assert [c["name"] for c in status["cores"]] == ["smollm2-135m"]
+    assert {p["name"] for p in status["procs"]} == {"scheduler", "smollm2-135m", "storage", "memory", "tools",
                                                    "gateway"}
     assert status["gateway"]["url"].startswith("http://127.0.0.1:")
     assert status["healthy"] is True
-    assert status["cores"][0]["info"]["model"].endswith(".gguf")
+    assert status["cores"][0]["info"]["path"].endswith(".gguf")
+    assert status["cores"][0]["model"] == status["default_model"] == "smollm2-135m"
+    [model] = status["models"]
+    assert (model["name"], model["backend"], model["source"], model["n_ctx"], model["cores"],
+            model["state"], model["default"]) == ("smollm2-135m", "llamacpp", "embedded", 2048,
+                                                  ["smollm2-135m"], "ready", True)
+    assert model["slots"] == status["cores"][0]["capacity"]
+    listed = daemon.ctl("models", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout)[0]["name"] == "smollm2-135m"
+    human = daemon.ctl("models")
+    assert human.returncode == 0 and "smollm2-135m (default)" in human.stdout
     human = daemon.ctl("status")
-    assert human.returncode == 0 and "core0" in human.stdout
+    assert human.returncode == 0 and "smollm2-135m" in human.stdout
     assert f"OpenAI API at {status['gateway']['url']}/v1" in human.stdout
     result = daemon.ctl("ps", "--json", "--all")
     assert result.returncode == 0
@@ -131,7 +141,7 @@ def test_config_errors_name_the_key(short_tmp: Path) -> None:
                             env=base_env(short_tmp), capture_output=True, text=True, timeout=60)
     assert result.returncode == 78
     assert "kernel.call_timeout" in result.stderr
-    cfg.write_text('[[llm.cores]]\nname = "a"\nmodel = "/no/such.gguf"\n')
+    cfg.write_text('[[llm.models]]\nname = "a"\npath = "/no/such.gguf"\n')
     result = subprocess.run([sys.executable, "-m", "aiosd", "--check-config", "--config", str(cfg)],
                             env=base_env(short_tmp), capture_output=True, text=True, timeout=60)
     assert result.returncode == 78

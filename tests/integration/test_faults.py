@@ -51,7 +51,7 @@ def test_core_killed_during_a_call_is_restarted_and_the_caller_answered(make_dae
     assert outcome["reply"].usage["completion_tokens"] > 0
     status = d.wait_for(lambda s: s["ready"] and d.core_pid() not in (old_pid, None),
                         what="the core to come back")
-    core = next(p for p in status["procs"] if p["name"] == "core0")
+    core = next(p for p in status["procs"] if p["name"] == "smollm2-135m")
     assert core["restarts"] >= 1
     assert core["last_exit"] == -signal.SIGKILL
     with d.client() as c:
@@ -94,7 +94,7 @@ def test_crashing_core_spends_its_restart_budget_and_is_reported_failed(make_dae
     status = d.wait_for(
         lambda s: any(c["state"] == "failed" for c in s["cores"]), what="the core to be failed"
     )
-    core = next(p for p in status["procs"] if p["name"] == "core0")
+    core = next(p for p in status["procs"] if p["name"] == "smollm2-135m")
     assert core["state"] == "fatal" and core["restarts"] == 2
     result = d.ctl("status")
     assert result.returncode == 1
@@ -183,7 +183,7 @@ def test_malformed_frames_get_an_error_and_the_daemon_keeps_serving(
     assert reply.body["code"] == code, reply.body
     assert reply.body["message"]
     with daemon.client() as c:
-        assert c.null()["core"] == "core0"
+        assert c.null()["core"] == "smollm2-135m"
 
 
 def test_error_reply_carries_the_call_id_when_it_can(daemon: Daemon, raw: zmq.Socket) -> None:
@@ -202,7 +202,7 @@ def test_scheduler_killed_is_restarted_and_clients_carry_on(make_daemon) -> None
     d: Daemon = make_daemon()
     sched = next(p for p in d.status()["procs"] if p["name"] == "scheduler")
     with d.client() as c:
-        assert c.null()["core"] == "core0"
+        assert c.null()["core"] == "smollm2-135m"
         os.kill(sched["pid"], signal.SIGKILL)
         d.wait_for(lambda s: s["ready"] and s["pid"] != sched["pid"], what="a new scheduler")
         # the same client introduces itself again transparently, for calls
@@ -213,7 +213,7 @@ def test_scheduler_killed_is_restarted_and_clients_carry_on(make_daemon) -> None
         assert "".join(c.chat("Say hi.", max_tokens=8, stream=True))
     procs = {p["name"]: p for p in d.status()["procs"]}
     assert procs["scheduler"]["restarts"] == 1
-    assert procs["core0"]["restarts"] == 0  # the core re-registered; it was not restarted
+    assert procs["smollm2-135m"]["restarts"] == 0  # the core re-registered; it was not restarted
 
 
 def test_async_clients_carry_on_after_the_scheduler_restarts(make_daemon) -> None:
@@ -228,7 +228,7 @@ def test_async_clients_carry_on_after_the_scheduler_restarts(make_daemon) -> Non
 
     async def main() -> None:
         async with aio.connect(d.endpoint, name="async", timeout=300) as aios:
-            assert (await aios.null())["core"] == "core0"
+            assert (await aios.null())["core"] == "smollm2-135m"
             out = asyncio.ensure_future(aios.chat("Tell a long story.", **LONG))
             await asyncio.to_thread(d.wait_for, lambda s: s["running"] >= 1,
                                     what="the chat to run")
@@ -240,6 +240,6 @@ def test_async_clients_carry_on_after_the_scheduler_restarts(make_daemon) -> Non
                                     what="a new scheduler")
             reply = await aios.chat("Say hi.", max_tokens=4)
             assert reply.usage["completion_tokens"] > 0
-            assert (await aios.null())["core"] == "core0"
+            assert (await aios.null())["core"] == "smollm2-135m"
 
     asyncio.run(main())

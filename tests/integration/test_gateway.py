@@ -31,7 +31,7 @@ from ..conftest import AGENTS, TEST_AGENTS, Daemon
 
 pytestmark = pytest.mark.integration
 
-MODEL = "embedded"
+MODEL = "smollm2-135m"
 #: a long answer: it is still being generated when a test acts on it
 LONG = {"max_tokens": 1500, "min_tokens": 1500}
 WEATHER = {"type": "function", "function": {
@@ -319,7 +319,7 @@ def test_bad_requests_get_openai_errors_and_never_reach_the_kernel(daemon: Daemo
     with httpx2.Client(base_url=url, timeout=300) as http:
         chat = "/chat/completions"
         # malformed JSON: 400, and the key's agent never even reached the kernel
-        assert_error(http.post(chat, headers=auth, content=b'{"model": "embedded", '), 400)
+        assert_error(http.post(chat, headers=auth, content=b'{"model": "smollm2-135m", '), 400)
         assert not has_agent(daemon, "gw-bad")
         for body, status, param in [
             ({**good, "n": 2}, 400, "n"),
@@ -418,7 +418,7 @@ def test_a_wedged_single_slot_core_overloads_then_times_out(make_daemon: Callabl
                                                            ) -> None:
     # one slot, one place in the queue, and a core that never answers
     d = make_daemon({"kernel": {"max_queue": 1, "call_timeout": 20},
-                     "llm": {"cores": [{"slots": 1}]}}, extra_env={"AIOS_FAULT": "stall"})
+                     "llm": {"models": [{"slots": 1}]}}, extra_env={"AIOS_FAULT": "stall"})
     url = gateway_url(d)
     auth = {"Authorization": f"Bearer {make_key(d, 'gw-busy')}"}
     body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi."}]}

@@ -79,7 +79,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def remote_config(url: str) -> dict[str, Any]:
-    return {"llm": {"cores": [{"name": "remote", "backend": "openai", "model": "smollm2",
+    return {"llm": {"models": [{"name": "remote", "backend": "openai", "remote_name": "smollm2",
                                "base_url": url, "slots": 2}]}}
 
 

@@ -22,13 +22,13 @@ def long_call(d: Daemon, out: dict[str, Any], key: str, name: str) -> None:
 
 def test_preempted_call_resumes_to_the_same_tokens(make_daemon) -> None:
     # the same call, alone and uninterrupted, on a fresh core ...
-    plain = make_daemon(config={"llm": {"cores": [{"slots": 1}]}})
+    plain = make_daemon(config={"llm": {"models": [{"slots": 1}]}})
     with plain.client() as c:
         baseline = c.chat(PROMPT, max_tokens=96)
     plain.stop()
     # ... and on a fresh core under round-robin, where two other agents
     # wait: it is suspended every 8 tokens and resumed from its snapshot
-    d: Daemon = make_daemon(config={"llm": {"cores": [{"slots": 1}]},
+    d: Daemon = make_daemon(config={"llm": {"models": [{"slots": 1}]},
                                     "scheduler": {"policy": "rr", "quantum_tokens": 8}})
     out: dict[str, Any] = {}
     first = threading.Thread(target=long_call, args=(d, out, "a", "first"))
@@ -49,7 +49,7 @@ def test_preempted_call_resumes_to_the_same_tokens(make_daemon) -> None:
 
 def test_fair_policy_and_quota_keep_a_flooding_agent_in_check(make_daemon) -> None:
     # one slot, so that calls wait and the policy's order and the quota decide
-    config = {"llm": {"cores": [{"slots": 1}]},
+    config = {"llm": {"models": [{"slots": 1}]},
               "scheduler": {"policy": "fair", "quantum_tokens": 16,
                             "agents": [{"agent": "flood", "tokens_per_s": 50.0, "burst": 200}]}}
     d: Daemon = make_daemon(config=config)

@@ -88,8 +88,8 @@ def test_the_field_of_a_kernel_message(message: str, field: str | None) -> None:
 def test_a_plain_request_becomes_an_llm_chat_body() -> None:
     body = chat(max_tokens=8, temperature=0.5, top_p=0.9, stop=["\n"], seed=3, user="u-1",
                 frequency_penalty=0.5, metadata={"a": "b"}, some_future_option=True)
-    assert body == {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
-                    "temperature": 0.5, "top_p": 0.9, "stop": ["\n"], "seed": 3, "stream": False}
+    assert body == {"messages": [{"role": "user", "content": "hi"}], "model": "embedded",
+                    "max_tokens": 8, "temperature": 0.5, "top_p": 0.9, "stop": ["\n"], "seed": 3, "stream": False}
 
 
 def test_messages_of_every_role_and_shape() -> None:
@@ -250,7 +250,7 @@ def test_a_string_input_with_instructions() -> None:
     body = req.chat_body([])
     assert body == {"messages": [{"role": "system", "content": "Be brief."},
                                  {"role": "user", "content": "Say hi"}],
-                    "max_tokens": 8, "temperature": 0.2, "stream": False}
+                    "model": "embedded", "max_tokens": 8, "temperature": 0.2, "stream": False}
 
 
 def test_input_items_become_messages_and_calls_join_their_turn() -> None:

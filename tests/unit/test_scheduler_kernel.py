@@ -63,11 +63,12 @@ def make_sched(tmp_path):
     scheduler section."""
     from dataclasses import replace
 
-    from aiosd.config import load
+    from aiosd.config import from_dict
     from aiosd.scheduler.kernel import Kernel
 
     def make(**scheduler):
-        config = load(None)
+        # one model whose one core is named core0, as the tests' cores are
+        config = from_dict({"llm": {"models": [{"name": "core0"}]}})
         return Kernel(replace(config, scheduler=replace(config.scheduler, **scheduler)), tmp_path)
 
     return make
