@@ -401,8 +401,8 @@ class ClientCalls:
             raise errors.Overloaded(
                 f"{len(queue)} calls already wait for {resource}; try again later"
             )
-        if not self.state.can_ever_serve(resource):
-            raise unservable(resource)
+        if not self.state.can_ever_serve(resource, model):
+            raise unservable(resource, model)
         now = time.time()
         deadline = msg.deadline if msg.deadline is not None else now + self.state.config.kernel.call_timeout
         deadline = min(deadline, now + MAX_DEADLINE)

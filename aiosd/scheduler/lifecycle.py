@@ -447,17 +447,21 @@ class Lifecycle:
         processes failed for good) end now, not at their deadline."""
         state = self.state
         for resource, queue in state.queues.items():
+            for call in list(queue):
+                if not state.can_ever_serve(resource, call.model):
+                    queue.remove(call)
+                    self.fail(call, unservable(resource, call.model), now)
             if state.can_ever_serve(resource):
                 continue
-            for call in list(queue):
-                queue.remove(call)
-                self.fail(call, unservable(resource), now)
             for call in [c for c in state.calls.values() if c.held_for and c.resource == resource]:
                 call.held_for = None
                 self.fail(call, unservable(resource), now)
 
 
-def unservable(resource: str) -> errors.Unavailable:
+def unservable(resource: str, model: str | None = None) -> errors.Unavailable:
+    if model is not None:
+        return errors.Unavailable(f"no core of model {model!r} can run (each failed for good): "
+                                  "see `aiosctl status`")
     return errors.Unavailable(f"no {resource} worker can run: see `aiosctl status`")
 
 

@@ -135,14 +135,19 @@ class State:
         rule = self.rules_by_agent.get(agent.name if agent is not None else agent_id)
         return rule.priority if rule else 0
 
-    def can_ever_serve(self, resource: str) -> bool:
-        """Whether a worker of ``resource`` serves, or one may yet: not when
-        all its processes have failed for good."""
-        if any(w.kind == resource for w in self.workers.values()):
+    def can_ever_serve(self, resource: str, model: str | None = None) -> bool:
+        """Whether a worker of ``resource`` (a core of ``model``, if given)
+        serves, or one may yet: not when all its processes have failed for
+        good."""
+        def mine(name: str) -> bool:
+            return model is None or self.core_model.get(name) == model
+
+        if any(w.kind == resource and mine(w.name) for w in self.workers.values()):
             return True
         if not self.procs:
             return True  # the process table has not arrived yet
-        return any(p.get("state") != "fatal" for p in self.procs if p.get("kind") == resource)
+        return any(p.get("state") != "fatal" for p in self.procs
+                   if p.get("kind") == resource and mine(str(p.get("name"))))
 
     # -- sessions -----------------------------------------------------------------
 

@@ -119,7 +119,7 @@ def test_remote_calls_are_preempted_text_based_and_resumed(server: Server, make_
     import threading
 
     config = remote_config(server.url)
-    config["llm"]["cores"][0]["slots"] = 1
+    config["llm"]["models"][0]["slots"] = 1
     config["scheduler"] = {"policy": "rr", "quantum_tokens": 8}
     d: Daemon = make_daemon(config=config)
     out: dict[str, Any] = {}
@@ -184,3 +184,28 @@ def test_a_required_call_through_a_remote_core_arrives_or_fails_named(
             for call in reply.tool_calls:
                 jsonschema.validate(json.loads(call["function"]["arguments"]),
                                     CALC["function"]["parameters"])
+
+
+def test_a_local_and_a_remote_model_each_answer_by_name(server: Server, make_daemon) -> None:
+    """A mixed config: the embedded model on a llamacpp core, and a model of
+    the OpenAI-compatible server on an openai core. Each name reaches its
+    own backend, and the gateway lists both."""
+    import httpx
+
+    d: Daemon = make_daemon(config={"llm": {"models": [
+        {"name": "local", "n_ctx": 512, "kv_mb": 48, "slots": 2},
+        {"name": "remote", "backend": "openai", "remote_name": "smollm2",
+         "base_url": server.url, "slots": 2}]}})
+    with d.client() as c:
+        local = c.chat("Say hello.", model="local", max_tokens=8)
+        remote = c.chat("Say hello.", model="remote", max_tokens=8)
+        default = c.chat("Say hello.", max_tokens=4)
+    assert (local.core, remote.core, default.core) == ("local", "remote", "local")
+    assert local.usage["completion_tokens"] > 0 and remote.usage["completion_tokens"] > 0
+    models = {m["name"]: m for m in d.status()["models"]}
+    assert models["remote"]["backend"] == "openai" and models["remote"]["source"] == server.url
+    assert models["remote"]["remote_name"] == "smollm2" and models["local"]["backend"] == "llamacpp"
+    key = json.loads(d.ctl("keys", "create", "mixed", "--json").stdout)["key"]
+    url = d.status()["gateway"]["url"]
+    listed = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert [m["id"] for m in listed.json()["data"]] == ["local", "remote"]
