@@ -10,13 +10,14 @@ the shutdown ladder: shutdown message, then SIGTERM, then SIGKILL.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import zmq
 from libaios import paths, protocol
 from libaios.protocol import ErrorCode, MsgType
 
-from . import credentials, procs, roles, rundir
+from . import credentials, gpus, procs, roles, rundir
 from .config import Config
 from .procstate import ProcMachine, ProcState, RestartRules
 from .sdnotify import Notifier
@@ -43,6 +44,8 @@ class Child:
     argv: list[str]
     machine: ProcMachine
     popen: subprocess.Popen | None = None
+    #: added to the environment it starts with (an LLM core's GPUs: gpus.core_env)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def pid(self) -> int | None:
@@ -82,7 +85,8 @@ class Supervisor:
                                ProcMachine(rules))]
         for core in config.llm.cores:
             self.children.append(
-                Child(core.core, roles.LLM, [*child_main, roles.LLM, core.core], ProcMachine(rules))
+                Child(core.core, roles.LLM, [*child_main, roles.LLM, core.core], ProcMachine(rules),
+                      env=gpus.core_env(core))
             )
         for name, (kind, _) in roles.SERVICES.items():
             self.children.append(Child(name, kind, [*child_main, name], ProcMachine(rules)))
@@ -97,6 +101,8 @@ class Supervisor:
         self._last_health = 0.0
         self._last_answer = time.monotonic()
         self._procs_sent: list[dict[str, Any]] | None = None
+        #: this machine's GPUs (see find_gpus), for the scheduler's status
+        self.gpus: list[dict[str, Any]] = []
 
     # -- setup -------------------------------------------------------------------
 
@@ -112,6 +118,14 @@ class Supervisor:
             rundir.unlock(self.runtime_dir, self._lock_fd)
             self._lock_fd = None
 
+    def find_gpus(self) -> None:
+        """Look for GPUs (once: at start), and warn of a core given one
+        that is not found; it still starts, given what it asks for."""
+        self.gpus = gpus.discover()
+        log.info("%s", gpus.describe(self.gpus))
+        for warning in gpus.not_found(self.config.llm.cores, self.gpus):
+            log.warning("%s", warning)
+
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
@@ -120,6 +134,7 @@ class Supervisor:
                 "AIOS_RUNTIME_DIR": str(self.runtime_dir),
                 "AIOS_DATA_DIR": str(self.data_dir),
                 "AIOS_SUPERVISOR_PID": str(os.getpid()),
+                gpus.ENV: json.dumps(self.gpus),
             }
         )
         # systemd talks to the supervisor only.
@@ -137,7 +152,9 @@ class Supervisor:
     def spawn(self, child: Child) -> None:
         now = time.monotonic()
         fd = credentials.pipe_with(self.credential_of(child))
-        env = {**self.child_env(), credentials.FD_ENV: str(fd)}
+        # a core's GPUs are in its environment before llama.cpp loads: the
+        # GPU runtime reads the variables once, at its first use
+        env = {**self.child_env(), **child.env, credentials.FD_ENV: str(fd)}
         try:
             child.popen = procs.spawn(child.argv, env, pass_fds=(fd,))
         except OSError as exc:
@@ -235,6 +252,7 @@ class Supervisor:
             log.warning("cannot make aiosd's processes non-dumpable: processes of its user "
                         "may read their memory")
         self.lock()
+        self.find_gpus()
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wfd)
         flags = {"term": False, "hup": False}
