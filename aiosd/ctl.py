@@ -25,6 +25,8 @@ import libaios
 from libaios import errors, paths
 from libaios.protocol import MsgType
 
+from .gpus import SOURCES as GPU_SOURCES
+
 EXIT_FAIL = 1
 EXIT_NOT_RUNNING = 3
 
@@ -177,6 +179,7 @@ def status(as_json: bool) -> None:
                       str(core.get("capacity", "-")), str(core.get("running", "-")),
                       str(core.get("served", "-")))
     out.print(cores)
+    gpus_section(data)
     queues = ", ".join(f"{k}: {v}" for k, v in data["queues"].items())
     out.print(f"queued: {queues}; running: {data['running']}; live agents: {data['agents']}")
     services = Table("service", "kind", "state", "pid", "running", "served")
@@ -195,6 +198,39 @@ def status(as_json: bool) -> None:
     failed = [c["name"] for c in data["cores"] + data["services"] if c["state"] == "failed"]
     if failed:
         fail(f"failed: {', '.join(failed)} (restart budget spent; see the log)")
+
+
+def gpus_section(data: dict[str, Any]) -> None:
+    """The GPUs the daemon found, with the cores given each, and the GPU
+    settings of each core given devices (a line each, not more columns in
+    the cores table)."""
+    found = data.get("gpus") or []
+    if found:
+        table = Table("gpu", "name", "memory", "cores", title="GPUs")
+        for gpu in found:
+            memory = f"{gpu['memory_mb']} MiB" if gpu.get("memory_mb") else "-"
+            table.add_row(str(gpu["index"]), gpu["name"], memory, ", ".join(gpu["cores"]) or "-")
+        out.print(table)
+    else:
+        out.print(f"GPUs: none found ({', '.join(GPU_SOURCES)})")
+    for core in data["cores"]:
+        if core.get("devices"):
+            out.print(f"core {core['name']}: {core_gpu_settings(core)}", markup=False)
+
+
+def core_gpu_settings(core: dict[str, Any]) -> str:
+    """A core's GPUs and offload settings, as configured (with the layers
+    llama.cpp was given, once the core says)."""
+    layers = core.get("n_gpu_layers")
+    resolved = (core.get("info") or {}).get("n_gpu_layers")
+    text = "auto" if layers is None else str(layers)
+    if layers is None and resolved is not None:
+        text += f" ({resolved})"
+    parts = [f"devices {', '.join(map(str, core['devices']))}", f"n_gpu_layers {text}",
+             f"main_gpu {core.get('main_gpu', 0)}"]
+    if core.get("tensor_split"):
+        parts.append(f"tensor_split {', '.join(map(str, core['tensor_split']))}")
+    return "; ".join(parts)
 
 
 def models_table(models: list[dict[str, Any]]) -> Table:

@@ -16,7 +16,7 @@ import libaios
 from libaios import errors, protocol
 from libaios.protocol import Message, MsgType
 
-from .. import confine, credentials, roles
+from .. import confine, credentials, gpus, roles
 from .agents import Agent, agent_name_ok
 from .calls import Call, CallState
 from .lifecycle import Lifecycle
@@ -225,7 +225,10 @@ class AdminCalls:
             state = "ready" if worker else ("failed" if proc.get("state") == "fatal" else "starting")
             entry = {"name": core.core, "model": core.name, "backend": core.backend,
                      "state": state, "proc": proc or None,
-                     "affinity": dict(self.state.affinity_counts.get(core.core, {}))}
+                     "affinity": dict(self.state.affinity_counts.get(core.core, {})),
+                     # as configured (info's n_gpu_layers: what the core resolved)
+                     "devices": core.devices, "n_gpu_layers": core.n_gpu_layers,
+                     "main_gpu": core.main_gpu, "tensor_split": core.tensor_split}
             if worker:
                 entry.update(worker.to_dict())
             cores.append(entry)
@@ -260,6 +263,7 @@ class AdminCalls:
             "services": services,
             "approvals": len(self.state.approvals.pending),
             "procs": self.state.procs,
+            "gpus": gpus.assigned(gpus.from_env(), self.state.config.llm.cores),
             "queues": {name: len(q) for name, q in self.state.queues.items()},
             "tools_running": {k: v for k, v in self.state.tool_running.items() if v},
             "preemptions": self.state.preemptions,
