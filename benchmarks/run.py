@@ -149,12 +149,13 @@ def bench_aiosd(n: int, config: dict[str, Any] | None = None, flooder: bool = Fa
                 result["gateway_cpu_s"] = round(sum(psutil.Process(pid).cpu_times()[:2]) - before, 2)
             else:
                 result = run_agents("aiosd", n, env, [], flooder)
-            core = core_stats(env)
+            cores = core_stats(env)
         finally:
             daemon.terminate()
             daemon.wait(60)
     shutil.rmtree(tmp, ignore_errors=True)
-    return {**result, "peak_rss_mb": round(peak.peak / 2**20, 1), "core": core}
+    return {**result, "peak_rss_mb": round(peak.peak / 2**20, 1),
+            "core": cores[0] if cores else {}, "cores": cores}
 
 
 #: what the core's engine did in a run: where aiosd's time went
@@ -163,16 +164,22 @@ CORE_FIGURES = ("busy_s", "decode_s", "steps", "passes", "prefill_tokens", "deco
                 "restored_seqs", "restored_tokens")
 
 
-def core_stats(env: dict[str, str]) -> dict[str, Any]:
-    """The engine figures of the daemon's first core, as its latest
-    heartbeat reported them (one heartbeat after the last call ends)."""
+def core_stats(env: dict[str, str]) -> list[dict[str, Any]]:
+    """The engine figures of the daemon's cores, as their latest heartbeats
+    reported them (one heartbeat after the last call ends), with each
+    core's affinity counts (hits, moves, new)."""
     time.sleep(2.5)
     try:
-        stats = ctl_status(env)["cores"][0].get("stats") or {}
-    except (ValueError, KeyError, IndexError):
-        return {}
-    return {k: round(stats[k], 2) if isinstance(stats[k], float) else stats[k]
-            for k in CORE_FIGURES if k in stats}
+        cores = ctl_status(env)["cores"]
+    except (ValueError, KeyError):
+        return []
+    out = []
+    for core in cores:
+        stats = core.get("stats") or {}
+        out.append({"name": core["name"], "affinity": core.get("affinity") or {},
+                    **{k: round(stats[k], 2) if isinstance(stats[k], float) else stats[k]
+                       for k in CORE_FIGURES if k in stats}})
+    return out
 
 
 def ctl_status(env: dict[str, str]) -> dict[str, Any]:
@@ -478,6 +485,40 @@ def ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
     return f"{b['makespan_s'] / a['makespan_s']:.2f}x"
 
 
+def two_cores(sticky: bool) -> dict[str, Any]:
+    """Two cores of the embedded model, one thread each (on a CPU each
+    where there are two), with affinity on or off."""
+    model: dict[str, Any] = {"replicas": 2, "threads": 1}
+    if len(os.sched_getaffinity(0)) >= 2:
+        model["cpus"] = sorted(os.sched_getaffinity(0))[:2]
+    return {"llm": {"models": [model]}, "scheduler": {"affinity": sticky}}
+
+
+def affinity_run(n: int = 16) -> dict[str, Any]:
+    """The workload at ``n`` on two cores of one model, with affinity (an
+    agent's turns go where its conversation is) and without (each turn to
+    the freest core): both makespans, their ratio, and what the cores did."""
+    by = {}
+    for sticky in (True, False):
+        label = "on" if sticky else "off"
+        print(f"two cores, N={n}, affinity {label}: running ...", flush=True)
+        r = bench_aiosd(n, two_cores(sticky))
+        by[label] = r
+        prefilled = sum(c.get("prefill_tokens", 0) for c in r["cores"])
+        cached = sum(c.get("cached_tokens", 0) for c in r["cores"])
+        counts = {k: sum(c["affinity"].get(k, 0) for c in r["cores"])
+                  for k in ("hits", "moves", "new")}
+        r["prefill_tokens"], r["cached_tokens"], r["affinity_counts"] = prefilled, cached, counts
+        print(f"two cores, N={n}, affinity {label}: makespan {r['makespan_s']:.2f}s, "
+              f"{prefilled} tokens prefilled, {cached} found cached; turns at home "
+              f"{counts['hits']}, moved {counts['moves']}, first {counts['new']}; "
+              f"failures {r['failures']}", flush=True)
+    speedup = by["off"]["makespan_s"] / by["on"]["makespan_s"]
+    print(f"two cores, N={n}: affinity on {by['on']['makespan_s']:.2f}s, off "
+          f"{by['off']['makespan_s']:.2f}s: affinity {speedup:.2f}x faster (target 1.3x)")
+    return {"n": n, "on": by["on"], "off": by["off"], "speedup": round(speedup, 3)}
+
+
 FLOOD_CONFIG = {"scheduler": {"policy": "fair", "agents": [
     {"agent": "flood", "tokens_per_s": 150.0, "burst": 1000}]}}
 
@@ -501,11 +542,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, action="append", help="agents (repeatable); default 1, 8, 32")
     parser.add_argument("--systems", default="aiosd,gateway,direct,shared")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--affinity", action="store_true",
+                        help="only the two-core run: N=16 with affinity on and off")
+    parser.add_argument("--skip-affinity", action="store_true",
+                        help="leave out the two-core affinity run")
     parser.add_argument("--flood", action="store_true",
                         help="only the flooding-agent run: 16 agents with and without a flooder")
     args = parser.parse_args()
     if args.flood:
         flood_run()
+        return
+    if args.affinity:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.with_name("affinity.json").write_text(json.dumps(affinity_run(), indent=2))
         return
     sizes = args.n or [1, 8, 32]
     systems = args.systems.split(",")
@@ -573,6 +622,8 @@ def main() -> None:
     result: dict[str, Any] = {"runs": runs, "lower_bound_s": bounds, "floor": floors, "rates": measured,
                               "machine": {"cpus": os.cpu_count(),
                                           "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}}
+    if not args.skip_affinity:
+        result["affinity"] = affinity_run()
     if not args.skip_overhead:
         overhead = null_syscall()
         result["null_syscall"] = overhead
