@@ -16,10 +16,40 @@ NO_AMX := $(shell echo | $${CC:-cc} -mno-amx-int8 -E - >/dev/null 2>&1 && echo -
 ifneq ($(NO_AMX),)
 export CMAKE_ARGS := $(CMAKE_ARGS) -DCMAKE_C_FLAGS=$(NO_AMX) -DCMAKE_CXX_FLAGS=$(NO_AMX)
 endif
+# `make install GPU=cuda` (NVIDIA) or `GPU=rocm` (AMD): llama.cpp with GPU
+# offload. llama-cpp-python is rebuilt even where a CPU build is installed,
+# once per GPU kind and version (GPU_STAMP records which).
+GPU ?=
+GPU_FLAGS_cuda := -DGGML_CUDA=on
+GPU_FLAGS_rocm := -DGGML_HIP=on
+GPU_STAMP := $(VENV)/.installed-gpu
+ifneq ($(GPU),)
+ifeq ($(GPU_FLAGS_$(GPU)),)
+$(error GPU=$(GPU): no such build; use GPU=cuda (NVIDIA) or GPU=rocm (AMD), or no GPU= for the CPU build)
+endif
+export CMAKE_ARGS := $(CMAKE_ARGS) $(GPU_FLAGS_$(GPU))
+endif
+# Whether llama-cpp-python is installed before this make runs: if not, the
+# install builds it with the GPU flags already, and once is enough.
+LLAMA_BEFORE := $(wildcard $(VENV)/lib/python*/site-packages/llama_cpp/__init__.py)
 
 .PHONY: install run demo test test-unit test-integration bench bench-tasks bench-trust lint clean
 
 install: $(STAMP)
+ifneq ($(GPU),)
+	@version="$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')"; \
+	offloads="$$($(BIN)/python -c 'import llama_cpp; print(llama_cpp.llama_supports_gpu_offload())' 2>/dev/null)"; \
+	if [ "$$(cat $(GPU_STAMP) 2>/dev/null)" = "$(GPU) $$version" ]; then \
+		echo "==> llama-cpp-python $$version is built for $(GPU) already"; \
+	elif [ -z "$(LLAMA_BEFORE)" ] && [ "$$offloads" = True ]; then \
+		echo "==> llama-cpp-python $$version was built for $(GPU) above"; \
+		echo "$(GPU) $$version" > $(GPU_STAMP); \
+	else \
+		echo "==> rebuilding llama-cpp-python $$version for $(GPU) ($(GPU_FLAGS_$(GPU))): many minutes"; \
+		$(BIN)/python -m pip install --force-reinstall --no-cache-dir --no-deps --progress-bar on \
+			"llama-cpp-python==$$version" && echo "$(GPU) $$version" > $(GPU_STAMP); \
+	fi
+endif
 
 $(STAMP): pyproject.toml setup.cfg
 	@test -x $(BIN)/python || { echo "==> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
