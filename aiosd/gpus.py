@@ -37,10 +37,11 @@ ENV = "AIOS_GPUS_JSON"
 SOURCES = ("nvidia-smi", "torch.cuda")
 
 NVIDIA_SMI_ARGS = ["--query-gpu=index,name,memory.total,uuid", "--format=csv,noheader,nounits"]
-#: nvidia-smi can hang on a wedged driver: the daemon's start must not.
-NVIDIA_SMI_TIMEOUT = 10.0
+#: nvidia-smi can hang on a wedged driver, and the daemon's start must not
+#: (together under the systemd unit's WatchdogSec, 30 s).
+NVIDIA_SMI_TIMEOUT = 5.0
 #: importing torch and initialising CUDA takes seconds on a cold start.
-TORCH_TIMEOUT = 60.0
+TORCH_TIMEOUT = 20.0
 
 
 # -- what a core's process sees ------------------------------------------------------
@@ -50,8 +51,8 @@ def core_env(core: CoreConfig) -> dict[str, str]:
     """What to add to the environment of ``core``'s process: with
     ``devices``, the GPU runtimes' visibility variables (CUDA and HIP both,
     as the build decides which one reads them), and CUDA's device order set
-    to PCI bus order, so that the numbers mean the GPUs nvidia-smi and
-    ``aiosctl status`` number so (CUDA's own default order is fastest
+    to PCI bus order, so that a number means the GPU nvidia-smi and
+    ``aiosctl status`` show under it (CUDA's own default order is fastest
     first). Without ``devices``: nothing, the environment stays as it is."""
     if not core.devices:
         return {}
@@ -115,9 +116,11 @@ def from_torch(timeout: float = TORCH_TIMEOUT) -> list[dict[str, Any]]:
     if not torch_installed():
         log.debug("GPU discovery: torch is not installed (the gpu extra)")
         return []
+    # numbered in the order the cores' CUDA_VISIBLE_DEVICES reads (core_env)
+    env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     try:
         done = subprocess.run([sys.executable, "-m", "aiosd.gpus", "torch"], capture_output=True,
-                              text=True, timeout=timeout, check=False)
+                              text=True, timeout=timeout, check=False, env=env)
         gpus = json.loads(done.stdout) if done.returncode == 0 else None
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         log.debug("GPU discovery: torch.cuda failed: %s", exc)
@@ -125,7 +128,7 @@ def from_torch(timeout: float = TORCH_TIMEOUT) -> list[dict[str, Any]]:
     if not isinstance(gpus, list):
         log.debug("GPU discovery: torch.cuda failed: %s", done.stderr.strip()[-500:])
         return []
-    return gpus
+    return [g for g in gpus if isinstance(g, dict) and isinstance(g.get("index"), int)]
 
 
 def torch_gpus_here() -> list[dict[str, Any]]:
