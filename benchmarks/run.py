@@ -485,38 +485,47 @@ def ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
     return f"{b['makespan_s'] / a['makespan_s']:.2f}x"
 
 
-def two_cores(sticky: bool) -> dict[str, Any]:
+def two_cores(sticky: bool, slots: int | None = None) -> dict[str, Any]:
     """Two cores of the embedded model, one thread each (on a CPU each
     where there are two), with affinity on or off."""
     model: dict[str, Any] = {"replicas": 2, "threads": 1}
     if len(os.sched_getaffinity(0)) >= 2:
         model["cpus"] = sorted(os.sched_getaffinity(0))[:2]
+    if slots is not None:
+        model["slots"] = slots
     return {"llm": {"models": [model]}, "scheduler": {"affinity": sticky}}
 
 
 def affinity_run(n: int = 16) -> dict[str, Any]:
     """The workload at ``n`` on two cores of one model, with affinity (an
     agent's turns go where its conversation is) and without (each turn to
-    the freest core): both makespans, their ratio, and what the cores did."""
-    by = {}
-    for sticky in (True, False):
-        label = "on" if sticky else "off"
-        print(f"two cores, N={n}, affinity {label}: running ...", flush=True)
-        r = bench_aiosd(n, two_cores(sticky))
-        by[label] = r
-        prefilled = sum(c.get("prefill_tokens", 0) for c in r["cores"])
-        cached = sum(c.get("cached_tokens", 0) for c in r["cores"])
-        counts = {k: sum(c["affinity"].get(k, 0) for c in r["cores"])
-                  for k in ("hits", "moves", "new")}
-        r["prefill_tokens"], r["cached_tokens"], r["affinity_counts"] = prefilled, cached, counts
-        print(f"two cores, N={n}, affinity {label}: makespan {r['makespan_s']:.2f}s, "
-              f"{prefilled} tokens prefilled, {cached} found cached; turns at home "
-              f"{counts['hits']}, moved {counts['moves']}, first {counts['new']}; "
-              f"failures {r['failures']}", flush=True)
-    speedup = by["off"]["makespan_s"] / by["on"]["makespan_s"]
-    print(f"two cores, N={n}: affinity on {by['on']['makespan_s']:.2f}s, off "
-          f"{by['off']['makespan_s']:.2f}s: affinity {speedup:.2f}x faster (target 1.3x)")
-    return {"n": n, "on": by["on"], "off": by["off"], "speedup": round(speedup, 3)}
+    the freest core): both makespans, their ratio, and what the cores did;
+    with the default slots, then with fewer slots than agents (4 a core),
+    where calls queue for a core and the choice to wait or move is made."""
+    out: dict[str, Any] = {"n": n}
+    for slots in (None, 4):
+        by = {}
+        what = f"two cores, N={n}, {slots or 'default'} slots"
+        for sticky in (True, False):
+            label = "on" if sticky else "off"
+            print(f"{what}, affinity {label}: running ...", flush=True)
+            r = bench_aiosd(n, two_cores(sticky, slots))
+            by[label] = r
+            prefilled = sum(c.get("prefill_tokens", 0) for c in r["cores"])
+            cached = sum(c.get("cached_tokens", 0) for c in r["cores"])
+            counts = {k: sum(c["affinity"].get(k, 0) for c in r["cores"])
+                      for k in ("hits", "moves", "new")}
+            r["prefill_tokens"], r["cached_tokens"], r["affinity_counts"] = prefilled, cached, counts
+            print(f"{what}, affinity {label}: makespan {r['makespan_s']:.2f}s, {prefilled} tokens "
+                  f"prefilled, {cached} found cached; turns at home {counts['hits']}, moved "
+                  f"{counts['moves']}, first {counts['new']}; failures {r['failures']}", flush=True)
+        speedup = by["off"]["makespan_s"] / by["on"]["makespan_s"]
+        print(f"{what}: affinity on {by['on']['makespan_s']:.2f}s, off "
+              f"{by['off']['makespan_s']:.2f}s: affinity {speedup:.2f}x faster (target 1.3x)",
+              flush=True)
+        out[f"slots_{slots or 'default'}"] = {"on": by["on"], "off": by["off"],
+                                              "speedup": round(speedup, 3)}
+    return out
 
 
 FLOOD_CONFIG = {"scheduler": {"policy": "fair", "agents": [
