@@ -175,7 +175,7 @@ class AgentTable:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        for var in ("AIOS_CONFIG_JSON", "AIOS_DATA_DIR", credentials.FD_ENV, *self.withheld):
+        for var in ("AIOS_CONFIG_JSON", "AIOS_GPUS_JSON", "AIOS_DATA_DIR", credentials.FD_ENV, *self.withheld):
             child_env.pop(var, None)
         if openai_base_url:
             child_env["OPENAI_BASE_URL"] = openai_base_url
