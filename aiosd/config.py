@@ -112,11 +112,17 @@ class ModelConfig:
     #: KV cache memory in MiB: it holds kv_mb / (n_ctx x KV bytes per token)
     #: sequences, running and retained; beyond that the least recently used
     #: retained conversation is evicted from it (llamacpp; see evicted_mb).
-    kv_mb: int = field(default=1536, metadata=_check("positive"))
+    #: "auto": sized at start to the memory the process may use.
+    kv_mb: int | str = field(default="auto", metadata=_check("auto or positive"))
     #: RAM in MiB for the cells of conversations evicted from the KV cache,
     #: from which their agents' next calls start instead of prefilling again;
-    #: past it the least recently evicted go; 0 keeps none (llamacpp).
-    evicted_mb: int = field(default=4096, metadata=_check("non-negative"))
+    #: past it the least recently evicted go to disk; 0 keeps none in RAM
+    #: (llamacpp). "auto": sized at start.
+    evicted_mb: int | str = field(default="auto", metadata=_check("auto or non-negative"))
+    #: Disk in MiB for the cells of conversations evicted from RAM (a file
+    #: each, checked when read back); past it the least recently evicted
+    #: are dropped, to be prefilled again; 0 keeps none (llamacpp).
+    disk_mb: int = field(default=16384, metadata=_check("non-negative"))
     #: Flash attention (llamacpp). On, greedy output may depend on how a
     #: prompt is split and on which calls share a step; off (the default), a
     #: call's cells do not: see docs/configuration.md.
@@ -127,7 +133,8 @@ class ModelConfig:
     cpus: list[int] = field(default_factory=list)
     #: Calls a core runs at once (decoded together in one batch). Each
     #: running call needs a KV sequence: kv_mb must hold slots + 1 of them.
-    slots: int = field(default=32, metadata=_check("positive"))
+    #: "auto": as many as the KV cache holds, up to 32.
+    slots: int | str = field(default="auto", metadata=_check("auto or positive"))
     #: RAM for snapshots of suspended calls; past it they spill to disk.
     snapshot_ram_bytes: int = field(default=256 * 1024 * 1024, metadata=_check("positive"))
     #: Layers offloaded to the GPU (llamacpp): -1 all; unset, all where
@@ -346,6 +353,12 @@ _TYPE_WORDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a 
 
 
 def _validate_rule(key: str, value: Any, rule: str) -> None:
+    if rule.startswith("auto or "):
+        if value == "auto":
+            return
+        if isinstance(value, str):
+            raise ConfigError(f"{key}: must be \"auto\" or a number, got {value!r}")
+        rule = rule[len("auto or "):]
     if rule == "positive" and not value > 0:
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
     if rule == "non-negative" and not value >= 0:
@@ -384,6 +397,10 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
         given = [t for t in typing.get_args(tp) if t is not type(None)]
         if value is None and type(None) in typing.get_args(tp):
             return None
+        if given == [int, str]:   # a number or a word ("auto": see the field's rule)
+            if isinstance(value, str):
+                return value
+            return _convert(key, int, value)
         if len(given) != 1:
             raise TypeError(f"unsupported config type at {key}")
         return _convert(key, given[0], value)

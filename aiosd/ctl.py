@@ -179,6 +179,10 @@ def status(as_json: bool) -> None:
                       str(core.get("capacity", "-")), str(core.get("running", "-")),
                       str(core.get("served", "-")))
     out.print(cores)
+    for core in data["cores"]:
+        line = memory_line(core.get("info") or {})
+        if line:
+            out.print(f"core {core['name']} memory: {line}")
     gpus_section(data)
     queues = ", ".join(f"{k}: {v}" for k, v in data["queues"].items())
     out.print(f"queued: {queues}; running: {data['running']}; live agents: {data['agents']}")
@@ -231,6 +235,24 @@ def core_gpu_settings(core: dict[str, Any]) -> str:
     if core.get("tensor_split"):
         parts.append(f"tensor_split {', '.join(map(str, core['tensor_split']))}")
     return "; ".join(parts)
+
+
+def memory_line(info: dict[str, Any]) -> str:
+    """A local core's memory: its KV cache, RAM and disk tiers and slots,
+    which it sized itself ("auto") and from what memory."""
+    if "kv_mb" not in info:
+        return ""
+    auto = set(info.get("auto") or [])
+
+    def size(key: str, unit: str = " MiB") -> str:
+        return f"{key} {info[key]}{unit}" + (" (auto)" if key in auto else "")
+
+    text = ", ".join([size("kv_mb"), size("evicted_mb"), f"disk_mb {info['disk_mb']} MiB",
+                      size("slots", "")])
+    if auto:
+        text += (f"; from the {info['usable_mb']} MiB the process may use, this core's share "
+                 f"{info['share_mb']} MiB")
+    return text
 
 
 def models_table(models: list[dict[str, Any]]) -> Table:
@@ -406,19 +428,25 @@ def kill(agent: str, as_json: bool) -> None:
 def top_view(status: dict[str, Any], agents: list[dict[str, Any]]) -> Any:
     from rich.console import Group
 
-    cores = Table("core", "state", "slots", "running", "served", "hits/moves", "KV seqs", "evicted kept", "cached tok", "shared tok", "prefilled tok",
+    cores = Table("core", "state", "slots", "running", "served", "hits/moves",
+                  "found in KV/RAM/disk/none", "KV seqs", "evicted kept", "cached tok", "shared tok", "prefilled tok",
                   "decoded tok", title="LLM cores")
     for core in status["cores"]:
         # a local core's KV cache, as of its last heartbeat
         kv = core.get("stats") or {}
         seqs = f"{kv['retained_seqs']}/{kv['seqs']}" if "seqs" in kv else "-"
         # conversations evicted from the KV cache whose cells wait in RAM
-        kept = f"{kv['evicted_kept']} ({kv['evicted_kept_mb']} MiB)" if "evicted_kept" in kv else "-"
+        kept = (f"{kv['evicted_kept']} ({kv['evicted_kept_mb']} MiB)"
+                + (f" + {kv['disk_kept']} on disk" if kv.get("disk_kept") else "")
+                if "evicted_kept" in kv else "-")
         # an agent's calls that ran where its conversation was, and those that moved here
         sticky = core.get("affinity") or {}
         cores.add_row(core["name"], core["state"], str(core.get("capacity", "-")),
                       str(core.get("running", "-")), str(core.get("served", "-")),
-                      f"{sticky.get('hits', 0)}/{sticky.get('moves', 0)}", seqs, kept,
+                      f"{sticky.get('hits', 0)}/{sticky.get('moves', 0)}",
+                      "/".join(str(kv.get(k, "-")) for k in ("kv_hits", "ram_hits", "disk_hits",
+                                                             "misses")),
+                      seqs, kept,
                       *(str(kv.get(k, "-")) for k in ("cached_tokens", "shared_tokens",
                                                        "prefill_tokens", "decode_tokens")))
     queues = ", ".join(f"{k} {v}" for k, v in status["queues"].items())

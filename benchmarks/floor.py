@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from . import workload
 
 #: conversations decoded together (the benchmark's N = 32; aiosd's default slots)
@@ -161,6 +163,7 @@ def measure(sh: Shape, streams: int = STREAMS, steps: int = STEPS) -> Costs:
     import llama_cpp
 
     from aiosd.config import CoreConfig
+    from aiosd.llm import sizing
     from aiosd.llm.engine import Engine
     from aiosd.llm.llamacpp import embedded_model_path
 
@@ -169,8 +172,17 @@ def measure(sh: Shape, streams: int = STREAMS, steps: int = STEPS) -> Costs:
     # layout changes what a step costs: the longer its streams, the further
     # apart a conversation's cells lie); its loop waits for calls, and none come.
     core = CoreConfig()
+
+    def sized(token_bytes: int, n_ctx: int) -> tuple[int, int, int]:
+        # the KV cache a core of the defaults sizes for itself here
+        limit, used = sizing.cgroup_memory()
+        usable = sizing.usable(psutil.virtual_memory().available, limit, used)
+        s = sizing.auto_sizes(usable_bytes=usable, cores=1, token_bytes=token_bytes,
+                              n_ctx=n_ctx, slots=streams)
+        return s.kv_mb * 2**20, streams, 0
+
     engine = Engine(str(embedded_model_path()), n_ctx=core.n_ctx, slots=streams,
-                    kv_bytes=core.kv_mb * 2**20, threads=len(os.sched_getaffinity(0)))
+                    threads=len(os.sched_getaffinity(0)), sizer=sized)
     ctx, batch, n_batch = engine.ctx, engine.batch, engine.n_batch
     memory = llama_cpp.llama_get_memory(ctx.ctx)
     rng = random.Random(0)

@@ -75,6 +75,9 @@ class ChatOutput:
 class Backend(Protocol):
     """A model behind an LLM core."""
 
+    #: calls it runs at once
+    slots: int
+
     def describe(self) -> dict[str, Any]:
         """What ``aiosctl status`` shows of this backend."""
 

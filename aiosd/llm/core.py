@@ -29,11 +29,13 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "AIOS_FAULT"
 
 
-def make_backend(cfg: CoreConfig) -> Backend:
+def make_backend(cfg: CoreConfig, local_cores: int = 1) -> Backend:
+    """The backend of core ``cfg``; a local one sizes its memory as one of
+    ``local_cores`` local cores on the machine."""
     if cfg.backend == "llamacpp":
         from .llamacpp import LlamaCppBackend
 
-        return LlamaCppBackend(cfg)
+        return LlamaCppBackend(cfg, local_cores)
     from .openai_backend import OpenAIBackend
 
     return OpenAIBackend(cfg)
@@ -90,12 +92,12 @@ def serve(config: Config, name: str, endpoint: str) -> None:
     cfg = next(c for c in config.llm.cores if c.core == name)
     if os.environ.get(FAULT_ENV) == "crash-on-start":
         sys.exit(1)
-    backend = make_backend(cfg)
+    backend = make_backend(cfg, sum(1 for c in config.llm.cores if c.backend == "llamacpp"))
     core = LLMCore(cfg, backend, preempting=config.scheduler.policy != "fifo")
     runtime = WorkerRuntime(
         kind="llm",
         name=cfg.core,
-        capacity=cfg.slots,
+        capacity=backend.slots,
         endpoint=endpoint,
         handlers=core.handlers(),
         heartbeat_interval=config.kernel.heartbeat_interval,

@@ -41,6 +41,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,7 @@ from .batching import (CTX_ALIGN, MAX_SEQS, MIN_PROMPT_ROWS, chunk_groups, passe
                        prompt_chunk, sequences_for)
 from .generation import Finish, Request, Snapshot
 from .streams import Streams
+from .tiers import DiskTier
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,9 @@ class Engine:
     def __init__(self, model_path: str, *, n_ctx: int, slots: int, threads: int,
                  seqs: int | None = None, kv_bytes: int | None = None, n_batch: int = 512,
                  flash_attn: bool = False, evicted_bytes: int = 0, n_gpu_layers: int = 0,
-                 main_gpu: int = 0, tensor_split: tuple[float, ...] = ()):
+                 main_gpu: int = 0, tensor_split: tuple[float, ...] = (),
+                 sizer: Callable[[int, int], tuple[int, int, int]] | None = None,
+                 disk: DiskTier | None = None):
         import llama_cpp
         import llama_cpp._logger as llama_logger
         from llama_cpp import _internals
@@ -135,6 +139,9 @@ class Engine:
         self.model = _internals.LlamaModel(path_model=model_path, params=mparams, verbose=False)
         n_ctx = -(-n_ctx // CTX_ALIGN) * CTX_ALIGN
         self.token_bytes = kv_bytes_per_token(self.model)
+        if sizer is not None:
+            # the sizes the config left "auto", now that a token's cost is known
+            kv_bytes, slots, evicted_bytes = sizer(self.token_bytes, n_ctx)
         if seqs is None:
             if kv_bytes is None:
                 raise ValueError("give the engine seqs or kv_bytes")
@@ -180,9 +187,16 @@ class Engine:
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "cached_tokens": 0,
                       "shared_tokens": 0, "evicted_seqs": 0, "moved_seqs": 0, "passes": 0,
                       "kept_seqs": 0, "restored_seqs": 0, "restored_tokens": 0, "forgotten": 0,
-                      "suspended": 0, "resumed": 0, "decode_s": 0.0, "busy_s": 0.0}
+                      "suspended": 0, "resumed": 0, "decode_s": 0.0, "busy_s": 0.0,
+                      # where admitted calls found their conversation: the
+                      # KV cache, RAM, disk, nowhere (a conversation lost),
+                      # or nowhere yet (an agent's first call)
+                      "kv_hits": 0, "ram_hits": 0, "disk_hits": 0, "misses": 0, "cold": 0,
+                      "spilled_seqs": 0, "dropped_seqs": 0, "corrupt_seqs": 0}
+        if disk is not None:
+            disk.stats = self.stats   # its spills, drops and refusals count with the rest
         self.streams = Streams(llama_cpp, self.ctx, self.model, self.batch, seqs, self.token_bytes,
-                               evicted_bytes, self._decode, self.stats)
+                               evicted_bytes, self._decode, self.stats, disk)
         self._seed = itertools.count(1)
         self.thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self.thread.start()
@@ -248,6 +262,8 @@ class Engine:
                 "retained_seqs": sum(1 for s in streams.seqs if s.tokens and not s.busy),
                 "evicted_kept": len(streams.evicted),
                 "evicted_kept_mb": round(streams.evicted_bytes / 2**20, 1),
+                "disk_kept": len(streams.disk) if streams.disk is not None else 0,
+                "disk_kept_mb": round(streams.disk.bytes / 2**20, 1) if streams.disk is not None else 0,
                 **self.stats,
             }
 

@@ -18,13 +18,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from libaios import paths
 from libaios.errors import AIOSError, BackendError, InvalidArgument
 
 from ..chat import ChatRequest
 from ..config import ConfigError, CoreConfig
-from . import structured
+from . import sizing, structured
 from .backend import CallContext, ChatOutput, StopScanner
 from .snapshots import SnapshotStore, snapshot_dir
+from .tiers import DiskTier
 from .toolstream import ToolCallStream
 
 log = logging.getLogger(__name__)
@@ -110,22 +114,25 @@ class LlamaCppBackend:
     """One llama.cpp model instance, serving up to ``slots`` calls at once
     through the batching engine."""
 
-    def __init__(self, cfg: CoreConfig):
+    def __init__(self, cfg: CoreConfig, local_cores: int = 1):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         from .engine import Engine
 
         self.cfg = cfg
+        self.local_cores = local_cores
         self.path = resolve_model(cfg.path)
         self.gpu_layers = gpu_layers(cfg.n_gpu_layers)
         self.cpus = usable_cpus(cfg.cpus)
         self.threads = cfg.threads or len(self.cpus)
+        self.sizes: sizing.Sizes | None = None
+        disk = (DiskTier(paths.data_dir() / "kv" / cfg.core, cfg.disk_mb * 2**20, {})
+                if cfg.disk_mb else None)
         try:
-            self.engine = Engine(str(self.path), n_ctx=cfg.n_ctx, slots=cfg.slots,
-                                 threads=self.threads, kv_bytes=cfg.kv_mb * 2**20,
-                                 flash_attn=cfg.flash_attn, evicted_bytes=cfg.evicted_mb * 2**20,
-                                 n_gpu_layers=self.gpu_layers, main_gpu=cfg.main_gpu,
-                                 tensor_split=tuple(cfg.tensor_split))
+            self.engine = Engine(str(self.path), n_ctx=cfg.n_ctx, slots=0, threads=self.threads,
+                                 flash_attn=cfg.flash_attn, n_gpu_layers=self.gpu_layers,
+                                 main_gpu=cfg.main_gpu, tensor_split=tuple(cfg.tensor_split),
+                                 sizer=self._size, disk=disk)
         except ValueError as exc:
             # the message names the setting at fault (kv_mb or slots)
             raise ConfigError(f"llm.models[{cfg.name}] (core {cfg.core}): {exc}") from None
@@ -141,18 +148,54 @@ class LlamaCppBackend:
         )
         self.snapshots = SnapshotStore(cfg.snapshot_ram_bytes, snapshot_dir(cfg.core))
 
+    def _size(self, token_bytes: int, n_ctx: int) -> tuple[int, int, int]:
+        """The KV cache, slots and RAM tier of this core: as configured, or
+        ("auto") sized to the memory the process may use (see sizing)."""
+        cfg = self.cfg
+        limit, used = sizing.cgroup_memory()
+        usable = sizing.usable(psutil.virtual_memory().available, limit, used)
+
+        def given(value: int | str) -> int | None:
+            return None if value == "auto" else int(value)
+
+        self.sizes = sizing.auto_sizes(
+            usable_bytes=usable, cores=self.local_cores, token_bytes=token_bytes, n_ctx=n_ctx,
+            kv_mb=given(cfg.kv_mb), evicted_mb=given(cfg.evicted_mb), slots=given(cfg.slots))
+        s = self.sizes
+        log.info("core %s: kv_mb %d, evicted_mb %d, slots %d, disk_mb %d (%s; the process may "
+                 "use %d MiB, this core's share %d MiB)", cfg.core, s.kv_mb, s.evicted_mb, s.slots,
+                 cfg.disk_mb, ", ".join(self.auto()) + " auto" if self.auto() else "as configured",
+                 s.usable_mb, s.share_mb)
+        return s.kv_mb * 2**20, s.slots, s.evicted_mb * 2**20
+
+    def auto(self) -> list[str]:
+        """The sizes the config left to the core."""
+        return [k for k in ("kv_mb", "evicted_mb", "slots") if getattr(self.cfg, k) == "auto"]
+
+    @property
+    def slots(self) -> int:
+        return self.engine.slots
+
     def describe(self) -> dict[str, Any]:
+        s = self.sizes
+        assert s is not None
         return {
             "backend": "llamacpp",
             "model": self.cfg.name,
             "path": str(self.path),
             "n_ctx": self.engine.n_ctx,
             "seqs": len(self.engine.streams.seqs),
-            "kv_mb": self.cfg.kv_mb,
+            "kv_mb": s.kv_mb,
+            "evicted_mb": s.evicted_mb,
+            "disk_mb": self.cfg.disk_mb,
+            "slots": self.engine.slots,
+            # which sizes the core chose, and from what memory
+            "auto": self.auto(),
+            "usable_mb": s.usable_mb,
+            "share_mb": s.share_mb,
             "threads": self.threads,
             "cpus": self.cpus,
             "n_gpu_layers": self.gpu_layers,
-            "slots": self.cfg.slots,
         }
 
     def stats(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from libaios.errors import BackendError, InvalidArgument, ToolCallIncomplete, Un
 from ..chat import ChatRequest, json_object
 from ..config import CoreConfig
 from . import structured
+from .sizing import DEFAULT_SLOTS
 from .backend import CallContext, ChatOutput, Emit, StopScanner
 from .toolstream import arguments_delta, header_delta
 
@@ -66,6 +67,11 @@ class OpenAIBackend:
     def describe(self) -> dict[str, Any]:
         return {"backend": "openai", "model": self.cfg.name, "remote_name": self.remote_name,
                 "base_url": self.cfg.base_url}
+
+    @property
+    def slots(self) -> int:
+        """Calls sent to the server at once ("auto": DEFAULT_SLOTS)."""
+        return self.cfg.slots if isinstance(self.cfg.slots, int) else DEFAULT_SLOTS
 
     @property
     def remote_name(self) -> str:

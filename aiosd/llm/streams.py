@@ -22,6 +22,7 @@ from .batching import MIN_PROMPT_ROWS
 from .generation import Request
 from .placement import Seq
 from .prefix import PrefixTree
+from .tiers import DiskTier
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ class Streams:
     which counts its time); ``stats`` are the engine's counters."""
 
     def __init__(self, ll: Any, ctx: Any, model: Any, batch: Any, count: int, token_bytes: int,
-                 evicted_limit: int, decode: Callable[[Any], None], stats: dict[str, Any]) -> None:
+                 evicted_limit: int, decode: Callable[[Any], None], stats: dict[str, Any],
+                 disk: DiskTier | None = None) -> None:
         self._ll = ll
         self.ctx = ctx
         self.model = model
@@ -48,6 +50,11 @@ class Streams:
         self.evicted: OrderedDict[str, tuple[list[int], bytes]] = OrderedDict()
         self.evicted_bytes = 0
         self.evicted_limit = evicted_limit
+        #: where conversations evicted from RAM go, instead of being dropped
+        self.disk = disk
+        #: agents whose conversation a stream, RAM or disk held at some
+        #: point (a call of theirs that finds it nowhere is a miss)
+        self.known: set[str] = set()
         #: a stream copy is queued in llama.cpp (it copies at the next decode)
         self.copying = False
         self._apart_steps = 0   # steps in a row whose running calls made several runs
@@ -78,6 +85,8 @@ class Streams:
         waiting_keys = {r.key for r in waiting}
         for key, held in list(self.gone.items()):
             held |= self._forget_evicted(key) is not None
+            held |= self.disk is not None and self.disk.forget(key)
+            self.known.discard(key)
             pending = key in waiting_keys
             for seq in self.seqs:
                 if seq.key != key:
@@ -98,25 +107,41 @@ class Streams:
 
     def _keep_evicted(self, seq: Seq) -> None:
         """Copy the cells of ``seq``, about to be evicted, into RAM for its
-        agent's next call; the least recently evicted go past the bound."""
+        agent's next call; past the bound the least recently evicted go to
+        disk (and past the disk's bound, the least recently spilled are
+        dropped)."""
         if seq.key is None or not seq.tokens:
             return
         self._forget_evicted(seq.key)
-        if len(seq.tokens) * self.token_bytes > self.evicted_limit:
+        if self.disk is not None:
+            self.disk.forget(seq.key)
+        if self.disk is None and len(seq.tokens) * self.token_bytes > self.evicted_limit:
             return   # (also when none are kept)
         # a stream copy queued into seq must land before its cells are read;
         # the token _settle decodes for that goes again at once
         self._settle(seq)
         self._ll.llama_memory_seq_rm(self._mem, seq.id, len(seq.tokens), -1)
         state = self.state(seq)
-        if not state or len(state) > self.evicted_limit:
+        if not state:
             return
         self.evicted[seq.key] = (list(seq.tokens), state)
         self.evicted_bytes += len(state)
         self.stats["kept_seqs"] += 1
-        while self.evicted_bytes > self.evicted_limit:
-            _, (_, old) = self.evicted.popitem(last=False)
+        while self.evicted_bytes > self.evicted_limit and self.evicted:
+            key, (tokens, old) = self.evicted.popitem(last=False)
             self.evicted_bytes -= len(old)
+            if self.disk is not None:
+                self.disk.put(key, tokens, old)
+
+    def _take_kept(self, key: str) -> tuple[tuple[list[int], bytes] | None, str]:
+        """``key``'s evicted conversation, out of RAM or off disk (checked;
+        a file that fails the check is dropped: None), and its tier."""
+        kept = self._forget_evicted(key)
+        if kept is not None:
+            return kept, "ram"
+        if self.disk is not None and key in self.disk:
+            return self.disk.take(key), "disk"
+        return None, ""
 
     def _forget_evicted(self, key: str) -> tuple[list[int], bytes] | None:
         kept = self.evicted.pop(key, None)
@@ -168,7 +193,7 @@ class Streams:
         # restored now or out of date once this call retains a stream;
         # taken out first, so that the eviction that frees a stream for
         # this call cannot push it out of RAM.
-        kept = self._forget_evicted(req.key)
+        kept, tier = self._take_kept(req.key)
         seq = own if own is not None else self._free_seq()
         assert seq is not None
         if not seq.tokens:
@@ -215,6 +240,14 @@ class Streams:
             self._trim(seq, keep)
         req.cached = keep
         self.stats["cached_tokens"] += keep
+        # which tier held the agent's conversation (a shared prefix is none)
+        if source == "restore":
+            self.stats[f"{tier}_hits"] += 1
+        elif source == "own" and keep > 0:
+            self.stats["kv_hits"] += 1
+        else:
+            self.stats["misses" if req.key in self.known else "cold"] += 1
+        self.known.add(req.key)
         if source == "restore":
             self.stats["restored_seqs"] += 1
             self.stats["restored_tokens"] += keep
@@ -230,6 +263,8 @@ class Streams:
         snap = req.resume
         assert snap is not None
         self._forget_evicted(req.key)   # older than the snapshot
+        if self.disk is not None:
+            self.disk.forget(req.key)
         seq = self._free_seq()
         if seq is None:
             return False
