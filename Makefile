@@ -74,8 +74,9 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration
 
-# The workload at N = 1, 8 and 32 agents (N=8: one size): prints the figures,
-# writes benchmarks/results/latest.json and draws it as latest.png.
+# The workload at N = 1, 8, 32 and 250 agents (N=8: one size; N=500: the
+# largest): prints the figures, writes benchmarks/results/latest.json and
+# draws it as latest.png; then the two-core affinity run and the null call.
 N ?=
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run $(if $(N),--n $(N),)

@@ -7,6 +7,7 @@ run; to draw a results file again without running anything:
 
     python -m benchmarks.plot                          # latest.json -> latest.png
     python -m benchmarks.plot RESULTS.json [-o OUT.png]
+    python -m benchmarks.plot A.json B.json -o OUT.png # runs of several files in one picture
 
 It uses matplotlib's Agg backend (no display needed). A size measured for
 only one N shows as points; a system that could not run at a size (direct at
@@ -75,15 +76,30 @@ def _ticks(low: float, high: float) -> list[float]:
     return ticks
 
 
-def draw(results: Path, out: Path | None = None) -> Path:
-    """Draw the results file ``results`` into ``out`` (by default the same
-    name ending in .png) and return where it went."""
+def merged(files: list[Path]) -> dict[str, Any]:
+    """The runs, floors and bounds of several results files as one (a size
+    measured in two files: the later file's)."""
+    out: dict[str, Any] = {"runs": [], "floor": {}, "lower_bound_s": {}}
+    for path in files:
+        result = json.loads(Path(path).read_text())
+        sizes = {str(run["n"]) for run in result.get("runs", [])}
+        out["runs"] = [r for r in out["runs"] if str(r["n"]) not in sizes] + result.get("runs", [])
+        out["floor"].update(result.get("floor", {}))
+        out["lower_bound_s"].update(result.get("lower_bound_s", {}))
+    return out
+
+
+def draw(results: Path | list[Path], out: Path | None = None) -> Path:
+    """Draw the results file ``results`` (or several, merged) into ``out``
+    (by default the first file's name ending in .png) and return where it
+    went."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    result = json.loads(Path(results).read_text())
-    out = Path(out) if out is not None else Path(results).with_suffix(".png")
+    files = results if isinstance(results, list) else [results]
+    result = merged(files)
+    out = Path(out) if out is not None else Path(files[0]).with_suffix(".png")
     systems = series(result)
     floor_points, bound_points = floors(result), bounds(result)
     # with one size, the floor and the bound are points: name them there
@@ -165,8 +181,9 @@ def draw(results: Path, out: Path | None = None) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="?", type=Path, default=DEFAULT_RESULTS,
-                        help="a results file of benchmarks.run (default: %(default)s)")
+    parser.add_argument("results", nargs="*", type=Path, default=[DEFAULT_RESULTS],
+                        help="results files of benchmarks.run, drawn together "
+                             "(default: %(default)s)")
     parser.add_argument("-o", "--out", type=Path,
                         help="the picture to write (default: the results file's name, .png)")
     args = parser.parse_args()

@@ -6,9 +6,9 @@ system call beside a bare pyzmq round trip. Prints figures and ratios,
 writes ``benchmarks/results/latest.json`` and draws it as
 ``benchmarks/results/latest.png`` (``benchmarks.plot``).
 
-    python -m benchmarks.run            # N = 1, 8 and 32
+    python -m benchmarks.run            # N = 1, 8, 32 and 250 (beyond 32: aiosd alone)
     python -m benchmarks.run --n 8      # one size
-    python -m benchmarks.run --n 250    # the large run (direct is refused)
+    python -m benchmarks.run --n 500    # the largest run
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ class PeakRSS:
 
     def __init__(self, interval: float = 0.2, refresh: float = 2.0) -> None:
         self.peak = 0
+        #: the same for the daemon's own processes, once ``kernel_pid`` is set
+        self.kernel_pid: int | None = None
+        self.kernel_peak = 0
         self.interval, self.refresh = interval, refresh
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -60,17 +63,29 @@ class PeakRSS:
     def _run(self) -> None:
         me = psutil.Process()
         tree: list[psutil.Process] = []
+        mine: set[int] = set()
         found = 0.0
         while not self._stop.is_set():
             if time.monotonic() - found >= self.refresh:
                 tree, found = me.children(recursive=True), time.monotonic()
-            total = 0
+                mine = set()
+                if self.kernel_pid is not None:
+                    try:
+                        daemon = psutil.Process(self.kernel_pid)
+                        mine = {daemon.pid, *(p.pid for p in daemon.children(recursive=True))}
+                    except psutil.Error:
+                        pass
+            total = kernel = 0
             for child in tree:
                 try:
-                    total += child.memory_info().rss
+                    rss = child.memory_info().rss
                 except psutil.Error:
-                    pass
+                    continue
+                total += rss
+                if child.pid in mine:
+                    kernel += rss
             self.peak = max(self.peak, total)
+            self.kernel_peak = max(self.kernel_peak, kernel)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
@@ -107,6 +122,9 @@ def run_agents(system: str, n: int, env: dict[str, str], extra: list[str],
         flood.wait()
     calls = [c for r in reports for c in r["calls"]]
     generated = sum(r["generated"] for r in reports)
+    # fairness: each agent's own p95 call latency, the worst against the median agent's
+    per_agent = sorted(pct(r["calls"], 95) for r in reports if r["calls"])
+    median_p95 = per_agent[len(per_agent) // 2] if per_agent else 0.0
     return {
         "system": system, "n": n, "makespan_s": round(makespan, 3),
         "gen_tok_per_s": round(generated / makespan, 2) if makespan else 0.0,
@@ -114,6 +132,8 @@ def run_agents(system: str, n: int, env: dict[str, str], extra: list[str],
         "p95_turnaround_s": round(pct([r["end"] - r["start"] for r in reports], 95), 4),
         "failures": failures + sum(r["failures"] for r in reports), "generated": generated,
         "agent_ready_s": round(sum(r.get("ready_s", 0.0) for r in reports) / max(1, len(reports)), 3),
+        "agent_p95_median_s": round(median_p95, 4),
+        "agent_p95_worst_s": round(per_agent[-1], 4) if per_agent else 0.0,
     }
 
 
@@ -138,6 +158,7 @@ def bench_aiosd(n: int, config: dict[str, Any] | None = None, flooder: bool = Fa
     with PeakRSS() as peak:
         daemon = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
                                   stderr=open(tmp / "aiosd.log", "wb"), cwd=ROOT)
+        peak.kernel_pid = daemon.pid
         try:
             wait_ready(env)
             if gateway:
@@ -155,6 +176,7 @@ def bench_aiosd(n: int, config: dict[str, Any] | None = None, flooder: bool = Fa
             daemon.wait(60)
     shutil.rmtree(tmp, ignore_errors=True)
     return {**result, "peak_rss_mb": round(peak.peak / 2**20, 1),
+            "peak_rss_kernel_mb": round(peak.kernel_peak / 2**20, 1),
             "core": cores[0] if cores else {}, "cores": cores}
 
 
@@ -549,8 +571,12 @@ def flood_run() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, action="append", help="agents (repeatable); default 1, 8, 32")
-    parser.add_argument("--systems", default="aiosd,gateway,direct,shared")
+    parser.add_argument("--systems",
+                        help="systems to run (default: aiosd,gateway,direct,shared up to N = 32, "
+                             "aiosd alone beyond)")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--policy", choices=("fifo", "rr", "fair"),
+                        help="aiosd's scheduling policy (default: the config's default, fifo)")
     parser.add_argument("--affinity", action="store_true",
                         help="only the two-core run: N=16 with affinity on and off")
     parser.add_argument("--skip-affinity", action="store_true",
@@ -565,8 +591,8 @@ def main() -> None:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.with_name("affinity.json").write_text(json.dumps(affinity_run(), indent=2))
         return
-    sizes = args.n or [1, 8, 32]
-    systems = args.systems.split(",")
+    sizes = args.n or [1, 8, 32, 250]
+    print("measuring this machine's prefill and decode rates ...", flush=True)
     measured = rates()
     off, on = measured["flash_off"], measured["flash_on"]
     print(f"rates on this machine: prefill {measured['prefill_tok_per_s']} tok/s, "
@@ -583,9 +609,13 @@ def main() -> None:
         # the machine's speed moves, and the systems move with it.
         sh = floor.shape(n)
         costs = [floor_costs(n, sh)]
+        systems = (args.systems.split(",") if args.systems
+                   else ["aiosd", "gateway", "direct", "shared"] if n <= 32 else ["aiosd"])
         for system in systems:
+            print(f"N={n:<4} {system:<7} running ...", flush=True)
             if system == "aiosd":
-                by[system] = bench_aiosd(n)
+                by[system] = bench_aiosd(n, {"scheduler": {"policy": args.policy}}
+                                         if args.policy else None)
             elif system == "gateway":
                 by[system] = bench_aiosd(n, gateway=True)
             elif system == "direct":
@@ -603,6 +633,13 @@ def main() -> None:
                       f"call p50 {r['p50_call_s']:.3f}s p95 {r['p95_call_s']:.3f}s  "
                       f"turnaround p95 {r['p95_turnaround_s']:.2f}s  peak {r['peak_rss_mb']:.0f} MB  "
                       f"failures {r['failures']}")
+                if r.get("peak_rss_kernel_mb"):
+                    print(f"       aiosd's own processes: peak {r['peak_rss_kernel_mb']:.0f} MB "
+                          f"(the rest of the peak is the agents')")
+                if r.get("agent_p95_median_s"):
+                    print(f"       {system} agents' own call p95: median agent "
+                          f"{r['agent_p95_median_s']:.3f}s, worst {r['agent_p95_worst_s']:.3f}s "
+                          f"({r['agent_p95_worst_s'] / r['agent_p95_median_s']:.2f}x)")
             if "skipped" not in r:
                 extra = (f"; the gateway process used {r['gateway_cpu_s']:.1f} CPU-s"
                          if "gateway_cpu_s" in r else "")
