@@ -30,8 +30,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from . import workload
 
 #: conversations decoded together (the benchmark's N = 32; aiosd's default slots)
@@ -175,9 +173,7 @@ def measure(sh: Shape, streams: int = STREAMS, steps: int = STEPS) -> Costs:
 
     def sized(token_bytes: int, n_ctx: int) -> tuple[int, int, int]:
         # the KV cache a core of the defaults sizes for itself here
-        limit, used = sizing.cgroup_memory()
-        usable = sizing.usable(psutil.virtual_memory().available, limit, used)
-        s = sizing.auto_sizes(usable_bytes=usable, cores=1, token_bytes=token_bytes,
+        s = sizing.auto_sizes(usable_bytes=sizing.usable_now(), cores=1, token_bytes=token_bytes,
                               n_ctx=n_ctx, slots=streams)
         return s.kv_mb * 2**20, streams, 0
 

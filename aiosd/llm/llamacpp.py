@@ -18,8 +18,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from libaios import paths
 from libaios.errors import AIOSError, BackendError, InvalidArgument
 
@@ -28,7 +26,6 @@ from ..config import ConfigError, CoreConfig
 from . import sizing, structured
 from .backend import CallContext, ChatOutput, StopScanner
 from .snapshots import SnapshotStore, snapshot_dir
-from .tiers import DiskTier
 from .toolstream import ToolCallStream
 
 log = logging.getLogger(__name__)
@@ -126,13 +123,12 @@ class LlamaCppBackend:
         self.cpus = usable_cpus(cfg.cpus)
         self.threads = cfg.threads or len(self.cpus)
         self.sizes: sizing.Sizes | None = None
-        disk = (DiskTier(paths.data_dir() / "kv" / cfg.core, cfg.disk_mb * 2**20, {})
-                if cfg.disk_mb else None)
         try:
             self.engine = Engine(str(self.path), n_ctx=cfg.n_ctx, slots=0, threads=self.threads,
                                  flash_attn=cfg.flash_attn, n_gpu_layers=self.gpu_layers,
                                  main_gpu=cfg.main_gpu, tensor_split=tuple(cfg.tensor_split),
-                                 sizer=self._size, disk=disk)
+                                 sizer=self._size, disk_dir=paths.data_dir() / "kv" / cfg.core,
+                                 disk_bytes=cfg.disk_mb * 2**20)
         except ValueError as exc:
             # the message names the setting at fault (kv_mb or slots)
             raise ConfigError(f"llm.models[{cfg.name}] (core {cfg.core}): {exc}") from None
@@ -152,14 +148,12 @@ class LlamaCppBackend:
         """The KV cache, slots and RAM tier of this core: as configured, or
         ("auto") sized to the memory the process may use (see sizing)."""
         cfg = self.cfg
-        limit, used = sizing.cgroup_memory()
-        usable = sizing.usable(psutil.virtual_memory().available, limit, used)
 
         def given(value: int | str) -> int | None:
             return None if value == "auto" else int(value)
 
         self.sizes = sizing.auto_sizes(
-            usable_bytes=usable, cores=self.local_cores, token_bytes=token_bytes, n_ctx=n_ctx,
+            usable_bytes=sizing.usable_now(), cores=self.local_cores, token_bytes=token_bytes, n_ctx=n_ctx,
             kv_mb=given(cfg.kv_mb), evicted_mb=given(cfg.evicted_mb), slots=given(cfg.slots))
         s = self.sizes
         log.info("core %s: kv_mb %d, evicted_mb %d, slots %d, disk_mb %d (%s; the process may "

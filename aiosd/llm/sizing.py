@@ -50,6 +50,15 @@ def usable(available: int, cgroup_limit: int | None, cgroup_used: int | None) ->
     return available
 
 
+def usable_now() -> int:
+    """Bytes this process may still use, as the machine says now (psutil's
+    available memory, and the cgroup's limit where one is set)."""
+    import psutil
+
+    limit, used = cgroup_memory()
+    return usable(psutil.virtual_memory().available, limit, used)
+
+
 def auto_sizes(*, usable_bytes: int, cores: int, token_bytes: int, n_ctx: int,
                kv_mb: int | None = None, evicted_mb: int | None = None,
                slots: int | None = None) -> Sizes:
