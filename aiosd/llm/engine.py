@@ -42,6 +42,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,7 +120,7 @@ class Engine:
                  flash_attn: bool = False, evicted_bytes: int = 0, n_gpu_layers: int = 0,
                  main_gpu: int = 0, tensor_split: tuple[float, ...] = (),
                  sizer: Callable[[int, int], tuple[int, int, int]] | None = None,
-                 disk: DiskTier | None = None):
+                 disk_dir: Path | None = None, disk_bytes: int = 0):
         import llama_cpp
         import llama_cpp._logger as llama_logger
         from llama_cpp import _internals
@@ -193,8 +194,10 @@ class Engine:
                       # or nowhere yet (an agent's first call)
                       "kv_hits": 0, "ram_hits": 0, "disk_hits": 0, "misses": 0, "cold": 0,
                       "spilled_seqs": 0, "dropped_seqs": 0, "corrupt_seqs": 0}
-        if disk is not None:
-            disk.stats = self.stats   # its spills, drops and refusals count with the rest
+        # conversations evicted from RAM go to disk (its spills, drops and
+        # refusals count with the rest)
+        disk = (DiskTier(disk_dir, disk_bytes, self.stats)
+                if disk_dir is not None and disk_bytes else None)
         self.streams = Streams(llama_cpp, self.ctx, self.model, self.batch, seqs, self.token_bytes,
                                evicted_bytes, self._decode, self.stats, disk)
         self._seed = itertools.count(1)

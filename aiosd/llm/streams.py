@@ -84,8 +84,7 @@ class Streams:
         stops; it is let go of then."""
         waiting_keys = {r.key for r in waiting}
         for key, held in list(self.gone.items()):
-            held |= self._forget_evicted(key) is not None
-            held |= self.disk is not None and self.disk.forget(key)
+            held |= self._drop_kept(key)
             self.known.discard(key)
             pending = key in waiting_keys
             for seq in self.seqs:
@@ -112,9 +111,7 @@ class Streams:
         dropped)."""
         if seq.key is None or not seq.tokens:
             return
-        self._forget_evicted(seq.key)
-        if self.disk is not None:
-            self.disk.forget(seq.key)
+        self._drop_kept(seq.key)
         if self.disk is None and len(seq.tokens) * self.token_bytes > self.evicted_limit:
             return   # (also when none are kept)
         # a stream copy queued into seq must land before its cells are read;
@@ -142,6 +139,13 @@ class Streams:
         if self.disk is not None and key in self.disk:
             return self.disk.take(key), "disk"
         return None, ""
+
+    def _drop_kept(self, key: str) -> bool:
+        """Drop ``key``'s evicted conversation from RAM and disk, unread;
+        whether either held it."""
+        in_ram = self._forget_evicted(key) is not None
+        on_disk = self.disk is not None and self.disk.forget(key)
+        return in_ram or on_disk
 
     def _forget_evicted(self, key: str) -> tuple[list[int], bytes] | None:
         kept = self.evicted.pop(key, None)
@@ -262,9 +266,7 @@ class Streams:
     def _admit_resumed(self, req: Request) -> bool:
         snap = req.resume
         assert snap is not None
-        self._forget_evicted(req.key)   # older than the snapshot
-        if self.disk is not None:
-            self.disk.forget(req.key)
+        self._drop_kept(req.key)   # older than the snapshot
         seq = self._free_seq()
         if seq is None:
             return False
