@@ -9,6 +9,7 @@ process may use.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tomllib
 import types
@@ -182,9 +183,10 @@ class LLMConfig:
     def default(self) -> str:
         return self.default_model or (self.models[0].name if self.models else "")
 
-    @property
+    @functools.cached_property
     def cores(self) -> list[CoreConfig]:
-        """Every core of every model, in the order of the models."""
+        """Every core of every model, in the order of the models (made once:
+        the config does not change)."""
         counts: dict[str, int] = {}
         for model in self.models:
             counts[model.name] = counts.get(model.name, 0) + model.replicas

@@ -263,7 +263,7 @@ class AdminCalls:
             "services": services,
             "approvals": len(self.state.approvals.pending),
             "procs": self.state.procs,
-            "gpus": gpus.assigned(gpus.from_env(), self.state.config.llm.cores),
+            "gpus": gpus.assigned(self.state.gpus, self.state.config.llm.cores),
             "queues": {name: len(q) for name, q in self.state.queues.items()},
             "tools_running": {k: v for k, v in self.state.tool_running.items() if v},
             "preemptions": self.state.preemptions,

@@ -19,7 +19,7 @@ from typing import Any
 
 from libaios import paths
 
-from .. import confine, credentials
+from .. import confine, credentials, gpus
 from ..config import Config
 from . import access
 from . import policy as policies
@@ -80,6 +80,8 @@ class State:
     call_s: dict[str, float] = field(default_factory=dict)
     #: per core: its calls by affinity outcome (hits, moves, new)
     affinity_counts: dict[str, Counter[str]] = field(default_factory=dict)
+    #: the machine's GPUs, as the supervisor found them when it started
+    gpus: list[dict[str, Any]] = field(default_factory=list)
     _keys: KeyStore | None = None
 
     @property
@@ -107,6 +109,7 @@ class State:
             landlock_abi=confine.landlock_abi(),
             rules_by_agent={rule.agent: rule for rule in sched.agents},
             core_model={core.core: core.name for core in config.llm.cores},
+            gpus=gpus.from_env(),
             buckets={rule.agent: TokenBucket(rule.tokens_per_s, rule.burst)
                      for rule in sched.agents if rule.tokens_per_s > 0},
         )
