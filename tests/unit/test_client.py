@@ -17,6 +17,8 @@ from libaios import errors, protocol
 from libaios.client import Client
 from libaios.protocol import MsgType
 
+from .contexts import destroy
+
 
 def test_a_call_that_cannot_be_sent_times_out_at_its_deadline(tmp_path: Path) -> None:
     endpoint = f"ipc://{tmp_path}/kernel.sock"
@@ -64,17 +66,6 @@ def test_a_call_that_cannot_be_sent_times_out_at_its_deadline(tmp_path: Path) ->
 # Linux): a client reconnecting to a port of that range while nothing
 # listens there can be given that very port as its own and connect to
 # itself, and the port is then taken when the stand-in binds it again.
-
-
-def destroy(ctx: zmq.Context) -> None:
-    """Close a test's context and every socket of it. In one full run the
-    context's term waited for good after a stand-in kernel's restarts (its
-    sockets closed, no other thread left; the cause was not found): a term
-    that has not returned within 10 s is left to the process's exit, so a
-    clean-up never hangs the suite."""
-    closing = threading.Thread(target=ctx.destroy, kwargs={"linger": 0}, daemon=True)
-    closing.start()
-    closing.join(10)
 
 
 def bind_again(sock: zmq.Socket, endpoint: str) -> None:

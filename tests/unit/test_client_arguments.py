@@ -19,6 +19,7 @@ from libaios import aio, errors, protocol
 from libaios.client import Client
 from libaios.protocol import MAX_CALL_BODY_BYTES, MsgType
 
+from .contexts import destroy
 from .test_aio_client import serving
 from .test_client import serve
 
@@ -81,7 +82,7 @@ def stand_in(tmp_path: Path) -> Iterator[tuple[str, list[MsgType]]]:
         stop.set()
         thread.join(10)
         router.close(0)
-        ctx.destroy(linger=0)
+        destroy(ctx)
 
 
 @pytest.mark.parametrize("why, bad, cls, says", BAD, ids=[b[0] for b in BAD])

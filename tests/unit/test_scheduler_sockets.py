@@ -18,6 +18,8 @@ import zmq
 from libaios import paths, protocol
 from libaios.protocol import Message, MsgType
 
+from .contexts import destroy
+
 
 @dataclass
 class Loop:
@@ -72,7 +74,7 @@ def make_loop(short_tmp) -> Iterator:
     for loop in made:
         loop.sched.state.stopping = True
         loop.thread.join(timeout=10)
-        loop.ctx.destroy(linger=0)
+        destroy(loop.ctx)
         assert not loop.thread.is_alive(), "the scheduler's loop did not stop"
 
 
