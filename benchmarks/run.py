@@ -183,7 +183,8 @@ def bench_aiosd(n: int, config: dict[str, Any] | None = None, flooder: bool = Fa
 #: what the core's engine did in a run: where aiosd's time went
 CORE_FIGURES = ("busy_s", "decode_s", "steps", "passes", "prefill_tokens", "decode_tokens",
                 "cached_tokens", "shared_tokens", "moved_seqs", "evicted_seqs", "kept_seqs",
-                "restored_seqs", "restored_tokens")
+                "restored_seqs", "restored_tokens", "admit_s", "settles", "ram_hits", "disk_hits",
+                "spilled_seqs")
 
 
 def core_stats(env: dict[str, str]) -> list[dict[str, Any]]:
@@ -651,7 +652,8 @@ def main() -> None:
                       f"{c.get('prefill_tokens')} tokens prefilled, {c.get('decode_tokens')} decoded, "
                       f"{c.get('cached_tokens')} found cached ({c.get('shared_tokens')} shared); "
                       f"{c.get('steps')} steps in {c.get('passes')} passes; "
-                      f"{c.get('moved_seqs')} streams moved, {c.get('evicted_seqs')} evicted")
+                      f"{c.get('moved_seqs')} streams moved, {c.get('evicted_seqs')} evicted; "
+                      f"admitting {c.get('admit_s', 0):.1f}s with {c.get('settles')} settling decodes")
         costs.append(floor_costs(n, sh))
         gen = by.get("aiosd", next(iter(by.values()))).get("generated", n * workload.TURNS * workload.MAX_TOKENS)
         distinct = sh.distinct

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from . import admission
 from .batching import (CTX_ALIGN, MAX_SEQS, MIN_PROMPT_ROWS, chunk_groups, passes,
                        prompt_chunk, sequences_for)
 from .generation import Finish, Request, Snapshot
@@ -193,7 +194,10 @@ class Engine:
                       # KV cache, RAM, disk, nowhere (a conversation lost),
                       # or nowhere yet (an agent's first call)
                       "kv_hits": 0, "ram_hits": 0, "disk_hits": 0, "misses": 0, "cold": 0,
-                      "spilled_seqs": 0, "dropped_seqs": 0, "corrupt_seqs": 0}
+                      "spilled_seqs": 0, "dropped_seqs": 0, "corrupt_seqs": 0, "read_ahead": 0,
+                      # admission's own time, and the one-token decodes it
+                      # made to land queued stream copies first (see Streams._settle)
+                      "admit_s": 0.0, "settles": 0}
         # conversations evicted from RAM go to disk (its spills, drops and
         # refusals count with the rest)
         disk = (DiskTier(disk_dir, disk_bytes, self.stats)
@@ -248,6 +252,8 @@ class Engine:
             # process; the thread ends with its step, and the process exits
             log.error("the engine did not stop within 10 s; its context is left to the process's end")
             return
+        if self.streams.disk is not None:
+            self.streams.disk.close()
         self.batch.close()
         self.ctx.close()
         self.model.close()
@@ -298,8 +304,11 @@ class Engine:
                 # worker's heartbeat (describe) take it and must not wait.
                 # Only this thread takes calls off the queue, so its head
                 # stays the head.
-                candidates = self.waiting[:max(0, self.slots - len(self.running))]
-            for req in candidates:
+                free = max(0, self.slots - len(self.running))
+                window = self.waiting[:free + admission.READ_AHEAD]
+                decoding = bool(self.running)
+            t = time.perf_counter()
+            for req in self._choose(window, free, decoding):
                 try:
                     req.check()   # cancelled while it waited: it takes no stream
                 except Exception as exc:
@@ -317,6 +326,7 @@ class Engine:
                         self.running.append(req)
                 if req.error is not None:
                     self._fail(req, req.error, drop=True)
+            self.stats["admit_s"] += time.perf_counter() - t
             t = time.perf_counter()
             try:
                 self._step()
@@ -325,6 +335,22 @@ class Engine:
                 for req in list(self.running):
                     self._fail(req, exc, drop=True)
             self.stats["busy_s"] += time.perf_counter() - t
+
+    def _choose(self, window: list[Request], free: int, decoding: bool) -> list[Request]:
+        """The calls of ``window`` (the queue's head) to admit now, up to
+        ``free``; the files of those whose conversations are on disk are
+        read ahead, and those still being read passed over (see admission)."""
+        disk = self.streams.disk
+        if disk is None:
+            return window[:free]
+        views = [admission.Waiting(on_disk=r.resume is None and r.key in disk,
+                                   read=disk.ready(r.key), passed=r._passed) for r in window]
+        chosen = admission.plan(views, free, decoding)
+        for i in chosen.read_ahead:
+            disk.read_ahead(window[i].key)
+            if i not in chosen.admit:
+                window[i]._passed += 1
+        return [window[i] for i in chosen.admit]
 
     def _step(self) -> None:
         # cancellations and suspensions happen between steps: token boundaries
@@ -466,7 +492,7 @@ class Engine:
             # Each sequence has a stream of its own and stops before filling
             # it, so this is not a matter of evicting others.
             raise RuntimeError(f"llama_decode failed ({rc})")
-        self.streams.copying = False
+        self.streams.copies.clear()
 
     def _admit(self, req: Request) -> bool:
         """Give ``req`` a stream (see Streams.admit) and its sampler; False

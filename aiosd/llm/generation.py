@@ -65,6 +65,7 @@ class Request:
     _pending: int | None = None
     _sampler: Any = None
     _logit_index: int = -1
+    _passed: int = 0                  # steps passed over while its file was read
 
     def suspend(self) -> None:
         """Ask the engine to suspend this request at the next token boundary."""

@@ -48,12 +48,28 @@ def retained(seqs: Sequence[Seq], key: str) -> Seq | None:
 
 
 def reusable(seqs: Sequence[Seq]) -> Seq | None:
-    """The idle stream a call may take: an empty one, else the one used
-    least recently (whose conversation is then evicted); None if all run."""
+    """The idle stream a call may take (None if all run): an empty one;
+    else one whose conversation is evicted for it. That is one of an agent
+    that ended if any, else the least recently used of those beside a
+    running call, else the least recently used of all.
+
+    Taking a stream beside the running ones spares the move that would
+    bring the call there (a whole stream copied, and before a restore into
+    it, a decode to land the copy). What it costs is the evicted
+    conversation coming back from RAM rather than from the cache, and with
+    more agents than streams every conversation comes back from RAM
+    anyway: least-recently-used retention gets no hits when agents take
+    turns in a cycle longer than the cache."""
     idle = [s for s in seqs if not s.busy]
     if not idle:
         return None
-    return next((s for s in idle if not s.tokens), None) or min(idle, key=lambda s: s.last_used)
+    empty = next((s for s in idle if not s.tokens), None)
+    if empty is not None:
+        return empty
+    ownerless = [s for s in idle if s.key is None]
+    busy = {s.id for s in seqs if s.busy}
+    beside = [s for s in idle if s.id - 1 in busy or s.id + 1 in busy]
+    return min(ownerless or beside or idle, key=lambda s: s.last_used)
 
 
 def place(seqs: Sequence[Seq], seq: Seq) -> Seq:

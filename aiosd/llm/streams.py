@@ -55,8 +55,9 @@ class Streams:
         #: agents whose conversation a stream, RAM or disk held at some
         #: point (a call of theirs that finds it nowhere is a miss)
         self.known: set[str] = set()
-        #: a stream copy is queued in llama.cpp (it copies at the next decode)
-        self.copying = False
+        #: the streams that queued copies read or write: llama.cpp copies
+        #: them at the start of the next decode (see _settle)
+        self.copies: set[int] = set()
         self._apart_steps = 0   # steps in a row whose running calls made several runs
         #: agents that ended, not yet let go of -> whether anything was held
         self.gone: dict[str, bool] = {}
@@ -229,7 +230,7 @@ class Streams:
             # Streams copy whole: take all of the other's cells, cut back to
             # the shared run.
             self._ll.llama_memory_seq_cp(self._mem, other.id, seq.id, -1, -1)
-            self.copying = True
+            self.copies |= {other.id, seq.id}
             seq.tokens = list(other.tokens)
             self._trim(seq, run)
             self.tree.grow(seq.id, seq.tokens)
@@ -351,7 +352,7 @@ class Streams:
             a.key, b.key = b.key, a.key
             a.last_used, b.last_used = b.last_used, a.last_used
             return
-        self.copying = True
+        self.copies |= {a.id, b.id, self._spare}
         self.stats["moved_seqs"] += 1
         self.tree.drop(a.id)
         self.tree.drop(b.id)
@@ -362,11 +363,13 @@ class Streams:
         self.tree.grow(b.id, b.tokens)
 
     def _settle(self, seq: Seq) -> None:
-        """Carry out the stream copies llama.cpp has queued before cells are
-        written directly: it copies at the start of the next decode, which
-        would overwrite a snapshot restored into a copy's target. One token
-        decoded into ``seq`` (about to be cleared) starts that decode."""
-        if not self.copying:
+        """Carry out the stream copies llama.cpp has queued before ``seq``'s
+        cells are read or written directly: it copies at the start of the
+        next decode, which would overwrite a snapshot restored into a copy's
+        target, or copy out what was restored over its source. One token
+        decoded into ``seq`` (about to be cleared) starts that decode. A
+        stream no queued copy touches needs none: its cells are in place."""
+        if seq.id not in self.copies:
             return
         b = self.batch.batch
         b.token[0] = max(0, self.model.token_bos())   # any token: some vocabularies have no BOS
@@ -376,6 +379,7 @@ class Streams:
         b.logits[0] = True
         b.n_tokens = 1
         self._decode(b)
+        self.stats["settles"] += 1
 
     def state(self, seq: Seq) -> bytes:
         """The KV state of ``seq``, as ``llama_state_seq_set_data`` takes it."""

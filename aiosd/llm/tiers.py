@@ -13,6 +13,12 @@ load: a file that fails the check (a flipped bit, a truncated write) is
 deleted and counted, and the conversation is prefilled afresh. Files are
 0600 in a directory of the core's own (emptied when the core starts: a
 conversation of an earlier run has no agent to come back).
+
+The files are written, read and checked on a thread of the tier's own, in
+the order they were asked for, while the engine decodes: a spill costs the
+engine no wait, and a file read ahead (``read_ahead``, for a call that is
+still waiting) is ready when the call is admitted. What the tier holds (its
+keys and bytes) is kept on the engine's thread alone.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import shutil
 import struct
 from array import array
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -66,10 +73,37 @@ def decode(data: bytes) -> tuple[list[int], bytes]:
     return array("i", packed).tolist(), state
 
 
+def write(path: Path, tokens: list[int], state: bytes) -> None:
+    """Write a conversation's file whole: under a temporary name, renamed."""
+    data = encode(tokens, state)
+    part = path.with_suffix(".part")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.rename(part, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
+        # its read will find no file, and the conversation is prefilled again
+        log.warning("cannot keep a conversation's cells (%d bytes) in %s: %s; it will be "
+                    "prefilled again", len(data), path.parent, exc)
+
+
+def read(path: Path) -> tuple[list[int], bytes]:
+    """A conversation's file, read, checked and deleted; OSError if it
+    cannot be read, ValueError if it fails the check."""
+    try:
+        return decode(path.read_bytes())
+    finally:
+        path.unlink(missing_ok=True)
+
+
 class DiskTier:
     """Conversations' cells on disk, by agent key, up to ``limit`` bytes;
     past it the least recently written go. ``stats`` are the engine's
-    counters (spilled, dropped, corrupt)."""
+    counters (spilled, dropped, corrupt, read ahead)."""
 
     def __init__(self, directory: Path, limit: int, stats: dict[str, int]) -> None:
         self.dir = directory
@@ -78,60 +112,67 @@ class DiskTier:
         #: key -> (file, its size), least recently written first
         self.files: OrderedDict[str, tuple[Path, int]] = OrderedDict()
         self.bytes = 0
+        #: key -> its file being read ahead (or read)
+        self.reads: dict[str, Future[tuple[list[int], bytes]]] = {}
         shutil.rmtree(self.dir, ignore_errors=True)
+        # one thread: a file's write, read and deletion happen in the order asked
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-disk")
 
     def _path(self, key: str) -> Path:
         return self.dir / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".kv")
 
     def put(self, key: str, tokens: list[int], state: bytes) -> bool:
-        """Keep ``key``'s conversation on disk; False if it cannot be (the
-        tier holds nothing, it is larger than the tier, or the write
-        failed: then it is lost, as it would be without this tier)."""
+        """Keep ``key``'s conversation on disk (written on the tier's
+        thread); False if it cannot be: it is larger than the tier. (A
+        write that fails is logged, and the conversation prefilled again.)"""
         self.forget(key)
-        data = encode(tokens, state)
-        if len(data) > self.limit:
+        size = len(MAGIC) + HEADER.size + 4 * len(tokens) + len(state)
+        if size > self.limit:
             return False
         path = self._path(key)
-        part = path.with_suffix(".part")
-        try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.rename(part, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                part.unlink(missing_ok=True)
-            log.warning("cannot keep a conversation's cells (%d bytes) in %s: %s; it will be "
-                        "prefilled again", len(data), self.dir, exc)
-            return False
-        self.files[key] = (path, len(data))
-        self.bytes += len(data)
+        self._io.submit(write, path, list(tokens), state)
+        self.files[key] = (path, size)
+        self.bytes += size
         self.stats["spilled_seqs"] += 1
         while self.bytes > self.limit:
-            _, (old_path, size) = self.files.popitem(last=False)
-            self.bytes -= size
-            old_path.unlink(missing_ok=True)
+            old, (old_path, old_size) = self.files.popitem(last=False)
+            self.bytes -= old_size
+            self._drop(old, old_path)
             self.stats["dropped_seqs"] += 1
         return True
 
+    def read_ahead(self, key: str) -> None:
+        """Start reading ``key``'s file, for a call that will restore it."""
+        if key in self.files and key not in self.reads:
+            self.reads[key] = self._io.submit(read, self.files[key][0])
+
+    def ready(self, key: str) -> bool:
+        """Whether ``key``'s conversation can be taken without waiting on
+        the disk (it has none here, or its file has been read)."""
+        if key not in self.files:
+            return True
+        future = self.reads.get(key)
+        return future is not None and future.done()
+
     def take(self, key: str) -> tuple[list[int], bytes] | None:
-        """``key``'s conversation, read, checked and removed from the tier;
-        None if the tier has none, or its file fails the check."""
+        """``key``'s conversation, read, checked and removed from the tier
+        (read ahead, or now); None if the tier has none, or its file cannot
+        be read or fails the check."""
         entry = self.files.pop(key, None)
         if entry is None:
             return None
         path, size = entry
         self.bytes -= size
+        future = self.reads.pop(key, None)
+        if future is not None and future.done():
+            self.stats["read_ahead"] += 1
+        elif future is None:
+            future = self._io.submit(read, path)
         try:
-            data = path.read_bytes()
+            return future.result()
         except OSError as exc:
             log.warning("cannot read a kept conversation's cells from %s: %s", path, exc)
             return None
-        finally:
-            path.unlink(missing_ok=True)
-        try:
-            return decode(data)
         except ValueError as exc:
             self.stats["corrupt_seqs"] += 1
             log.warning("a kept conversation's file %s is refused (%s); the conversation is "
@@ -144,8 +185,21 @@ class DiskTier:
         if entry is None:
             return False
         self.bytes -= entry[1]
-        entry[0].unlink(missing_ok=True)
+        self._drop(key, entry[0])
         return True
+
+    def _drop(self, key: str, path: Path) -> None:
+        # after the writes and reads asked before (the tier's thread keeps order)
+        self.reads.pop(key, None)
+        self._io.submit(path.unlink, missing_ok=True)
+
+    def flush(self) -> None:
+        """Wait until the writes, reads and deletions asked so far are done."""
+        self._io.submit(lambda: None).result()
+
+    def close(self) -> None:
+        """Finish what was asked, and stop the tier's thread."""
+        self._io.shutdown(wait=True)
 
     def __contains__(self, key: str) -> bool:
         return key in self.files

@@ -177,24 +177,29 @@ def test_an_evicted_conversation_continues_from_its_kept_cells() -> None:
 
 
 def test_a_conversation_evicted_with_a_stream_copy_queued_into_it_is_kept_whole() -> None:
-    """Four calls admitted in one step on four streams: the third moves a
-    retained conversation next to the running ones (a stream copy llama.cpp
-    carries out at the next decode), and the fourth evicts that one; what is
-    kept must be its cells, not what its new stream held before."""
+    """A retained conversation is moved to another stream (a copy llama.cpp
+    carries out at the next decode), and a call evicts it before that
+    decode: what is kept must be its cells, not what its new stream held
+    before."""
     eng, roomy = make(4, evicted_bytes=64 << 20), make(5, slots=4)
     try:
         convs = {k: tokens(eng, turn(f"Tell me about the number {i}.", f"You are agent {k}."))
-                 for i, k in enumerate(["k0", "k1", "k2", "k3", "w", "x", "y", "z"])}
+                 for i, k in enumerate(["k0", "k1", "k2", "k3", "w"])}
         for e in (eng, roomy):
-            for k in ["k0", "k1", "k2", "k3", "k2"]:   # k2 used last: evicted last
+            for k in ["k0", "k1", "k2", "k3", "k2"]:
                 generate(e, k, convs[k], 8)
-        reqs = [Request(k, convs[k], 8) for k in "wxyz"]
-        with eng._lock:   # admitted together, before any of them is decoded
-            eng.waiting.extend(reqs)
+        with eng._lock:   # the engine is idle: it waits on its lock
+            streams = eng.streams
+            held, other = streams.retained("k2"), streams.retained("k3")
+            streams._swap(held, other)   # k2's cells go to k3's stream at the next decode
+            moved = streams.retained("k2")
+            assert moved is other and moved.id in streams.copies
+            moved.last_used = 0.0        # the first to be evicted
+            req = Request("w", convs["w"], 8)
+            eng.waiting.append(req)
             eng._lock.notify()
-        for r in reqs:
-            assert r.done.wait(120) and r.error is None
-        assert eng.stats["moved_seqs"] >= 1 and "k2" in eng.streams.evicted
+        assert req.done.wait(120) and req.error is None
+        assert "k2" in eng.streams.evicted and eng.stats["settles"] >= 1
         first = generate(roomy, "k2", convs["k2"], 8).completion
         convs["k2"] += first + tokens(eng, NEXT_TURN)
         got, want = generate(eng, "k2", convs["k2"], 12), generate(roomy, "k2", convs["k2"], 12)

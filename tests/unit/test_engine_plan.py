@@ -120,14 +120,26 @@ def test_gaps_between_decoding_calls_close_from_the_last_into_the_first_hole() -
     assert compaction(seqs, [0, 4]) == [(4, 3)]
 
 
-def test_the_stream_to_reuse_is_an_empty_one_else_the_least_recently_used() -> None:
-    from aiosd.llm.placement import retained, reusable
+def test_the_stream_to_reuse_is_an_empty_one_else_one_beside_the_running_calls() -> None:
+    from aiosd.llm.placement import place, retained, reusable
 
     seqs = _streams("Bhh.", used={1: 30.0, 2: 10.0})
-    assert reusable(seqs) is seqs[3]
+    assert reusable(seqs) is seqs[3]                    # an empty one first
+    # every idle stream holds a conversation: the one beside the running
+    # call goes, though another was used less recently, and needs no move
     seqs = _streams("Bhh", used={1: 30.0, 2: 10.0})
+    assert reusable(seqs) is seqs[1] and place(seqs, seqs[1]) is seqs[1]
+    # of those beside a run, the least recently used
+    seqs = _streams("hBhhhBh", used={0: 50.0, 2: 20.0, 3: 5.0, 4: 30.0, 6: 40.0})
     assert reusable(seqs) is seqs[2]
+    # an ended agent's stream (no owner) goes first, wherever it lies
+    seqs = _streams("Bhhh", used={1: 30.0, 2: 10.0, 3: 60.0})
+    seqs[3].key = None
+    assert reusable(seqs) is seqs[3]
+    # nothing runs: the least recently used of all
+    assert reusable(_streams("hhh", used={0: 9.0, 1: 3.0, 2: 7.0})).id == 1
     assert reusable(_streams("BB")) is None
+    seqs = _streams("Bhh", used={1: 30.0, 2: 10.0})
     assert retained(seqs, "k1") is seqs[1] and retained(seqs, "k0") is None   # k0 runs
 
 

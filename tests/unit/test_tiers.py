@@ -19,6 +19,7 @@ def test_a_conversation_comes_back_as_it_went(tmp_path: Path) -> None:
     t = tier(tmp_path)
     assert t.put("agent-1", [1, 2, 300000], b"cells" * 10)
     assert "agent-1" in t and len(t) == 1
+    t.flush()   # written on the tier's thread
     [path] = (tmp_path / "kv").iterdir()
     assert path.suffix == ".kv" and path.stat().st_mode & 0o777 == 0o600
     assert t.take("agent-1") == ([1, 2, 300000], b"cells" * 10)
@@ -29,6 +30,7 @@ def test_a_conversation_comes_back_as_it_went(tmp_path: Path) -> None:
 def test_a_flipped_byte_is_refused_and_counted(tmp_path: Path) -> None:
     t = tier(tmp_path)
     t.put("a", list(range(50)), bytes(range(256)))
+    t.flush()
     [path] = (tmp_path / "kv").iterdir()
     data = bytearray(path.read_bytes())
     data[-100] ^= 0x01
@@ -59,6 +61,41 @@ def test_the_least_recently_written_go_past_the_bound(tmp_path: Path) -> None:
     assert t.stats["dropped_seqs"] == 1
     assert not t.put("huge", [1], b"x" * (3 * size))   # larger than the tier
     assert t.forget("b") and not t.forget("b") and list(t.files) == ["c"]
+    t.flush()
+    assert len(list((tmp_path / "kv").iterdir())) == 1   # the dropped files are deleted
+
+
+def test_a_file_read_ahead_is_ready_when_taken(tmp_path: Path) -> None:
+    t = tier(tmp_path)
+    t.put("a", [1, 2, 3], b"state")
+    assert t.ready("nobody")             # nothing on disk: nothing to wait for
+    assert not t.ready("a")              # on disk, not read
+    t.read_ahead("a")
+    t.read_ahead("a")                    # once is enough
+    t.flush()
+    assert t.ready("a") and "a" in t     # read, still the tier's until taken
+    assert t.take("a") == ([1, 2, 3], b"state") and t.stats["read_ahead"] == 1
+    assert t.bytes == 0 and not list((tmp_path / "kv").iterdir())
+
+
+def test_a_file_read_ahead_then_forgotten_or_written_again_is_not_served(tmp_path: Path) -> None:
+    t = tier(tmp_path)
+    t.put("a", [1], b"old")
+    t.read_ahead("a")
+    t.put("a", [2], b"new")              # the agent's conversation spilled again
+    assert t.take("a") == ([2], b"new")
+    t.put("b", [1], b"x")
+    t.read_ahead("b")
+    assert t.forget("b") and t.take("b") is None
+    t.flush()
+    assert not list((tmp_path / "kv").iterdir()) and t.bytes == 0
+
+
+def test_a_file_that_cannot_be_written_is_a_miss_not_an_error(tmp_path: Path) -> None:
+    t = tier(tmp_path)
+    (tmp_path / "kv").write_text("a file where the directory should be")
+    assert t.put("a", [1], b"x")         # queued: the write fails on the tier's thread
+    assert t.take("a") is None and t.stats["corrupt_seqs"] == 0
 
 
 def test_a_new_core_starts_with_an_empty_tier(tmp_path: Path) -> None:
