@@ -92,4 +92,4 @@ bench-trust: $(STAMP)
 	$(BIN)/python -m benchmarks.trust
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info libaios/build libaios/*.egg-info .pytest_cache

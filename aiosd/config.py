@@ -49,6 +49,7 @@ class KernelConfig:
     #: (each agent a uid of its own, from 61184-65519, with no name or files),
     #: or a user name or uid. Never root: "root" or 0 is refused.
     agent_user: str = field(default="dynamic", metadata=_check("not root"))
+    #: How much the daemon logs: debug, info, warning or error.
     log_level: str = field(
         default="info", metadata=_check("one of: debug, info, warning, error")
     )
@@ -58,6 +59,7 @@ class KernelConfig:
 class AgentRule:
     """Scheduling rules for the agents of one name."""
 
+    #: The name of the agents the rules apply to.
     agent: str = ""
     #: Higher runs sooner under the fair policy.
     priority: int = 0
@@ -69,12 +71,16 @@ class AgentRule:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    #: How queued calls are ordered: fifo; rr (round-robin: a call is suspended
+    #: after quantum_tokens while others wait); fair (least service per agent first,
+    #: with a starvation guard).
     policy: str = field(default="fifo", metadata=_check("one of: fifo, rr, fair"))
     #: rr and fair: tokens a call may generate while others wait, before it
     #: is suspended and queued again.
     quantum_tokens: int = field(default=64, metadata=_check("positive"))
     #: fair: a call waiting this long runs next, whatever its agent's service.
     starvation_s: float = field(default=10.0, metadata=_check("positive"))
+    #: Rules by agent name: a fair-policy priority and a token-rate quota.
     agents: list[AgentRule] = field(default_factory=list)
     #: An agent's calls to a model go to the core holding its conversation's
     #: KV cells, unless waiting there would cost more than prefilling it again.
@@ -85,9 +91,11 @@ class SchedulerConfig:
 class SupervisorConfig:
     #: First restart delay after a crash, seconds; doubles on each crash.
     backoff_initial: float = field(default=0.5, metadata=_check("positive"))
+    #: Longest restart delay, seconds.
     backoff_max: float = field(default=30.0, metadata=_check("positive"))
     #: Crashes allowed within ``restart_window`` before a child is FATAL.
     restart_budget: int = field(default=5, metadata=_check("positive"))
+    #: Seconds over which crashes count against ``restart_budget``.
     restart_window: float = field(default=60.0, metadata=_check("positive"))
     #: A child that stays up this long counts as RUNNING (a stable start).
     stable_after: float = field(default=1.0, metadata=_check("non-negative"))
@@ -101,6 +109,8 @@ class ModelConfig:
 
     #: What calls name it by (``chat(model=...)``, the gateway's ``model``).
     name: str = "smollm2-135m"
+    #: Who runs it: llamacpp (a local GGUF file) or openai (an OpenAI-compatible
+    #: server at ``base_url``).
     backend: str = field(default="llamacpp", metadata=_check("one of: llamacpp, openai"))
     #: llamacpp: a GGUF file, a directory holding one (such as a Hugging Face
     #: cache snapshot), or "embedded" (the model shipped with AIOS).
@@ -175,6 +185,7 @@ class CoreConfig(ModelConfig):
 
 @dataclass(frozen=True)
 class LLMConfig:
+    #: The models calls can name, each served by its own cores.
     models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig()])
     #: The model of a call that names none; empty: the first one.
     default_model: str = ""
@@ -245,12 +256,19 @@ class StorageConfig:
 class McpServerConfig:
     """An MCP server started over stdio; its tools are named SERVER__TOOL."""
 
+    #: Its name, the prefix of its tools' names.
     name: str = ""
+    #: The command that starts it (a program and its arguments).
     command: list[str] = field(default_factory=list)
+    #: Environment variables to start it with.
     env: dict[str, str] = field(default_factory=dict)
+    #: Calls to its tools running at once.
     concurrency: int = field(default=4, metadata=_check("positive"))
+    #: Seconds a call to one of its tools may take.
     timeout: float = field(default=30.0, metadata=_check("positive"))
+    #: Its tools wait for a person's approval, whatever the server says of them.
     destructive: bool = False
+    #: Its tools change nothing (a call may be run again after a worker died).
     read_only: bool = False
 
 
@@ -259,10 +277,15 @@ class ToolLimits:
     """Overrides for one tool's limits and flags, by name; what an entry
     leaves out stays as the tool has it."""
 
+    #: The tool's name.
     name: str = ""
+    #: Calls to it running at once.
     concurrency: int | None = field(default=None, metadata=_check("positive"))
+    #: Seconds a call to it may take.
     timeout: float | None = field(default=None, metadata=_check("positive"))
+    #: Whether it waits for a person's approval.
     destructive: bool | None = None
+    #: Whether it changes nothing (a call may be run again after a worker died).
     read_only: bool | None = None
 
 
@@ -270,9 +293,13 @@ class ToolLimits:
 class SandboxConfig:
     """Limits of the python sandbox tool."""
 
+    #: CPU seconds a run may use.
     cpu_seconds: int = field(default=5, metadata=_check("positive"))
+    #: Memory a run may use, MiB.
     memory_mb: int = field(default=256, metadata=_check("positive"))
+    #: Seconds a run may take on the clock.
     wall_seconds: float = field(default=10.0, metadata=_check("positive"))
+    #: Bytes of stdout, and of stderr, a run returns at most.
     output_bytes: int = field(default=65536, metadata=_check("positive"))
 
 
@@ -284,8 +311,11 @@ class ToolsConfig:
     )
     #: Load tools from the "aios.tools" Python entry point group.
     entry_points: bool = True
+    #: MCP servers whose tools to offer (started over stdio).
     mcp: list[McpServerConfig] = field(default_factory=list)
+    #: Overrides of tools' limits and flags, by tool name.
     limits: list[ToolLimits] = field(default_factory=list)
+    #: Limits of the python tool's sandbox.
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
@@ -294,8 +324,11 @@ class GroupConfig:
     """A privilege group: its members may reach each other's memory and
     storage (read, or read and write)."""
 
+    #: The group's name.
     name: str = ""
+    #: The agents in it, by name.
     members: list[str] = field(default_factory=list)
+    #: What members may do to each other's memory and storage: read, or write.
     access: str = field(default="read", metadata=_check("one of: read, write"))
     #: Destructive operations done without asking a person, for members'
     #: own data ("storage.delete", "storage.overwrite", "storage.rollback",
@@ -307,6 +340,7 @@ class GroupConfig:
 class AccessConfig:
     #: uids whose hand-started agents may register; empty: the daemon's own.
     allow_uids: list[int] = field(default_factory=list)
+    #: Privilege groups: agents that may reach each other's data.
     groups: list[GroupConfig] = field(default_factory=list)
     #: Longest wait for a person's decision, seconds (the call's deadline
     #: may end it sooner); no decision means denied.
@@ -319,6 +353,7 @@ class AccessConfig:
 class GatewayConfig:
     """The OpenAI-compatible HTTP gateway and MCP server (see docs/gateway.md)."""
 
+    #: Run the gateway.
     enabled: bool = True
     #: "HOST:PORT" (port 0: any free port; aiosctl status shows the URL), or
     #: the path of a unix socket
@@ -331,14 +366,23 @@ class GatewayConfig:
 
 @dataclass(frozen=True)
 class Config:
+    #: Calls and connections: deadlines, heartbeats, queue and session limits.
     kernel: KernelConfig = field(default_factory=KernelConfig)
+    #: Which queued call runs next, and on which core.
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    #: How crashed processes are restarted and the daemon shut down.
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    #: The models and their LLM cores.
     llm: LLMConfig = field(default_factory=LLMConfig)
+    #: The memory manager: agents' runtime memory in RAM.
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    #: The storage manager: agents' durable keys and files (LMDB).
     storage: StorageConfig = field(default_factory=StorageConfig)
+    #: The tool manager: built-in tools, entry points, MCP servers.
     tools: ToolsConfig = field(default_factory=ToolsConfig)
+    #: Who may reach whose data, and approval of destructive calls.
     access: AccessConfig = field(default_factory=AccessConfig)
+    #: The OpenAI-compatible HTTP gateway and MCP server.
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -562,14 +606,9 @@ def load(path: str | Path | None) -> Config:
 
 
 def default_toml() -> str:
-    """The default configuration as TOML (``aiosd --print-default-config``)."""
-    import tomli_w
+    """The default configuration as TOML, each key under the ``#:`` comment
+    of its field above (``aiosd --print-default-config``)."""
+    # (imported here: it brings tomli_w, which nothing else needs)
+    from .configdoc import commented_toml
 
-    def written(value: Any) -> Any:   # TOML has no null: a key left unset is left out
-        if isinstance(value, dict):
-            return {k: written(v) for k, v in value.items() if v is not None}
-        if isinstance(value, list):
-            return [written(v) for v in value]
-        return value
-
-    return tomli_w.dumps(written(Config().to_dict()))
+    return commented_toml(Config())

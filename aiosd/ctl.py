@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -25,6 +25,7 @@ import libaios
 from libaios import errors, paths
 from libaios.protocol import MsgType
 
+from . import shipped
 from .gpus import SOURCES as GPU_SOURCES
 
 EXIT_FAIL = 1
@@ -36,7 +37,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True,
               width=None if sys.stderr.isatty() else 140)
 
 
-def fail(message: str, code: int = EXIT_FAIL) -> None:
+def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
     err.print(f"aiosctl: {message}", markup=False)
     sys.exit(code)
 
@@ -604,7 +605,11 @@ DEMO_TASKS = [
 
 
 def default_agents_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "agents"
+    """The example agents shipped with AIOS (in the wheel or the source tree)."""
+    try:
+        return shipped.agents_dir()
+    except FileNotFoundError as exc:
+        fail(str(exc))
 
 
 @main.command()

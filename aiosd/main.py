@@ -9,7 +9,7 @@ import click
 from libaios import paths
 
 from . import config as config_mod
-from . import logs
+from . import logs, shipped
 from .roles import EX_CONFIG
 from .rundir import AlreadyRunning
 from .supervisor import Supervisor
@@ -20,8 +20,11 @@ from .supervisor import Supervisor
               help="TOML configuration file (default: built-in defaults).")
 @click.option("--print-default-config", is_flag=True, help="Print the default configuration and exit.")
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
+@click.option("--print-systemd-unit", is_flag=True,
+              help="Print the systemd unit file (aiosd.service) and exit.")
 @click.version_option(package_name="aios", prog_name="aiosd")
-def main(config_path: str | None, print_default_config: bool, check_config: bool) -> None:
+def main(config_path: str | None, print_default_config: bool, check_config: bool,
+         print_systemd_unit: bool) -> None:
     """Run the AIOS kernel: the scheduler, one worker per LLM core, and the
     storage, memory and tool managers.
 
@@ -30,6 +33,13 @@ def main(config_path: str | None, print_default_config: bool, check_config: bool
     """
     if print_default_config:
         click.echo(config_mod.default_toml(), nl=False)
+        return
+    if print_systemd_unit:
+        try:
+            click.echo(shipped.systemd_unit().read_text(), nl=False)
+        except OSError as exc:
+            click.echo(f"aiosd: {exc}", err=True)
+            sys.exit(1)
         return
     try:
         cfg = config_mod.load(config_path)
