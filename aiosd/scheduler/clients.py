@@ -141,6 +141,8 @@ class ClientCalls:
         try:
             handler(session, identity, msg)
         except errors.AIOSError as exc:
+            if msg.type in RESOURCES:   # a system call refused before it was queued
+                self.state.tally.refused(msg.type, exc.code)
             self.out.reply_error(identity, msg.id, exc)
         except Exception as exc:  # a bug must cost one call, not the kernel
             log.exception("handling %s failed", msg.type.value)
