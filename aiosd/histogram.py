@@ -70,12 +70,12 @@ class Histogram:
             raise ValueError(f"not a histogram: {len(counts)} counts for {len(bounds)} bounds")
         return cls(bounds, counts, total)
 
-    def cumulative(self) -> list[tuple[str, int]]:
-        """(le, observations at or below it) for each bound and +Inf: the
-        buckets as Prometheus writes them."""
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(bound, observations at or below it) for each bound and infinity:
+        the buckets as Prometheus counts them."""
         out = []
         running = 0
         for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
             running += n
-            out.append(("+Inf" if bound == math.inf else format(bound, "g"), running))
+            out.append((bound, running))
         return out

@@ -22,6 +22,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from .histogram import Histogram
 from .procstate import ProcState
@@ -48,7 +49,8 @@ def _histogram(family: HistogramMetricFamily, labels: list[str], data: Any) -> N
         hist = Histogram.from_dict(data)
     except ValueError:
         return
-    family.add_metric(labels, buckets=hist.cumulative(), sum_value=hist.total)
+    buckets = [(floatToGoString(le), n) for le, n in hist.cumulative()]   # "1.0", "+Inf"
+    family.add_metric(labels, buckets=buckets, sum_value=hist.total)
 
 
 def _kernel(f: dict[str, Any]) -> Iterator[Metric]:
