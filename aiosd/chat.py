@@ -16,6 +16,11 @@ import jsonschema
 from libaios.errors import InvalidArgument
 
 ROLES = ("system", "user", "assistant", "tool")
+#: The field of a core's reply in which it tells the scheduler how long
+#: after the call reached it the first piece of its answer came, seconds
+#: (for the time-to-first-token metric; the scheduler takes it out before
+#: the reply goes on to the caller).
+FIRST_TOKEN = "first_token_s"
 MAX_MESSAGES = 1024
 MAX_TOKENS_LIMIT = 32768
 

@@ -364,6 +364,22 @@ class GatewayConfig:
     cors_origins: list[str] = field(default_factory=list)
 
 
+#: The most agents whose figures the metrics may show one by one.
+MAX_TOP_K = 1000
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus metrics (the gateway's /metrics, aiosctl metrics;
+    see docs/metrics.md)."""
+
+    #: Show the figures of this many agents one by one (an ``agent`` label):
+    #: those with the most tokens (or calls: per_agent_by). 0: none, only
+    #: kernel-wide figures, whatever the number of agents.
+    per_agent_top_k: int = field(default=0, metadata=_check("non-negative"))
+    per_agent_by: str = field(default="tokens", metadata=_check("one of: tokens, calls"))
+
+
 @dataclass(frozen=True)
 class Config:
     #: Calls and connections: deadlines, heartbeats, queue and session limits.
@@ -384,6 +400,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     #: The OpenAI-compatible HTTP gateway and MCP server.
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -571,6 +588,9 @@ def _check_services(cfg: Config) -> None:
         if not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"gateway.listen: {listen!r} is neither HOST:PORT nor the absolute "
                               "path of a unix socket")
+    if cfg.metrics.per_agent_top_k > MAX_TOP_K:
+        raise ConfigError(f"metrics.per_agent_top_k: at most {MAX_TOP_K} agents are shown one "
+                          f"by one (each is a set of series), got {cfg.metrics.per_agent_top_k}")
     seen: set[str] = set()
     for i, rule in enumerate(cfg.scheduler.agents):
         if not rule.agent or rule.agent in seen:

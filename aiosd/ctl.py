@@ -493,6 +493,21 @@ def top(interval: float, once: bool, as_json: bool) -> None:
             pass
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the kernel's figures as JSON.")
+def metrics(as_json: bool) -> None:
+    """Print the kernel's metrics in Prometheus' text format (what the
+    gateway serves at /metrics; see docs/metrics.md)."""
+    from .metrics import exposition
+
+    with kernel() as client:
+        figures = client.call(MsgType.ADMIN_METRICS)
+    if as_json:
+        emit_json(figures)
+        return
+    click.echo(exposition(figures).decode(), nl=False)
+
+
 # -- access ------------------------------------------------------------------------
 
 

@@ -108,6 +108,7 @@ class MsgType(str, enum.Enum):
     ADMIN_DENY = "admin.deny"
     ADMIN_AUDIT = "admin.audit"
     ADMIN_KEYS = "admin.keys"         # the gateway's API keys: create, list, revoke
+    ADMIN_METRICS = "admin.metrics"   # the kernel's figures, for the Prometheus metrics
 
     # -- replies (scheduler -> caller, worker -> scheduler) --
     PARTIAL = "partial"

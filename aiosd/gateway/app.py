@@ -9,7 +9,8 @@ streamed answer goes out as server-sent events. A caller that goes away
 gives its call up: the kernel cancels it and frees its slot.
 
 Endpoints: ``GET /v1/models``, ``GET /v1/models/{model}``,
-``POST /v1/chat/completions``, ``POST /v1/responses`` (see docs/gateway.md).
+``POST /v1/chat/completions``, ``POST /v1/responses`` (see docs/gateway.md),
+and ``GET /metrics``, the kernel's Prometheus metrics (see docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from libaios import errors, protocol
+from libaios.aio import AsyncClient
 from libaios.protocol import MsgType
 
 from ..config import Config
+from ..metrics import CONTENT_TYPE, exposition
 from . import mcp_server, openai_api, responses_api
 from .kernel import Kernel, bearer_key
 
@@ -166,7 +169,9 @@ def note_user(agent: str, req: dict[str, Any]) -> None:
             log.info("%s: a request for end user %r (as the caller says)", agent, req[key][:64])
 
 
-def create_app(config: Config, kernel: Kernel) -> FastAPI:
+def create_app(config: Config, kernel: Kernel, control: AsyncClient) -> FastAPI:
+    """The gateway's app: calls as the agents of API keys go through
+    ``kernel``, the gateway's own calls (the metrics) through ``control``."""
     app = FastAPI(title="AIOS gateway", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=config.gateway.max_body_bytes)
     if config.gateway.cors_origins:
@@ -221,6 +226,16 @@ def create_app(config: Config, kernel: Kernel) -> FastAPI:
             raise errors.NotFound(f"the model {model!r} does not exist here; the models are: "
                                   f"{', '.join(models)}")
         return model_entry(model)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        # A key, as for /v1/models: the gateway may listen beyond this
+        # machine, and the metrics tell of the kernel's load, models, tools
+        # (and agents, if per_agent_top_k shows them). Any key the kernel
+        # takes will do: Prometheus sends one (authorization.credentials).
+        await check_key(request)
+        figures = await control.call(MsgType.ADMIN_METRICS, {}, 10.0)
+        return Response(exposition(figures), media_type=CONTENT_TYPE)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:

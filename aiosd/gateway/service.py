@@ -55,7 +55,7 @@ async def _run(config: Config, runtime_dir: Path) -> None:
     sock, url = bind(config.gateway.listen)
     kernel = Kernel(endpoint, config.kernel.call_timeout)
     control = Control(endpoint, url)
-    app = create_app(config, kernel)
+    app = create_app(config, kernel, control)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="off",
         timeout_graceful_shutdown=3))

@@ -56,8 +56,12 @@ class LLMCore:
             while True:
                 time.sleep(3600)
         stream = req.stream
+        started = time.monotonic()
+        first: list[float] = []   # when the answer's first piece came, from the task's start
 
         def emit(part: str | dict[str, Any]) -> None:
+            if part and not first:
+                first.append(time.monotonic() - started)
             if stream:
                 task.emit({"text": part} if isinstance(part, str) else part)
 
@@ -68,7 +72,12 @@ class LLMCore:
                           suspend=task.suspend if preempting else None,
                           progress=task.progress if preempting else None)
         out = self.backend.chat(req, ctx)
-        return out.to_body(self.cfg.core)
+        body = out.to_body(self.cfg.core)
+        if first:
+            # for the scheduler's time-to-first-token (it adds the time the
+            # call waited before this turn, and keeps it from the caller)
+            body[request.FIRST_TOKEN] = first[0]
+        return body
 
     def forget(self, body: dict[str, Any]) -> None:
         """An agent ended, or suspended calls will never resume: let go of

@@ -268,6 +268,9 @@ class Engine:
                 "seqs": len(streams.seqs),
                 "seq_ctx": self.n_ctx,
                 "kv_bytes": (len(streams.seqs) + 1) * self.n_ctx * self.token_bytes,
+                # the cache's cells (the spare stream's too), and those holding a token
+                "kv_cells": (len(streams.seqs) + 1) * self.n_ctx,
+                "kv_cells_used": sum(len(s.tokens) for s in streams.seqs),
                 "retained_seqs": sum(1 for s in streams.seqs if s.tokens and not s.busy),
                 "evicted_kept": len(streams.evicted),
                 "evicted_kept_mb": round(streams.evicted_bytes / 2**20, 1),

@@ -51,6 +51,19 @@ class MemoryService:
         self.manager = manager
         self._lock = threading.Lock()
         self._loaded = False
+        self._figures = self._count()
+
+    def _count(self) -> dict[str, Any]:
+        """The manager's figures for the metrics (taken under the lock)."""
+        m = self.manager
+        return {"evictions": m.evictions, "faults": m.faults, "usage_bytes": m.usage,
+                "budget_bytes": m.budget}
+
+    def stats(self) -> dict[str, Any]:
+        """What the worker's heartbeats carry to the scheduler: the figures
+        as of the last call (the heartbeat never waits for the lock, which a
+        call may hold a while)."""
+        return self._figures
 
     def _ns(self, task: Task) -> str:
         if not task.namespace:
@@ -58,28 +71,35 @@ class MemoryService:
         return task.namespace
 
     def _run(self, task: Task) -> dict[str, Any]:
+        with self._lock:
+            try:
+                return self._serve(task)
+            finally:
+                self._figures = self._count()
+
+    def _serve(self, task: Task) -> dict[str, Any]:
+        """One call (the lock held)."""
         m = self.manager
         b = task.body
-        with self._lock:
-            if not self._loaded:
-                # Only now: the scheduler and the storage worker answer.
-                m.load()
-                self._loaded = True
-            if task.type is MsgType.MEMORY_STATS:
-                return m.stats(task.namespace)
-            ns = self._ns(task)
-            if task.type is MsgType.MEMORY_ADD:
-                return {"item": m.add(ns, b.get("text"), b.get("metadata"))}
-            if task.type is MsgType.MEMORY_GET:
-                return {"item": m.get(ns, b.get("id"))}
-            if task.type is MsgType.MEMORY_UPDATE:
-                return {"item": m.update(ns, b.get("id"), b.get("text"), b.get("metadata"),
-                                         task.approved)}
-            if task.type is MsgType.MEMORY_DELETE:
-                return m.delete(ns, b.get("id"), task.approved)
-            if task.type is MsgType.MEMORY_LIST:
-                return {"items": m.list(ns, b.get("filters"), b.get("limit"), b.get("offset"))}
-            return {"items": m.search(ns, b.get("query"), b.get("filters"), b.get("limit"))}
+        if not self._loaded:
+            # Only now: the scheduler and the storage worker answer.
+            m.load()
+            self._loaded = True
+        if task.type is MsgType.MEMORY_STATS:
+            return m.stats(task.namespace)
+        ns = self._ns(task)
+        if task.type is MsgType.MEMORY_ADD:
+            return {"item": m.add(ns, b.get("text"), b.get("metadata"))}
+        if task.type is MsgType.MEMORY_GET:
+            return {"item": m.get(ns, b.get("id"))}
+        if task.type is MsgType.MEMORY_UPDATE:
+            return {"item": m.update(ns, b.get("id"), b.get("text"), b.get("metadata"),
+                                     task.approved)}
+        if task.type is MsgType.MEMORY_DELETE:
+            return m.delete(ns, b.get("id"), task.approved)
+        if task.type is MsgType.MEMORY_LIST:
+            return {"items": m.list(ns, b.get("filters"), b.get("limit"), b.get("offset"))}
+        return {"items": m.search(ns, b.get("query"), b.get("filters"), b.get("limit"))}
 
     def handlers(self) -> dict[MsgType, Handler]:
         types = (MsgType.MEMORY_ADD, MsgType.MEMORY_GET, MsgType.MEMORY_UPDATE,
@@ -96,4 +116,5 @@ def serve(config: Config, endpoint: str) -> None:
     WorkerRuntime(
         kind="memory", name="memory", capacity=4, endpoint=endpoint,
         handlers=service.handlers(), heartbeat_interval=config.kernel.heartbeat_interval,
+        stats=service.stats,
     ).run()

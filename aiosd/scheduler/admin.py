@@ -17,6 +17,7 @@ from libaios import errors, protocol
 from libaios.protocol import Message, MsgType
 
 from .. import confine, credentials, gpus, roles
+from . import metrics
 from .agents import Agent, agent_name_ok
 from .calls import Call, CallState
 from .lifecycle import Lifecycle
@@ -52,6 +53,7 @@ class AdminCalls:
             MsgType.ADMIN_DENY: self.on_decide,
             MsgType.ADMIN_AUDIT: self.on_audit,
             MsgType.ADMIN_KEYS: self.on_keys,
+            MsgType.ADMIN_METRICS: self.on_metrics,
         }
 
     # -- approvals ---------------------------------------------------------------
@@ -169,6 +171,10 @@ class AdminCalls:
         if msg.body.get("calls"):
             status["calls"] = self.call_table()
         self.out.send_client(identity, protocol.reply(msg.id, status))
+
+    def on_metrics(self, session: Session | None, identity: bytes, msg: Message) -> None:
+        """The kernel's figures, which aiosd.metrics renders for Prometheus."""
+        self.out.send_client(identity, protocol.reply(msg.id, metrics.figures(self.state)))
 
     def call_table(self) -> list[dict[str, Any]]:
         """Every call in the kernel now, for `aiosctl top`."""

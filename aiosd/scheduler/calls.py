@@ -58,6 +58,7 @@ class Call:
     preemptions: int = 0
     throttled: bool = False   # held back by its agent's token quota at least once
     held_for: str | None = None  # a worker taken for lost that may still run it (see worker_lost)
+    first_token: bool = False  # llm.chat: its time to first token is counted (see tally)
 
     def task_body(self) -> dict[str, Any]:
         """What the worker is told about this call."""

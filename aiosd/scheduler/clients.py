@@ -51,7 +51,7 @@ RESOURCES: dict[MsgType, str] = _resources()
 OPERATOR_ONLY = frozenset({
     MsgType.ADMIN_STATUS, MsgType.ADMIN_PS, MsgType.ADMIN_KILL, MsgType.ADMIN_SHUTDOWN,
     MsgType.ADMIN_PROCS, MsgType.ADMIN_APPROVALS, MsgType.ADMIN_APPROVE, MsgType.ADMIN_DENY,
-    MsgType.ADMIN_AUDIT, MsgType.ADMIN_KEYS,
+    MsgType.ADMIN_AUDIT, MsgType.ADMIN_KEYS, MsgType.ADMIN_METRICS,
 })
 #: The largest body read from a connection that has not said hello (a
 #: hello is a name, a credential and a few flags).
@@ -141,6 +141,8 @@ class ClientCalls:
         try:
             handler(session, identity, msg)
         except errors.AIOSError as exc:
+            if msg.type in RESOURCES:   # a system call refused before it was queued
+                self.state.tally.refused(msg.type, exc.code)
             self.out.reply_error(identity, msg.id, exc)
         except Exception as exc:  # a bug must cost one call, not the kernel
             log.exception("handling %s failed", msg.type.value)

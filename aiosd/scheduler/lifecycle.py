@@ -23,7 +23,7 @@ import psutil
 from libaios import errors, protocol
 from libaios.protocol import Message, MsgType
 
-from . import dispatcher
+from . import dispatcher, tally
 from .affinity import Home
 from .agents import Agent
 from .approvals import Approval
@@ -44,6 +44,13 @@ CALL_S_WEIGHT = 0.2
 def _count(value: object) -> int:
     """A token count from a worker's usage (0 if it is not one)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def chat_usage(result: Message) -> tuple[int, int]:
+    """(prompt, completion) tokens of a chat's reply, as its core counted them."""
+    tokens = result.body.get("usage")
+    tokens = tokens if isinstance(tokens, dict) else {}
+    return _count(tokens.get("prompt_tokens")), _count(tokens.get("completion_tokens"))
 
 
 class Lifecycle:
@@ -127,6 +134,17 @@ class Lifecycle:
             call.wait_s += now - call.queued_at
         if result is not None:
             self.out.send_client(call.client, result)
+        prompt = completion = 0
+        if result is None:
+            outcome = tally.DROPPED
+        elif result.type is MsgType.ERROR:
+            outcome = tally.outcome_of(result.body.get("code"))
+        else:
+            outcome = "ok"
+            if call.type is MsgType.LLM_CHAT:
+                prompt, completion = chat_usage(result)
+                state.tally.chat_tokens(call.model or "", prompt, completion)
+        state.tally.ended(call, outcome, now)
         agent = state.agents.get(call.agent)
         if agent is None:
             return
@@ -141,9 +159,6 @@ class Lifecycle:
             usage.failed += 1
             self.charge_generated(call, now)
         elif call.type is MsgType.LLM_CHAT:
-            tokens = result.body.get("usage")
-            tokens = tokens if isinstance(tokens, dict) else {}
-            prompt, completion = (_count(tokens.get(k)) for k in ("prompt_tokens", "completion_tokens"))
             self.served_chat(call, prompt + completion)
             usage.prompt_tokens += prompt
             usage.completion_tokens += completion
@@ -207,7 +222,8 @@ class Lifecycle:
         their deadline, workers that ignore a cancel."""
         state = self.state
         for approval in state.approvals.expired(now):
-            self.settle(approval, False, "by timeout: no decision before the deadline", now)
+            self.settle(approval, False, "by timeout: no decision before the deadline", now,
+                        expired=True)
         for call in list(state.calls.values()):
             if call.state is CallState.PENDING:
                 continue  # its approval's expiry (at most the deadline) settles it
@@ -243,6 +259,7 @@ class Lifecycle:
         elif call.state is CallState.RUNNING:
             self.out.send_client(call.client, protocol.error(
                 call.client_call_id, exc.code, exc.message))
+            self.state.tally.ended(call, tally.outcome_of(exc.code), now)
             self.cancel(call, now)
             agent = self.state.agents.get(call.agent)
             if agent is not None:   # (its usage is not finished: count it here)
@@ -290,9 +307,13 @@ class Lifecycle:
         self.out.publish(f"approval.{approval.id}.requested", info)
         self.audit("approval.requested", info)
 
-    def settle(self, approval: Approval, granted: bool, why: str, now: float) -> None:
+    def settle(self, approval: Approval, granted: bool, why: str, now: float,
+               expired: bool = False) -> None:
+        """A decision on ``approval``: a person's, or (``expired``) none
+        before its expiry, which denies it."""
         call = approval.call
         verdict = "approved" if granted else "denied"
+        self.state.tally.decided("expired" if expired else verdict)
         info = {**approval.to_dict(now), "why": why}
         self.out.publish(f"approval.{approval.id}.{verdict}", info)
         self.audit(f"approval.{verdict}", info)

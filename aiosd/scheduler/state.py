@@ -30,6 +30,7 @@ from .calls import Call, CallState
 from .keys import KeyStore
 from .peers import Session, Worker
 from .quota import TokenBucket
+from .tally import Tally
 
 
 @dataclass(eq=False)
@@ -82,6 +83,8 @@ class State:
     affinity_counts: dict[str, Counter[str]] = field(default_factory=dict)
     #: the machine's GPUs, as the supervisor found them when it started
     gpus: list[dict[str, Any]] = field(default_factory=list)
+    #: calls by type and outcome, their latencies, approvals decided (metrics)
+    tally: Tally = field(default_factory=Tally)
     _keys: KeyStore | None = None
 
     @property

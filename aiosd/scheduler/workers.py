@@ -14,6 +14,7 @@ import zmq
 from libaios import errors, protocol
 from libaios.protocol import ErrorCode, Message, MsgType
 
+from .. import chat as chat_request
 from .. import credentials
 from . import access
 from .calls import Call, CallState
@@ -184,6 +185,8 @@ class WorkerMessages:
         worker = self.state.workers.get(name)
         if msg.re is None:
             return
+        # the core's own timing, for the metrics: never the caller's
+        first = msg.body.pop(chat_request.FIRST_TOKEN, None) if msg.type is MsgType.REPLY else None
         if worker is None:
             self._held_result(name, msg)
             return
@@ -203,6 +206,8 @@ class WorkerMessages:
         self.life.release(worker, call)
         worker.served += 1
         now = time.time()
+        if first is not None:
+            self.first_token(call, first)
         suspended = msg.type is MsgType.REPLY and msg.body.get("finish_reason") == "suspended"
         if call.state is not CallState.RUNNING:
             # cancelled (timed out, or its caller gone): its caller has had
@@ -250,6 +255,16 @@ class WorkerMessages:
         else:
             self.life.finish(call, for_caller(call, msg), now)
         self.life.dispatch()
+
+    def first_token(self, call: Call, seconds: object) -> None:
+        """A chat's turn came back saying its first token came ``seconds``
+        after the turn reached its core: the first such turn of the call
+        gives its time to first token (from its arrival in the kernel)."""
+        if call.first_token or not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+            return
+        call.first_token = True
+        self.state.tally.first_token_after(call.model or "",
+                                           call.dispatched - call.submitted + seconds)
 
     def _held_result(self, name: str, msg: Message) -> None:
         """The answer to a call held for worker ``name``, taken for lost (see

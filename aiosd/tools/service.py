@@ -40,6 +40,7 @@ from ..config import Config, ToolsConfig
 from ..kernel_client import KernelClient
 from ..worker import Handler, Task, WorkerRuntime
 from .builtins import builtin_tools
+from .figures import ToolFigures
 from .mcp_tools import McpBridge
 from .registry import Context, Registry, Tool
 from .sandbox import landlock_status
@@ -87,13 +88,31 @@ class ToolService:
         self.registry = registry
         #: entry-point tool threads still running after their call gave up
         self.abandoned = 0
+        #: each tool's calls by outcome and their run time (for the metrics)
+        self.figures = ToolFigures()
 
     def list(self, task: Task) -> dict[str, Any]:
         return {"tools": self.registry.schemas()}
 
     def call(self, task: Task) -> dict[str, Any]:
+        tool = self.registry.get(task.body.get("name"))
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            result = self._call(tool, task)
+            outcome = "ok"
+            return result
+        except Timeout:
+            outcome = "timeout"
+            raise
+        except Cancelled:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.figures.record(tool.name, outcome, time.monotonic() - started)
+
+    def _call(self, tool: Tool, task: Task) -> dict[str, Any]:
         body = task.body
-        tool = self.registry.get(body.get("name"))
         arguments = body.get("arguments")
         args = tool.check({} if arguments is None else arguments)
         now = time.time()
@@ -164,6 +183,10 @@ class ToolService:
     def handlers(self) -> dict[MsgType, Handler]:
         return {MsgType.TOOL_LIST: self.list, MsgType.TOOL_CALL: self.call}
 
+    def stats(self) -> dict[str, Any]:
+        """What the worker's heartbeats carry to the scheduler."""
+        return {"tools": self.figures.to_dict()}
+
 
 def capacity_of(registry: Registry) -> int:
     """Slots for the worker: every tool at its concurrency limit at once."""
@@ -210,7 +233,7 @@ def serve(config: Config, endpoint: str) -> None:
         WorkerRuntime(
             kind="tool", name="tools", capacity=capacity_of(registry), endpoint=endpoint,
             handlers=service.handlers(), heartbeat_interval=config.kernel.heartbeat_interval,
-            info={"tools": registry.info()},
+            info={"tools": registry.info()}, stats=service.stats,
             inline=frozenset({MsgType.SYS_NULL, MsgType.TOOL_LIST}),
         ).run()
     finally:
