@@ -377,6 +377,7 @@ class MetricsConfig:
     #: those with the most tokens (or calls: per_agent_by). 0: none, only
     #: kernel-wide figures, whatever the number of agents.
     per_agent_top_k: int = field(default=0, metadata=_check("non-negative"))
+    #: What ranks the agents shown one by one: "tokens" or "calls".
     per_agent_by: str = field(default="tokens", metadata=_check("one of: tokens, calls"))
 
 
@@ -400,6 +401,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     #: The OpenAI-compatible HTTP gateway and MCP server.
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    #: The Prometheus metrics: which figures go out one agent at a time.
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict[str, Any]:
