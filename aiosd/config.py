@@ -52,6 +52,10 @@ class KernelConfig:
     log_level: str = field(
         default="info", metadata=_check("one of: debug, info, warning, error")
     )
+    #: "text": a line a person reads; "json": one JSON object a line (ts,
+    #: level, process, event, agent, call_id, message; see docs/operations.md).
+    #: Under systemd the journal gets the same fields either way.
+    log_format: str = field(default="text", metadata=_check("one of: text, json"))
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ def test_default_toml_round_trips() -> None:
     ({"kernel": {"max_queue": True}}, "kernel.max_queue"),
     ({"kernel": {"call_timeout": 0}}, "kernel.call_timeout"),
     ({"kernel": {"log_level": "loud"}}, "kernel.log_level"),
+    ({"kernel": {"log_format": "xml"}}, "kernel.log_format"),
     ({"scheduler": {"policy": "lottery"}}, "scheduler.policy"),
     ({"llm": {"models": []}}, "llm.models"),
     ({"llm": {"models": [{"name": "a"}, {"name": "a", "path": "/x.gguf"}]}}, "llm.models[1]"),
