@@ -83,6 +83,12 @@ class SchedulerConfig:
     #: An agent's calls to a model go to the core holding its conversation's
     #: KV cells, unless waiting there would cost more than prefilling it again.
     affinity: bool = True
+    #: A core whose decode rate stays under this fraction of its own recent
+    #: median (at the same batch size) is flagged slow: an event, a warning
+    #: in the log and in aiosctl status.
+    slow_core_fraction: float = field(default=0.5, metadata=_check("fraction"))
+    #: ... for this many seconds.
+    slow_core_seconds: float = field(default=30.0, metadata=_check("positive"))
 
 
 @dataclass(frozen=True)

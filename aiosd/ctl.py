@@ -180,6 +180,12 @@ def status(as_json: bool) -> None:
                       str(core.get("served", "-")))
     out.print(cores)
     for core in data["cores"]:
+        decode = core.get("decode") or {}
+        if decode.get("slow_since") is not None:
+            since = time.strftime("%H:%M:%S", time.localtime(decode["slow_since"]))
+            out.print(f"[yellow]warning[/]: core {core['name']} is slow since {since}: it decodes "
+                      f"{decode['rate']} tokens/s, its recent median is {decode['median']}")
+    for core in data["cores"]:
         line = memory_line(core.get("info") or {})
         if line:
             out.print(f"core {core['name']} memory: {line}")

@@ -96,4 +96,7 @@ def serve(config: Config, endpoint: str) -> None:
     WorkerRuntime(
         kind="memory", name="memory", capacity=4, endpoint=endpoint,
         handlers=service.handlers(), heartbeat_interval=config.kernel.heartbeat_interval,
+        # running totals the scheduler turns into eviction events (the
+        # manager's full stats walk every item: not at every heartbeat)
+        stats=lambda: {"evictions": manager.evictions, "faults": manager.faults},
     ).run()

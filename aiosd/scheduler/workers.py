@@ -17,6 +17,7 @@ from libaios.protocol import ErrorCode, Message, MsgType
 from .. import credentials
 from . import access
 from .calls import Call, CallState
+from .health import Health
 from .lifecycle import Lifecycle, not_run_again
 from .outbox import Outbox
 from .peers import Worker, parent_of, peer_credentials
@@ -33,6 +34,7 @@ class WorkerMessages:
         self.state = state
         self.out = out
         self.life = life
+        self.health = Health(state, out)
         self.handlers: dict[MsgType, Callable[[str, Message], None]] = {
             MsgType.WORKER_HEARTBEAT: self.on_worker_heartbeat,
             MsgType.PARTIAL: self.on_worker_result,
@@ -175,9 +177,10 @@ class WorkerMessages:
 
     def on_worker_heartbeat(self, name: str, msg: Message) -> None:
         worker = self.state.workers[name]
-        worker.last_seen = time.time()
+        worker.last_seen = now = time.time()
         stats = msg.body.get("stats")
         if isinstance(stats, dict):
+            self.health.on_stats(worker, stats, now)
             worker.stats = stats
 
     def on_worker_result(self, name: str, msg: Message) -> None:
