@@ -118,3 +118,17 @@ def test_a_followed_file_gives_lines_written_later_and_survives_rotation(tmp_pat
     half.write_text("whole\nhalf")
     reader = logview.LogFile(str(half))
     assert list(reader.read(partial=False)) == ["whole"] and reader.offset == len("whole\n")
+
+
+def test_without_a_daemon_logs_and_events_exit_3(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIOS_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.delenv("AIOS_ENDPOINT", raising=False)
+    runner = CliRunner()
+    logs_run = runner.invoke(main, ["logs"])
+    assert logs_run.exit_code == 3 and "no log at" in logs_run.output
+    events_run = runner.invoke(main, ["events", "--wait", "1"])
+    assert events_run.exit_code == 3 and "not running" in events_run.output
+    # the log aiosctl start left is read without a daemon
+    (tmp_path / "aiosd.log").write_text(sample("text")[1] + "\n")
+    assert runner.invoke(main, ["logs", "--process", "aiosd"]).output.count("started scheduler") == 1
