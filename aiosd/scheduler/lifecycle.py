@@ -358,6 +358,7 @@ class Lifecycle:
             elif call.state is CallState.PENDING:
                 self.finish(call, None, now)
             elif call.state is CallState.RUNNING:
+                log_end(call, None, now, running_s=now - call.dispatched)
                 self.cancel(call, now)
         for worker in list(state.workers.values()):
             if worker.kind == "llm":
