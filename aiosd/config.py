@@ -53,6 +53,10 @@ class KernelConfig:
     log_level: str = field(
         default="info", metadata=_check("one of: debug, info, warning, error")
     )
+    #: "text": a line a person reads; "json": one JSON object a line (ts,
+    #: level, process, event, agent, call_id, message; see docs/operations.md).
+    #: Under systemd the journal gets the same fields either way.
+    log_format: str = field(default="text", metadata=_check("one of: text, json"))
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,12 @@ class SchedulerConfig:
     #: An agent's calls to a model go to the core holding its conversation's
     #: KV cells, unless waiting there would cost more than prefilling it again.
     affinity: bool = True
+    #: A core whose decode rate stays under this fraction of its own recent
+    #: median (at the same batch size) is flagged slow: an event, a warning
+    #: in the log and in aiosctl status.
+    slow_core_fraction: float = field(default=0.5, metadata=_check("fraction"))
+    #: ... for this many seconds.
+    slow_core_seconds: float = field(default=30.0, metadata=_check("positive"))
 
 
 @dataclass(frozen=True)

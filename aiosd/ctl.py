@@ -181,6 +181,12 @@ def status(as_json: bool) -> None:
                       str(core.get("served", "-")))
     out.print(cores)
     for core in data["cores"]:
+        decode = core.get("decode") or {}
+        if decode.get("slow_since") is not None:
+            since = time.strftime("%H:%M:%S", time.localtime(decode["slow_since"]))
+            out.print(f"[yellow]warning[/]: core {core['name']} is slow since {since}: it decodes "
+                      f"{decode['rate']} tokens/s, its recent median is {decode['median']}")
+    for core in data["cores"]:
         line = memory_line(core.get("info") or {})
         if line:
             out.print(f"core {core['name']} memory: {line}")
@@ -277,6 +283,121 @@ def models(as_json: bool) -> None:
         emit_json(data["models"])
         return
     out.print(models_table(data["models"]))
+
+
+# -- logs and events ----------------------------------------------------------------
+
+
+def log_file(given: str | None) -> str:
+    """The log to read: ``given``; else where the running daemon logs (its
+    status says); else, with none running, the file ``aiosctl start`` wrote."""
+    if given:
+        return given
+    status = _status_or_none()
+    if status is not None:
+        where = status.get("log") or {}
+        if where.get("journal"):
+            fail("aiosd logs to the journal: read it with `journalctl -u aiosd` (fields "
+                 "AIOS_PROCESS, AIOS_AGENT, AIOS_CALL_ID, such as `journalctl AIOS_AGENT=ID`)")
+        if where.get("file"):
+            return str(where["file"])
+        fail("aiosd's log goes to no file (to the terminal it runs in, or a pipe); give one "
+             "with --file")
+    path = paths.runtime_dir() / paths.LOG_FILE
+    if not path.exists():
+        fail(f"aiosd is not running, and there is no log at {path}", EXIT_NOT_RUNNING)
+    return str(path)
+
+
+@main.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until interrupted.")
+@click.option("--process", help="Only this process's records: a role (scheduler, memory, "
+              "gateway, aiosd for the supervisor), llm for every core, or a core's name.")
+@click.option("--agent", help="Only records about this agent: an id (calls-3), or a name "
+              "(calls: every run of it).")
+@click.option("--lines", "-n", "count", type=click.IntRange(min=0),
+              help="Only the last N lines shown (default: all; with --follow, 10).")
+@click.option("--file", "path", type=click.Path(dir_okay=False),
+              help="The log file (default: where the running aiosd logs, else the one "
+                   "`aiosctl start` wrote in the runtime directory).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON object a line (text records parsed into fields).")
+def logs(follow: bool, process: str | None, agent: str | None, count: int | None,
+         path: str | None, as_json: bool) -> None:
+    """Show aiosd's log (text or JSON lines alike), filtered by process and agent."""
+    from collections import deque
+
+    from . import logview
+
+    source = log_file(path)
+    keep = logview.LogFilter(process, agent)
+
+    def show(shown: logview.Shown) -> None:
+        click.echo(json.dumps(shown.fields, ensure_ascii=False) if as_json else shown.line)
+
+    try:
+        log = logview.LogFile(source)
+        if count is None and follow:
+            count = 10
+        if count is not None:
+            # what the file holds now: its last lines shown, then (following) every new one
+            last: deque[logview.Shown] = deque(maxlen=count)
+            for line in log.read(partial=not follow):
+                if (shown := keep.feed(line)) is not None:
+                    last.append(shown)
+            for shown in last:
+                show(shown)
+            if not follow:
+                return
+        for line in log.read(follow=follow):
+            if (shown := keep.feed(line)) is not None:
+                show(shown)
+    except OSError as exc:
+        fail(f"cannot read the log {source}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("--follow", "-f", is_flag=True, help="Print events until interrupted.")
+@click.option("--wait", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="Without --follow: print the events of this many seconds, then exit.")
+@click.option("--topic", "topics", multiple=True,
+              help="Only events whose topic starts so (agent., core., proc.); may be repeated.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON object an event: topic, ts, body.")
+def events(follow: bool, wait: float, topics: tuple[str, ...], as_json: bool) -> None:
+    """Print the kernel's events as they happen: agents starting and ending,
+    processes restarting, access denied, approvals, evictions, slow cores
+    (topics and bodies: docs/operations.md). The kernel keeps no past
+    events: what happens from now on is printed, for --wait seconds, or with
+    --follow until interrupted."""
+    from libaios import events as bus
+
+    try:
+        sub = bus.subscribe(topics or ("",))
+    except (errors.NotRunning, errors.Timeout) as exc:
+        fail(exc.message, EXIT_NOT_RUNNING)
+    end = None if follow else time.monotonic() + wait
+    err.print("aiosctl: " + ("following events (Ctrl-C to stop)" if follow
+                             else f"events for {wait:g}s"), markup=False)
+    try:
+        with sub:
+            while end is None or (left := end - time.monotonic()) > 0:
+                event = sub.next(None if end is None else left)
+                if event is None:
+                    continue
+                if as_json:
+                    click.echo(json.dumps({"topic": event.topic, "ts": event.ts,
+                                           "body": event.body}, default=str))
+                else:
+                    stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))
+                    detail = " ".join(f"{k}={v}" for k, v in event.body.items())
+                    click.echo(f"{stamp} {event.topic} {detail}".rstrip())
+    except errors.AIOSError as exc:
+        fail(f"{exc.code.name}: {exc.message}")
+    except KeyboardInterrupt:
+        pass
 
 
 # -- API keys ---------------------------------------------------------------------

@@ -26,7 +26,7 @@ import zmq
 from libaios import paths, protocol
 from libaios.protocol import ErrorCode, MsgType
 
-from . import credentials, gpus, procs, roles, rundir
+from . import credentials, gpus, logs, procs, roles, rundir
 from .config import Config
 from .procstate import ProcMachine, ProcState, RestartRules
 from .sdnotify import Notifier
@@ -165,7 +165,8 @@ class Supervisor:
         finally:
             os.close(fd)
         child.machine.start(now)
-        log.info("started %s (pid %d)", child.name, child.popen.pid)
+        log.info("started %s (pid %d)", child.name, child.popen.pid,
+                 extra=logs.fields(event="proc.started"))
 
     def reap(self) -> None:
         while True:
@@ -184,7 +185,8 @@ class Supervisor:
             child.machine.exited(time.monotonic(), code, permanent=code == roles.EX_CONFIG)
             level = logging.INFO if was is ProcState.STOPPING else logging.WARNING
             log.log(level, "%s (pid %d) ended: %s; now %s", child.name, pid,
-                    procs.describe_exit(code), child.machine.state.value)
+                    procs.describe_exit(code), child.machine.state.value,
+                    extra=logs.fields(event="proc.ended"))
 
     def manage(self) -> None:
         now = time.monotonic()

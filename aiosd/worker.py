@@ -28,7 +28,7 @@ from libaios import errors, protocol
 from libaios.protocol import ErrorCode, Message, MsgType
 from libaios.wire import send_frames
 
-from . import credentials
+from . import credentials, logs
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,18 @@ class WorkerRuntime:
             send_frames(self._push_sock, frames)
 
     def _execute(self, task: Task) -> Message:
+        # what the handler logs names the call and its agent (the kernel's
+        # id of the call: the one the scheduler's records give it too)
+        agent = task.caller.get("agent")
+        with logs.context(agent=agent if isinstance(agent, str) else None, call_id=task.call_id):
+            started = time.monotonic()
+            result = self._handle(task)
+            log.debug("%s %s in %.3fs", task.type.value,
+                      "failed" if result.type is MsgType.ERROR else "done",
+                      time.monotonic() - started, extra=logs.fields(event="task.finished"))
+            return result
+
+    def _handle(self, task: Task) -> Message:
         handler = self.handlers[task.type]
         try:
             return protocol.reply(task.call_id, handler(task))
@@ -154,7 +166,8 @@ class WorkerRuntime:
         frames = protocol.encode(self._execute(task))
         if len(frames[-1]) > protocol.MAX_BODY_BYTES:
             log.warning("%s: the result of %s is %d bytes, over the limit", self.name,
-                        task.type.value, len(frames[-1]))
+                        task.type.value, len(frames[-1]),
+                        extra=logs.fields(agent=task.caller.get("agent"), call_id=task.call_id))
             frames = protocol.encode(protocol.error(
                 task.call_id, ErrorCode.TOO_LARGE,
                 f"{task.type.value}: the result is {len(frames[-1])} bytes, over the limit of "

@@ -496,3 +496,63 @@ def decode(payload: list[bytes]) -> Message:
         raise ProtocolError(ErrorCode.BAD_FRAME, "body is not a map")
     _check_depth(body)
     return Message(mtype, mid, body, re=re_, deadline=deadline)
+
+
+# --------------------------------------------------------------------------
+# Events
+#
+# The scheduler publishes events on its PUB socket (events.sock) as frames
+# ``[topic, header, body]``: the topic first (UTF-8, dotted, such as
+# ``agent.ID.started``), since subscribers filter on its prefix; the header
+# ``{"v": VERSION, "ts": UNIX time}``; the body a map. docs/operations.md
+# lists the topics and their bodies.
+
+#: Topic prefix of the answer to a subscription: a subscriber that also
+#: subscribes to ``SUBSCRIBED + TOKEN`` gets one event of that topic once
+#: the kernel has its subscriptions (events published after it reach it).
+SUBSCRIBED = "kernel.subscribed."
+#: Longest topic accepted, in bytes.
+MAX_TOPIC_BYTES = 512
+
+
+@dataclass
+class Event:
+    """A decoded event: its topic, when it was published, and its body."""
+
+    topic: str
+    ts: float
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_event(topic: str, body: dict[str, Any], ts: float | None = None) -> list[bytes]:
+    """The frames of an event on ``topic`` (published now unless ``ts``)."""
+    head = {"v": VERSION, "ts": time.time() if ts is None else ts}
+    return [topic.encode("utf-8"), _packb(head), _packb(body)]
+
+
+def decode_event(frames: list[bytes]) -> Event:
+    """Decode an event's frames (as a subscriber receives them)."""
+    if len(frames) != 3:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"an event has 3 frames, got {len(frames)}")
+    if len(frames[0]) > MAX_TOPIC_BYTES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"event topic is {len(frames[0])} bytes; "
+                                                 f"the limit is {MAX_TOPIC_BYTES}")
+    try:
+        topic = frames[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "event topic is not UTF-8") from None
+    head = _unpack(frames[1], MAX_HEADER_BYTES, "event header")
+    if not isinstance(head, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "event header is not a map")
+    if head.get("v") != VERSION:
+        raise ProtocolError(ErrorCode.BAD_VERSION,
+                            f"event protocol version {head.get('v')!r} is not supported; "
+                            f"this side speaks {VERSION}")
+    ts = head.get("ts")
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "event header 'ts' must be a number")
+    body = _unpack(frames[2], MAX_BODY_BYTES, "event body")
+    if not isinstance(body, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "event body is not a map")
+    _check_depth(body)
+    return Event(topic, float(ts), body)

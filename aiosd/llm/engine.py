@@ -39,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +56,19 @@ from .streams import Streams
 from .tiers import DiskTier
 
 log = logging.getLogger(__name__)
+
+#: A test hook (fault injection for the slow-core test): while the file this
+#: variable names exists, each llama_decode call first sleeps the seconds
+#: written in it, as a core slowed by its machine would decode.
+SLOW_DECODE_ENV = "AIOS_FAULT_SLOW_DECODE"
+
+
+def slow_decode_delay(path: str) -> float:
+    """The seconds to sleep before a decode under the SLOW_DECODE_ENV hook."""
+    try:
+        return max(0.0, float(Path(path).read_text().strip() or 0))
+    except (OSError, ValueError):
+        return 0.0
 
 
 def _meta(model: Any, key: str) -> str | None:
@@ -186,10 +200,15 @@ class Engine:
         self.running: list[Request] = []
         self._lock = threading.Condition()
         self._stop = False
+        self._slow_decode = os.environ.get(SLOW_DECODE_ENV) or None
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "cached_tokens": 0,
                       "shared_tokens": 0, "evicted_seqs": 0, "moved_seqs": 0, "passes": 0,
                       "kept_seqs": 0, "restored_seqs": 0, "restored_tokens": 0, "forgotten": 0,
                       "suspended": 0, "resumed": 0, "decode_s": 0.0, "busy_s": 0.0,
+                      # decode steps (a token for each decoding call) and
+                      # their time: the core's decode rate, which the
+                      # scheduler watches for a slowdown (see slowcore)
+                      "gen_steps": 0, "gen_s": 0.0,
                       # where admitted calls found their conversation: the
                       # KV cache, RAM, disk, nowhere (a conversation lost),
                       # or nowhere yet (an agent's first call)
@@ -390,7 +409,8 @@ class Engine:
         # of their own, one pass each.
         groups = [sorted(decoding, key=lambda p: p[0]._seq.id)] if decoding else []
         groups += chunk_groups(sorted(chunks, key=lambda p: p[0]._seq.id), self.n_batch)
-        for group in groups:
+        for i, group in enumerate(groups):
+            t = time.perf_counter()
             try:
                 self._decode_group(group)
             except Exception as exc:
@@ -400,6 +420,10 @@ class Engine:
                 log.exception("decoding a batch of %d calls failed", len(group))
                 for req, _ in group:
                     self._fail(req, exc, drop=True)
+            else:
+                if decoding and i == 0:
+                    self.stats["gen_steps"] += 1
+                    self.stats["gen_s"] += time.perf_counter() - t
         self.stats["steps"] += 1
 
     def _decode_group(self, planned: list[tuple[Request, list[int]]]) -> None:
@@ -488,6 +512,8 @@ class Engine:
                                      shape=(self._n_vocab,))
 
     def _decode(self, b: Any) -> None:
+        if self._slow_decode is not None:
+            time.sleep(slow_decode_delay(self._slow_decode))
         t = time.perf_counter()
         rc = self._ll.llama_decode(self.ctx.ctx, b)
         self.stats["decode_s"] += time.perf_counter() - t

@@ -5,6 +5,7 @@ and outbox, and ends calls through the call lifecycle."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import libaios
 from libaios import errors, protocol
 from libaios.protocol import Message, MsgType
 
-from .. import confine, credentials, gpus, roles
+from .. import confine, credentials, gpus, logs, roles
 from . import metrics
 from .agents import Agent, agent_name_ok
 from .calls import Call, CallState
@@ -24,6 +25,8 @@ from .lifecycle import Lifecycle
 from .outbox import Outbox
 from .peers import Handler, Session
 from .state import State
+
+log = logging.getLogger("aiosd.scheduler")
 
 #: The kernel services besides the LLM cores: worker name -> the kind it registers as.
 SERVICES = {name: kind for name, (kind, _) in roles.SERVICES.items()}
@@ -137,7 +140,10 @@ class AdminCalls:
             raise errors.InvalidArgument(f"agent.run: cannot start {path}: "
                                          f"{getattr(exc, 'strerror', None) or exc}") from None
         self.out.watch.extend(agent.pipes)
-        self.out.publish(f"agent.{agent.id}.started", {"agent": agent.id, "pid": agent.pid, "path": path})
+        self.out.publish(f"agent.{agent.id}.started",
+                         {"agent": agent.id, "name": agent.name, "pid": agent.pid, "path": path})
+        log.info("agent %s started (pid %d): %s", agent.id, agent.pid, path,
+                 extra=logs.fields(event="agent.started", agent=agent.id))
         info = {"agent": agent.id, "pid": agent.pid, "name": agent.name}
         if body.get("wait"):
             agent.watchers.append((identity, msg.id))
@@ -235,6 +241,9 @@ class AdminCalls:
                      # as configured (info's n_gpu_layers: what the core resolved)
                      "devices": core.devices, "n_gpu_layers": core.n_gpu_layers,
                      "main_gpu": core.main_gpu, "tensor_split": core.tensor_split}
+            watch = self.state.slow_cores.get(core.core)
+            # its decode rate against its own recent median (see slowcore)
+            entry["decode"] = watch.view() if watch is not None else None
             if worker:
                 entry.update(worker.to_dict())
             cores.append(entry)
@@ -278,6 +287,9 @@ class AdminCalls:
             "sessions": len(self.state.sessions),
             "confinement": self.confinement(),
             "gateway": self.gateway(),
+            "slow_cores": sorted(name for name, watch in self.state.slow_cores.items()
+                                 if watch.flagged is not None),
+            "log": logs.where(),
         }
 
     def gateway(self) -> dict[str, Any]:

@@ -225,7 +225,8 @@ class ClientCalls:
                          or state.agents.connected(record.name))
                 if agent is None:
                     agent = state.agents.register(record.name, None)
-                    self.out.publish(f"agent.{agent.id}.connected", {"agent": agent.id, "pid": pid})
+                    self.out.publish(f"agent.{agent.id}.connected",
+                                     {"agent": agent.id, "name": agent.name, "pid": pid})
                 state.rules.joined[record.name] = set(record.groups)
         if agent is None:
             self.life.audit("key.denied", {"key": key[:len(keys.PREFIX) + 4], "pid": pid,
@@ -325,7 +326,8 @@ class ClientCalls:
             self._name_taken(name, pid, holder, "a connected agent",
                              "which is connected; a name is its holder's while it is connected")
         agent = self.state.agents.register(name, pid)
-        self.out.publish(f"agent.{agent.id}.connected", {"agent": agent.id, "pid": pid})
+        self.out.publish(f"agent.{agent.id}.connected",
+                         {"agent": agent.id, "name": agent.name, "pid": pid})
         return Session(identity, name, operator=False, agent=agent)
 
     def _name_taken(self, name: str, pid: int | None, holder: Agent, what: str,

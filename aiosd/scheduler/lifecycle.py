@@ -23,6 +23,7 @@ import psutil
 from libaios import errors, protocol
 from libaios.protocol import Message, MsgType
 
+from .. import logs
 from . import dispatcher, tally
 from .affinity import Home
 from .agents import Agent
@@ -100,6 +101,8 @@ class Lifecycle:
         task = Message(MsgType.WORKER_TASK, protocol.new_id(), call.task_body(),
                        deadline=call.deadline)
         self.out.send_worker(worker, task)
+        log.debug("%s runs on %s (attempt %d)", call.type.value, worker.name, call.attempts,
+                  extra=logs.fields(event="call.started", agent=call.agent, call_id=call.kid))
 
     def release(self, worker: Worker, call: Call) -> None:
         """``call`` no longer holds a slot of ``worker`` (nor of its tool)."""
@@ -145,6 +148,7 @@ class Lifecycle:
                 prompt, completion = chat_usage(result)
                 state.tally.chat_tokens(call.model or "", prompt, completion)
         state.tally.ended(call, outcome, now)
+        log_end(call, result, now)
         agent = state.agents.get(call.agent)
         if agent is None:
             return
@@ -260,6 +264,8 @@ class Lifecycle:
             self.out.send_client(call.client, protocol.error(
                 call.client_call_id, exc.code, exc.message))
             self.state.tally.ended(call, tally.outcome_of(exc.code), now)
+            log_end(call, protocol.error(call.client_call_id, exc.code, exc.message), now,
+                    running_s=now - call.dispatched)
             self.cancel(call, now)
             agent = self.state.agents.get(call.agent)
             if agent is not None:   # (its usage is not finished: count it here)
@@ -373,6 +379,7 @@ class Lifecycle:
             elif call.state is CallState.PENDING:
                 self.finish(call, None, now)
             elif call.state is CallState.RUNNING:
+                log_end(call, None, now, running_s=now - call.dispatched)
                 self.cancel(call, now)
         for worker in list(state.workers.values()):
             if worker.kind == "llm":
@@ -385,7 +392,7 @@ class Lifecycle:
         agent = session.agent
         if agent is not None and not agent.launched and not agent.sessions:
             self.state.agents.disconnect(agent, self.clock())
-            self.forget_agent(agent)
+            self.agent_ended(agent)
 
     def agent_ended(self, agent: Agent) -> None:
         self.forget_agent(agent)
@@ -398,7 +405,10 @@ class Lifecycle:
         for identity, call_id in agent.watchers:
             self.out.send_client(identity, protocol.reply(call_id, body))
         agent.watchers.clear()
-        self.out.publish(f"agent.{agent.id}.{agent.state.value}", body)
+        self.out.publish(f"agent.{agent.id}.{agent.state.value}", {**body, "name": agent.name})
+        how = agent.state.value + (f" (exit code {agent.exit_code})" if agent.launched else "")
+        log.info("agent %s %s", agent.id, how,
+                 extra=logs.fields(event=f"agent.{agent.state.value}", agent=agent.id))
 
     def worker_lost(self, worker: Worker, why: str) -> None:
         """Forget ``worker``; run its calls again elsewhere, or fail them."""
@@ -408,7 +418,7 @@ class Lifecycle:
             del state.homes[key]
         if state.workers.get(worker.name) is worker:
             del state.workers[worker.name]
-        log.warning("worker %s lost: %s", worker.name, why)
+        log.warning("worker %s lost: %s", worker.name, why, extra=logs.fields(event="worker.lost"))
         self.out.publish(f"worker.{worker.name}.lost", {"name": worker.name, "why": why})
         now = self.clock()
         for call in list(worker.inflight.values()):
@@ -477,6 +487,26 @@ class Lifecycle:
             for call in [c for c in state.calls.values() if c.held_for and c.resource == resource]:
                 call.held_for = None
                 self.fail(call, unservable(resource), now)
+
+
+def log_end(call: Call, result: Message | None, now: float, running_s: float = 0.0) -> None:
+    """Log how ``call`` ended (``running_s``: its time on its worker not
+    yet in its service time): an agent's or an operator's at INFO (a null
+    call, which only measures the kernel, at DEBUG); the kernel's own (its
+    audit records, the memory manager's blocks) at DEBUG."""
+    if result is None:
+        how = "dropped (its caller is gone)"
+    elif result.type is MsgType.ERROR:
+        how = f"failed: {result.body.get('name')}: {result.body.get('message')}"
+    else:
+        how = "done"
+    level = (logging.DEBUG if call.client is None or call.type is MsgType.SYS_NULL
+             else logging.INFO)
+    if log.isEnabledFor(level):
+        log.log(level, "%s %s in %.3fs (queued %.3fs, ran %.3fs on %s)", call.type.value, how,
+                now - call.submitted, call.wait_s, call.service_s + running_s,
+                call.worker or "no worker",
+                extra=logs.fields(event="call.finished", agent=call.agent, call_id=call.kid))
 
 
 def unservable(resource: str, model: str | None = None) -> errors.Unavailable:

@@ -1,7 +1,8 @@
 """The scheduler: the only process agents talk to.
 
-One loop polls three things: the clients' ROUTER (agents and aiosctl), the
-workers' ROUTER, and the output pipes of the agents the kernel launched. A
+One loop polls four things: the clients' ROUTER (agents and aiosctl), the
+workers' ROUTER, the events' XPUB (for subscriptions) and the output pipes
+of the agents the kernel launched. A
 call is decoded and checked, queued on its resource under the configured
 policy, dispatched to a worker with a free slot, and tracked until its final
 reply, with a deadline and a known owner. When a worker is lost its calls
@@ -23,7 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-import msgpack
 import zmq
 
 from libaios import paths, protocol
@@ -59,7 +59,11 @@ class Scheduler:
         self.workers_sock = ctx.socket(zmq.ROUTER)
         self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.workers_sock.setsockopt(zmq.LINGER, 500)
-        self.events = ctx.socket(zmq.PUB)
+        # An XPUB, not a PUB: the kernel hears subscriptions, and answers
+        # one to protocol.SUBSCRIBED + a token, so a subscriber knows when
+        # its subscriptions are in place (a PUB drops what it publishes
+        # before then, unseen).
+        self.events = ctx.socket(zmq.XPUB)
         self.events.setsockopt(zmq.LINGER, 0)
         self.poller = zmq.Poller()
 
@@ -90,6 +94,7 @@ class Scheduler:
             os.chmod(self.runtime_dir / paths.KERNEL_SOCKET, 0o666)
         self.poller.register(self.clients, zmq.POLLIN)
         self.poller.register(self.workers_sock, zmq.POLLIN)
+        self.poller.register(self.events, zmq.POLLIN)
 
     def flush(self) -> None:
         """Send what the kernel put in its outbox. A client or worker that
@@ -113,7 +118,7 @@ class Scheduler:
                         and self.state.workers.get(worker.name) is worker):
                     life.worker_lost(worker, "its connection is gone")
             for topic, body in events:
-                self.events.send_multipart([topic.encode(), msgpack.packb(body, use_bin_type=True)])
+                self.events.send_multipart(protocol.encode_event(topic, body))
 
     @staticmethod
     def _send(sock: zmq.Socket, identity: bytes, msg: protocol.Message) -> bool:
@@ -126,6 +131,20 @@ class Scheduler:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 return False
             raise
+
+    def on_subscriptions(self) -> None:
+        """Answer each new subscription to protocol.SUBSCRIBED + a token
+        with an event of that topic (others need no answer)."""
+        for _ in range(1000):
+            try:
+                frame = self.events.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            # b"\x01" + topic: subscribe; b"\x00" + topic: unsubscribe
+            topic = frame[1:].decode("utf-8", errors="replace")
+            if (frame[:1] == b"\x01" and topic.startswith(protocol.SUBSCRIBED)
+                    and len(frame) <= protocol.MAX_TOPIC_BYTES):
+                self.out.publish(topic, {})
 
     # -- agents ---------------------------------------------------------------
 
@@ -197,6 +216,9 @@ class Scheduler:
                 raise
             if self.workers_sock in ready:
                 self.drain_workers()
+            if self.events in ready:
+                self.on_subscriptions()
+                self.flush()
             if self.clients in ready:
                 for _ in range(1000):
                     try:

@@ -30,6 +30,7 @@ from .calls import Call, CallState
 from .keys import KeyStore
 from .peers import Session, Worker
 from .quota import TokenBucket
+from .slowcore import SlowCore
 from .tally import Tally
 
 
@@ -81,6 +82,8 @@ class State:
     call_s: dict[str, float] = field(default_factory=dict)
     #: per core: its calls by affinity outcome (hits, moves, new)
     affinity_counts: dict[str, Counter[str]] = field(default_factory=dict)
+    #: per core: its decode rate against its own recent median (see slowcore)
+    slow_cores: dict[str, SlowCore] = field(default_factory=dict)
     #: the machine's GPUs, as the supervisor found them when it started
     gpus: list[dict[str, Any]] = field(default_factory=list)
     #: calls by type and outcome, their latencies, approvals decided (metrics)

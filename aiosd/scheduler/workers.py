@@ -18,6 +18,7 @@ from .. import chat as chat_request
 from .. import credentials
 from . import access
 from .calls import Call, CallState
+from .health import Health
 from .lifecycle import Lifecycle, not_run_again
 from .outbox import Outbox
 from .peers import Worker, parent_of, peer_credentials
@@ -34,6 +35,7 @@ class WorkerMessages:
         self.state = state
         self.out = out
         self.life = life
+        self.health = Health(state, out)
         self.handlers: dict[MsgType, Callable[[str, Message], None]] = {
             MsgType.WORKER_HEARTBEAT: self.on_worker_heartbeat,
             MsgType.PARTIAL: self.on_worker_result,
@@ -176,9 +178,10 @@ class WorkerMessages:
 
     def on_worker_heartbeat(self, name: str, msg: Message) -> None:
         worker = self.state.workers[name]
-        worker.last_seen = time.time()
+        worker.last_seen = now = time.time()
         stats = msg.body.get("stats")
         if isinstance(stats, dict):
+            self.health.on_stats(worker, stats, now)
             worker.stats = stats
 
     def on_worker_result(self, name: str, msg: Message) -> None:

@@ -8,11 +8,9 @@ import threading
 import time
 from typing import Any
 
-import msgpack
 import pytest
-import zmq
 
-from libaios import paths
+from libaios import events
 from libaios.protocol import MsgType
 
 from ..conftest import TEST_AGENTS, Daemon
@@ -125,25 +123,17 @@ def test_a_suspended_call_s_snapshot_is_dropped_when_its_agent_is_killed(make_da
 
 
 def test_event_bus_reports_agent_lifecycle(daemon: Daemon) -> None:
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"agent.")
-    sub.connect(paths.ipc(daemon.runtime, paths.EVENTS_SOCKET))
-    try:
-        # A PUB drops messages until the subscription has reached it, so the
-        # first launches may go unseen: launch until one agent's whole life is.
-        for _ in range(20):
-            with daemon.client(operator=True) as c:
-                info = c.call(MsgType.AGENT_RUN, {"path": str(TEST_AGENTS / "exit_code.py"),
-                                                  "args": ["--task", "0"]})
-            agent_id = info["agent"]
-            seen: dict[str, dict] = {}
-            while f"agent.{agent_id}.exited" not in seen and sub.poll(5_000):
-                topic, body = sub.recv_multipart()
-                seen[topic.decode()] = msgpack.unpackb(body)
-            if f"agent.{agent_id}.started" in seen:
-                break
-        assert seen[f"agent.{agent_id}.started"]["pid"] == info["pid"]
-        assert seen[f"agent.{agent_id}.exited"]["exit_code"] == 0
-    finally:
-        sub.close()
+    # subscribe() returns once the kernel has the subscription: the first
+    # launch is seen whole
+    with events.subscribe(["agent."], runtime_dir=daemon.runtime) as sub:
+        with daemon.client(operator=True) as c:
+            info = c.call(MsgType.AGENT_RUN, {"path": str(TEST_AGENTS / "exit_code.py"),
+                                              "args": ["--task", "0"]})
+        agent_id = info["agent"]
+        seen: dict[str, dict] = {}
+        while f"agent.{agent_id}.exited" not in seen:
+            event = sub.next(timeout=60)
+            assert event is not None, f"no agent.{agent_id}.exited event; saw {list(seen)}"
+            seen[event.topic] = event.body
+    assert seen[f"agent.{agent_id}.started"]["pid"] == info["pid"]
+    assert seen[f"agent.{agent_id}.exited"]["exit_code"] == 0

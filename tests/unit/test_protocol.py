@@ -136,3 +136,25 @@ def test_a_body_of_many_tiny_values_is_refused_before_it_is_built() -> None:
     with pytest.raises(protocol.ProtocolError) as caught:
         protocol.decode([protocol.encode(protocol.call(MsgType.SYS_NULL))[1], lying])
     assert caught.value.code in (ErrorCode.BAD_FRAME, ErrorCode.TOO_LARGE)
+
+
+def test_events_round_trip_with_their_topic_time_and_body() -> None:
+    frames = protocol.encode_event("agent.a-1.started", {"agent": "a-1", "pid": 7}, ts=12.5)
+    assert frames[0] == b"agent.a-1.started"   # first: subscribers filter on it
+    event = protocol.decode_event(frames)
+    assert (event.topic, event.ts, event.body) == ("agent.a-1.started", 12.5,
+                                                   {"agent": "a-1", "pid": 7})
+
+
+@pytest.mark.parametrize("raw, code", [
+    ([b"t", msgpack.packb({"v": 1, "ts": 1.0})], ErrorCode.BAD_FRAME),
+    ([b"t", msgpack.packb({"v": 99, "ts": 1.0}), msgpack.packb({})], ErrorCode.BAD_VERSION),
+    ([b"t", msgpack.packb({"v": 1, "ts": "now"}), msgpack.packb({})], ErrorCode.BAD_FRAME),
+    ([b"t", msgpack.packb({"v": 1, "ts": 1.0}), msgpack.packb([1])], ErrorCode.BAD_FRAME),
+    ([b"\xff", msgpack.packb({"v": 1, "ts": 1.0}), msgpack.packb({})], ErrorCode.BAD_FRAME),
+    ([b"t" * 513, msgpack.packb({"v": 1, "ts": 1.0}), msgpack.packb({})], ErrorCode.TOO_LARGE),
+])
+def test_bad_events_are_refused_saying_why(raw: list[bytes], code: ErrorCode) -> None:
+    with pytest.raises(protocol.ProtocolError) as info:
+        protocol.decode_event(raw)
+    assert info.value.code is code and "event" in info.value.message

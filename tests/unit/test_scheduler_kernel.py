@@ -483,3 +483,41 @@ def test_a_key_binds_the_gateway_s_connection_and_its_revocation_ends_it(
     send(b"op", MsgType.ADMIN_KEYS, {"op": "revoke", "name": "alice"})
     assert b"gw" not in k.state.sessions and k.state.rules.groups_of("alice") == []
     assert send(b"gw", MsgType.SYS_NULL, {}).body["code"] == ErrorCode.UNAUTHENTICATED
+
+
+def test_heartbeats_tell_of_evictions_and_of_a_core_slowing_down_and_back(make_sched) -> None:
+    """What a core's heartbeats count becomes events: conversations it
+    evicted, and its decode rate falling under half its median for 2 s
+    (a fake clock: the heartbeats' times are given)."""
+    from aiosd.scheduler import slowcore
+
+    sched = make_sched(slow_core_fraction=0.5, slow_core_seconds=2.0)
+    worker = _core(sched)
+    health, now = sched.workers.health, 1000.0
+    totals = {"gen_steps": 0, "decode_tokens": 0, "gen_s": 0.0, "evicted_seqs": 3}
+
+    def beat(rate: float, evicted: int = 0) -> list[tuple[str, dict]]:
+        nonlocal now
+        now += 0.5
+        totals["gen_steps"] += 10
+        totals["decode_tokens"] += 10
+        totals["gen_s"] += 10 / rate
+        totals["evicted_seqs"] += evicted
+        health.on_stats(worker, dict(totals), now)
+        worker.stats = dict(totals)
+        events, sched.out.events = sched.out.events, []
+        return events
+
+    for _ in range(slowcore.MIN_HISTORY + 2):
+        assert beat(100.0) == []
+    assert beat(100.0, evicted=2) == [("worker.core0.evicted", {
+        "worker": "core0", "kind": "llm", "evicted": {"evicted_seqs": 2}})]
+    assert [e for _ in range(4) for e in beat(20.0)] == []   # slow, 1.5 s so far
+    ((topic, body),) = beat(20.0)
+    assert topic == "core.core0.slow" and body["slow"] and body["median"] == 100.0
+    status = sched.admin.status()
+    assert status["slow_cores"] == ["core0"]
+    assert status["cores"][0]["decode"]["slow_since"] == body["since"]
+    ((topic, body),) = beat(100.0)
+    assert topic == "core.core0.recovered" and not body["slow"]
+    assert sched.admin.status()["slow_cores"] == []
