@@ -97,6 +97,62 @@ class PeakRSS:
         self._thread.join()
 
 
+#: seconds between the progress lines of a run
+PROGRESS_EVERY = 15.0
+
+
+class Progress:
+    """While a run lasts, a line every ``PROGRESS_EVERY`` seconds: the time,
+    the agents that have finished and, of a daemon's (``env`` points at it),
+    the calls its cores have answered: one status call on a connection kept
+    open, so that asking costs the run next to nothing."""
+
+    def __init__(self, label: str, procs: list[subprocess.Popen], calls: int,
+                 env: dict[str, str] | None = None) -> None:
+        self.label, self.procs, self.calls, self.env = label, procs, calls, env
+        self._client: Any = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._start = time.time()
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._client is not None:
+            self._client.close()
+
+    def _served(self) -> int | None:
+        from libaios import paths
+        from libaios.client import Client
+        from libaios.protocol import MsgType
+
+        if self.env is None:
+            return None
+        try:
+            if self._client is None:
+                endpoint = paths.ipc(Path(self.env["AIOS_RUNTIME_DIR"]), paths.KERNEL_SOCKET)
+                self._client = Client(endpoint, name="bench-progress", operator=True, timeout=5.0)
+                self._client.connect()
+            status = self._client.call(MsgType.ADMIN_STATUS)
+        except Exception:   # progress is only shown: a run never fails for it
+            return None
+        return sum(int(c.get("served", 0)) for c in status.get("cores", []))
+
+    def _run(self) -> None:
+        while not self._stop.wait(PROGRESS_EVERY):
+            done = sum(p.poll() is not None for p in self.procs)
+            line = (f"       {self.label}: {time.time() - self._start:4.0f}s, "
+                    f"{done}/{len(self.procs)} agents finished")
+            answered = self._served()
+            if answered is not None:
+                line += f", {min(answered, self.calls)}/{self.calls} calls answered"
+            print(line, flush=True)
+
+
 def run_agents(system: str, n: int, env: dict[str, str], extra: list[str],
                flooder: bool = False) -> dict[str, Any]:
     flood = None
@@ -109,13 +165,15 @@ def run_agents(system: str, n: int, env: dict[str, str], extra: list[str],
                               cwd=ROOT, text=True) for i in range(n)]
     start = time.time()
     reports, failures = [], 0
-    for proc in procs:
-        out, err = proc.communicate()
-        try:
-            reports.append(json.loads(out.strip().splitlines()[-1]))
-        except (ValueError, IndexError):
-            failures += workload.TURNS
-            sys.stderr.write(f"{system} agent failed: {err[-500:]}\n")
+    with Progress(f"N={n} {system}", procs, n * workload.TURNS,
+                  env if system in ("aiosd", "gateway") else None):
+        for proc in procs:
+            out, err = proc.communicate()
+            try:
+                reports.append(json.loads(out.strip().splitlines()[-1]))
+            except (ValueError, IndexError):
+                failures += workload.TURNS
+                sys.stderr.write(f"{system} agent failed: {err[-500:]}\n")
     makespan = time.time() - start
     if flood is not None:
         flood.kill()
@@ -356,6 +414,9 @@ def _rates(flash_attn: bool) -> tuple[float, float]:
                     r.done.wait()
                 gen = sum(len(r.completion) for r in reqs)
                 best = max(best, gen / (time.time() - t))
+            print(f"       flash attention {'on' if flash_attn else 'off'}, trial {trial + 1} of "
+                  f"{RATE_TRIALS}: prefill {prefill:.0f} tok/s, batched decode {best:.0f} tok/s "
+                  f"(best so far)", flush=True)
         return prefill, best
     finally:
         eng.close()
@@ -469,6 +530,7 @@ def floor_costs(n: int, sh: floor.Shape) -> floor.Costs:
     """What the tokens of ``sh`` cost the kernel aiosd runs, at the
     workload's contexts with ``n`` conversations (at most aiosd's default
     slots) decoded together: see ``benchmarks.floor``."""
+    print(f"N={n:<4} measuring the compute floor ...", flush=True)
     return floor.measure(sh, streams=min(n, floor.STREAMS))
 
 
@@ -576,6 +638,8 @@ def main() -> None:
                         help="systems to run (default: aiosd,gateway,direct,shared up to N = 32, "
                              "aiosd alone beyond)")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--kv-mb", type=int,
+                        help="the embedded model's KV cache in MiB (default: sized to the machine)")
     parser.add_argument("--policy", choices=("fifo", "rr", "fair"),
                         help="aiosd's scheduling policy (default: the config's default, fifo)")
     parser.add_argument("--affinity", action="store_true",
@@ -615,8 +679,12 @@ def main() -> None:
         for system in systems:
             print(f"N={n:<4} {system:<7} running ...", flush=True)
             if system == "aiosd":
-                by[system] = bench_aiosd(n, {"scheduler": {"policy": args.policy}}
-                                         if args.policy else None)
+                config: dict[str, Any] = {}
+                if args.policy:
+                    config["scheduler"] = {"policy": args.policy}
+                if args.kv_mb:
+                    config["llm"] = {"models": [{"kv_mb": args.kv_mb}]}
+                by[system] = bench_aiosd(n, config or None)
             elif system == "gateway":
                 by[system] = bench_aiosd(n, gateway=True)
             elif system == "direct":
