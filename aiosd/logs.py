@@ -138,14 +138,18 @@ class JournalHandler(logging.Handler):
         self._plain = logging.Formatter()   # (only for a traceback's text)
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if record.exc_info:
-            message += "\n" + self._plain.formatException(record.exc_info)
-        data = {"MESSAGE": message, "PRIORITY": str(journal.priority(record.levelno)),
-                "SYSLOG_IDENTIFIER": self.role, "AIOS_PROCESS": self.role,
-                "AIOS_LOGGER": record.name, "CODE_FILE": record.pathname,
-                "CODE_LINE": str(record.lineno), "CODE_FUNC": record.funcName or ""}
-        data.update({f"AIOS_{k.upper()}": v for k, v in record_fields(record).items()})
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + self._plain.formatException(record.exc_info)
+            data = {"MESSAGE": message, "PRIORITY": str(journal.priority(record.levelno)),
+                    "SYSLOG_IDENTIFIER": self.role, "AIOS_PROCESS": self.role,
+                    "AIOS_LOGGER": record.name, "CODE_FILE": record.pathname,
+                    "CODE_LINE": str(record.lineno), "CODE_FUNC": record.funcName or ""}
+            data.update({f"AIOS_{k.upper()}": v for k, v in record_fields(record).items()})
+        except Exception:   # a record that cannot be formatted, as logging's own handlers do
+            self.handleError(record)
+            return
         try:
             self.sink.send(data)
         except OSError:

@@ -43,17 +43,23 @@ class Subscription:
     def next(self, timeout: float | None = None) -> Event | None:
         """The next event; None if none came within ``timeout`` seconds
         (None: wait for one). Raises :class:`errors.BadFrame` (or
-        BadVersion, TooLarge) for an event that cannot be decoded."""
-        if self._early:
-            frames = self._early.pop(0)
-        elif not self._sock.poll(None if timeout is None else max(0, int(timeout * 1000))):
-            return None
-        else:
-            frames = self._sock.recv_multipart()
-        try:
-            return protocol.decode_event(frames)
-        except protocol.ProtocolError as exc:
-            raise errors.error_class(exc.code)(f"an event from {self.endpoint}: {exc.message}")
+        BadVersion, TooLarge) for an event that cannot be decoded. The
+        kernel's answers to other subscribers' handshakes are skipped."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._early:
+                frames = self._early.pop(0)
+            else:
+                left = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+                if not self._sock.poll(left):
+                    return None
+                frames = self._sock.recv_multipart()
+            try:
+                event = protocol.decode_event(frames)
+            except protocol.ProtocolError as exc:
+                raise errors.error_class(exc.code)(f"an event from {self.endpoint}: {exc.message}")
+            if not event.topic.startswith(protocol.SUBSCRIBED):
+                return event
 
     def __iter__(self) -> Iterator[Event]:
         while True:

@@ -36,25 +36,31 @@ class Waiting:
 
 @dataclass(frozen=True)
 class Plan:
-    """The calls (their places in the queue) to admit, in order, and those
-    whose files to start reading."""
+    """The calls (their places in the queue) to admit, in order; those
+    passed over while their files are read (each a step nearer its bound);
+    and those whose files to start reading."""
 
     admit: list[int]
+    passed: list[int]
     read_ahead: list[int]
 
 
 def plan(waiting: Sequence[Waiting], free: int, decoding: bool) -> Plan:
     """Admit up to ``free`` of ``waiting`` (in queue order), passing over
     those whose files are still being read while calls are ``decoding``;
-    read ahead the files of all those not read yet."""
+    read ahead the files of all those not read yet. A call counts as passed
+    over only when there was room for it."""
     admit: list[int] = []
+    passed: list[int] = []
     read_ahead: list[int] = []
     for i, w in enumerate(waiting):
         unread = w.on_disk and not w.read
         if unread:
             read_ahead.append(i)
-            if decoding and w.passed < MAX_PASSED:
-                continue
-        if len(admit) < free:
-            admit.append(i)
-    return Plan(admit, read_ahead)
+        if len(admit) == free:
+            continue
+        if unread and decoding and w.passed < MAX_PASSED:
+            passed.append(i)
+            continue
+        admit.append(i)
+    return Plan(admit, passed, read_ahead)

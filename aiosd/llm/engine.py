@@ -10,8 +10,8 @@ seen (longest common token prefix). A prefix tree indexes the token runs
 the sequences hold; a new sequence whose prompt begins like another's (the
 same system prompt) starts from a copy of that one's cells
 (``llama_memory_seq_cp``, a buffer copy between streams) cut back to the
-common prefix, instead of recomputing them. When every stream is taken, the
-least recently used retained sequence is evicted: its cells are copied out
+common prefix, instead of recomputing them. When every stream is taken, a
+retained sequence is evicted (placement.reusable says which): its cells are copied out
 (``llama_state_seq_get_data``, the cells it uses, not its stream's size)
 into RAM, up to a bound; when its agent's next call comes, and the cache
 holds less of the prompt than those cells do, they are set into a stream
@@ -370,8 +370,11 @@ class Engine:
         chosen = admission.plan(views, free, decoding)
         for i in chosen.read_ahead:
             disk.read_ahead(window[i].key)
-            if i not in chosen.admit:
-                window[i]._passed += 1
+        for i in chosen.passed:
+            window[i]._passed += 1
+        # files read for calls no longer waiting here (cancelled, expired)
+        # are not held in memory meanwhile: they stay on disk
+        disk.release_reads({r.key for r in window})
         return [window[i] for i in chosen.admit]
 
     def _step(self) -> None:

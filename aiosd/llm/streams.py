@@ -1,8 +1,8 @@
 """The engine's streams: what each stream of the KV cache holds, carried
 out on llama.cpp. An agent's conversation is retained in its stream between
-calls; when a stream is needed the least recently used is evicted, its
-cells kept in RAM up to a bound; the streams of agents that ended are let
-go of first. A call is admitted with as much of its prompt as the cache
+calls; when a stream is needed one is evicted (see placement.reusable),
+its cells kept in RAM up to a bound, then on disk; the streams of agents
+that ended are let go of first. A call is admitted with as much of its prompt as the cache
 holds (its own cells, its kept evicted cells, or another stream's shared
 prefix), or with its snapshot set back into a stream; a call that would run
 apart is swapped next to the running ones. Where a call runs is decided in
@@ -70,8 +70,8 @@ class Streams:
         return placement.retained(self.seqs, key)
 
     def _free_seq(self) -> Seq | None:
-        """An idle stream: an empty one, else the least recently used
-        retained one, dropped."""
+        """An idle stream: an empty one, else a retained one (see
+        placement.reusable), its conversation evicted."""
         seq = placement.reusable(self.seqs)
         if seq is not None and seq.tokens:
             self._keep_evicted(seq)

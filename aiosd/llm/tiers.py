@@ -18,7 +18,10 @@ The files are written, read and checked on a thread of the tier's own, in
 the order they were asked for, while the engine decodes: a spill costs the
 engine no wait, and a file read ahead (``read_ahead``, for a call that is
 still waiting) is ready when the call is admitted. What the tier holds (its
-keys and bytes) is kept on the engine's thread alone.
+keys and bytes) changes on the engine's thread alone. The spills queued for
+the disk hold their cells in memory until written, up to ``MAX_WRITING``
+bytes: past it the engine waits for the oldest, so a disk slower than the
+spills slows the core instead of growing it.
 """
 
 from __future__ import annotations
@@ -30,13 +33,19 @@ import os
 import shutil
 import struct
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"AIOSKV1\n"
+#: bytes of spills queued for the disk at once (see above)
+MAX_WRITING = 256 << 20
+#: seconds a call's admission waits for its file to be read
+READ_TIMEOUT = 30.0
 #: after the magic: token count, state bytes, the digest of what follows
 HEADER = struct.Struct("<QQ32s")
 
@@ -92,12 +101,24 @@ def write(path: Path, tokens: list[int], state: bytes) -> None:
 
 
 def read(path: Path) -> tuple[list[int], bytes]:
-    """A conversation's file, read, checked and deleted; OSError if it
-    cannot be read, ValueError if it fails the check."""
+    """A conversation's file, read and checked; OSError if it cannot be
+    read, ValueError if it fails the check."""
+    return decode(path.read_bytes())
+
+
+def unlink(path: Path) -> None:
     try:
-        return decode(path.read_bytes())
-    finally:
         path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot delete a kept conversation's file %s: %s", path, exc)
+
+
+def _logged(future: Future[Any]) -> None:
+    """A done callback: what failed on the tier's thread unforeseen is
+    logged, never lost (a write's or a deletion's own errors are logged
+    where they happen; a read's are its caller's)."""
+    if not future.cancelled() and future.exception() is not None:
+        log.error("the disk tier's thread failed", exc_info=future.exception())
 
 
 class DiskTier:
@@ -114,6 +135,9 @@ class DiskTier:
         self.bytes = 0
         #: key -> its file being read ahead (or read)
         self.reads: dict[str, Future[tuple[list[int], bytes]]] = {}
+        #: the spills queued for the disk, oldest first, and their bytes
+        self._writing: deque[tuple[Future[None], int]] = deque()
+        self.writing_bytes = 0
         shutil.rmtree(self.dir, ignore_errors=True)
         # one thread: a file's write, read and deletion happen in the order asked
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-disk")
@@ -130,7 +154,7 @@ class DiskTier:
         if size > self.limit:
             return False
         path = self._path(key)
-        self._io.submit(write, path, list(tokens), state)
+        self._queue_write(path, list(tokens), state, size)
         self.files[key] = (path, size)
         self.bytes += size
         self.stats["spilled_seqs"] += 1
@@ -140,6 +164,19 @@ class DiskTier:
             self._drop(old, old_path)
             self.stats["dropped_seqs"] += 1
         return True
+
+    def _queue_write(self, path: Path, tokens: list[int], state: bytes, size: int) -> None:
+        """Queue a file's write; past MAX_WRITING queued, wait for the
+        oldest writes first."""
+        while self._writing and (self._writing[0][0].done()
+                                 or self.writing_bytes + size > MAX_WRITING):
+            done, n = self._writing.popleft()
+            done.exception()   # waits (its own errors are logged)
+            self.writing_bytes -= n
+        future = self._io.submit(write, path, tokens, state)
+        future.add_done_callback(_logged)
+        self._writing.append((future, size))
+        self.writing_bytes += size
 
     def read_ahead(self, key: str) -> None:
         """Start reading ``key``'s file, for a call that will restore it."""
@@ -168,8 +205,13 @@ class DiskTier:
             self.stats["read_ahead"] += 1
         elif future is None:
             future = self._io.submit(read, path)
+        self._delete(path)   # after its read: the conversation is taken either way
         try:
-            return future.result()
+            return future.result(timeout=READ_TIMEOUT)
+        except FutureTimeout:
+            log.warning("reading a kept conversation's cells from %s took over %.0f s; the "
+                        "conversation is prefilled again", path, READ_TIMEOUT)
+            return None
         except OSError as exc:
             log.warning("cannot read a kept conversation's cells from %s: %s", path, exc)
             return None
@@ -188,18 +230,29 @@ class DiskTier:
         self._drop(key, entry[0])
         return True
 
+    def release_reads(self, keep: set[str]) -> None:
+        """Let go of the files read ahead for keys not in ``keep`` (their
+        calls left the queue: cancelled, expired): they stay on disk, the
+        tier's as before, instead of in memory."""
+        for key in [k for k, f in self.reads.items() if k not in keep and f.done()]:
+            del self.reads[key]
+
     def _drop(self, key: str, path: Path) -> None:
-        # after the writes and reads asked before (the tier's thread keeps order)
         self.reads.pop(key, None)
-        self._io.submit(path.unlink, missing_ok=True)
+        self._delete(path)
+
+    def _delete(self, path: Path) -> None:
+        # after the writes and reads asked before (the tier's thread keeps order)
+        self._io.submit(unlink, path).add_done_callback(_logged)
 
     def flush(self) -> None:
         """Wait until the writes, reads and deletions asked so far are done."""
         self._io.submit(lambda: None).result()
 
     def close(self) -> None:
-        """Finish what was asked, and stop the tier's thread."""
-        self._io.shutdown(wait=True)
+        """Stop the tier's thread; what it has not begun is left undone
+        (the directory is emptied when the core starts again)."""
+        self._io.shutdown(wait=True, cancel_futures=True)
 
     def __contains__(self, key: str) -> bool:
         return key in self.files

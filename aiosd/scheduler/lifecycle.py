@@ -261,16 +261,23 @@ class Lifecycle:
         elif call.state is CallState.PENDING:
             self.fail(call, exc, now)
         elif call.state is CallState.RUNNING:
-            self.out.send_client(call.client, protocol.error(
-                call.client_call_id, exc.code, exc.message))
-            self.state.tally.ended(call, tally.outcome_of(exc.code), now)
-            log_end(call, protocol.error(call.client_call_id, exc.code, exc.message), now,
-                    running_s=now - call.dispatched)
+            answer = protocol.error(call.client_call_id, exc.code, exc.message)
+            self.out.send_client(call.client, answer)
+            self.ended_running(call, tally.outcome_of(exc.code), answer, now)
             self.cancel(call, now)
-            agent = self.state.agents.get(call.agent)
-            if agent is not None:   # (its usage is not finished: count it here)
-                agent.usage.failed += 1
-                agent.usage.throttled += call.throttled
+
+    def ended_running(self, call: Call, outcome: str, answer: Message | None, now: float) -> None:
+        """Account ``call``, still running on its worker, as ended now with
+        ``outcome`` (its caller has ``answer``, or is gone: None): the
+        worker's reply, when it lets go, is no longer the call's end. Its
+        figures, its log record and its agent's usage are counted here."""
+        self.state.tally.ended(call, outcome, now)
+        log_end(call, answer, now, running_s=now - call.dispatched)
+        agent = self.state.agents.get(call.agent)
+        if agent is not None:
+            agent.usage.calls += 1
+            agent.usage.failed += 1
+            agent.usage.throttled += call.throttled
 
     def give_up(self, call: Call, now: float) -> bool:
         """Its caller gave up on ``call`` (call.cancel): False if it was
@@ -379,7 +386,7 @@ class Lifecycle:
             elif call.state is CallState.PENDING:
                 self.finish(call, None, now)
             elif call.state is CallState.RUNNING:
-                log_end(call, None, now, running_s=now - call.dispatched)
+                self.ended_running(call, tally.DROPPED, None, now)
                 self.cancel(call, now)
         for worker in list(state.workers.values()):
             if worker.kind == "llm":

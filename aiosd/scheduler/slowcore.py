@@ -83,6 +83,7 @@ class SlowCore:
         self._base: Counters | None = None
         self._history: dict[int, deque[float]] = {}
         self._under_since: float | None = None
+        self._judged: float | None = None   # when the last window was judged
         #: the change that flagged it, while it is flagged
         self.flagged: Change | None = None
         #: the last window judged: (rate, its class's median or None)
@@ -113,6 +114,11 @@ class SlowCore:
             return None
         median = statistics.median(history)
         self.last = (rate, median)
+        if self._judged is not None and now - self._judged > self.seconds:
+            # a gap with no window (the core was idle): slow windows on
+            # either side of it are not slow all along
+            self._under_since = None
+        self._judged = now
         if rate < self.fraction * median:
             if self._under_since is None:
                 self._under_since = now

@@ -209,7 +209,7 @@ class WorkerMessages:
         self.life.release(worker, call)
         worker.served += 1
         now = time.time()
-        if first is not None:
+        if first is not None and call.type is MsgType.LLM_CHAT:
             self.first_token(call, first)
         suspended = msg.type is MsgType.REPLY and msg.body.get("finish_reason") == "suspended"
         if call.state is not CallState.RUNNING:

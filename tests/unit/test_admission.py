@@ -19,7 +19,7 @@ def test_calls_are_admitted_in_order_up_to_the_free_slots() -> None:
 
 def test_a_call_whose_file_is_being_read_is_passed_over_while_others_decode() -> None:
     p = plan([UNREAD, NEAR, NEAR], free=2, decoding=True)
-    assert p.admit == [1, 2] and p.read_ahead == [0]
+    assert p.admit == [1, 2] and p.passed == [0] and p.read_ahead == [0]
     # its file read, it goes first again
     assert plan([READ, NEAR, NEAR], free=2, decoding=True).admit == [0, 1]
 
@@ -27,12 +27,16 @@ def test_a_call_whose_file_is_being_read_is_passed_over_while_others_decode() ->
 def test_files_are_read_ahead_for_calls_that_cannot_be_admitted_yet() -> None:
     p = plan([NEAR, UNREAD, UNREAD], free=0, decoding=True)
     assert p.admit == [] and p.read_ahead == [1, 2]
+    # with no room for them they are not passed over: their bound is not spent
+    assert p.passed == []
+    p = plan([NEAR, UNREAD, UNREAD], free=1, decoding=True)
+    assert p.admit == [0] and p.passed == [] and p.read_ahead == [1, 2]
 
 
 def test_with_nothing_decoding_the_read_is_waited_for() -> None:
     """Nothing would overlap the read: passing the call over only delays it."""
     p = plan([UNREAD, NEAR], free=1, decoding=False)
-    assert p.admit == [0] and p.read_ahead == [0]
+    assert p.admit == [0] and p.passed == [] and p.read_ahead == [0]
 
 
 def test_a_call_is_passed_over_a_bounded_number_of_steps() -> None:

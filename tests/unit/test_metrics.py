@@ -151,6 +151,24 @@ def test_a_failed_a_timed_out_and_a_refused_call_are_counted_by_their_error_code
     assert kernel.state.tally.latency["llm.chat"].count == 3
 
 
+def test_a_running_call_whose_agent_ends_is_counted_once_as_dropped(kernel: Kernel) -> None:
+    agent = kernel.state.agents.register("alice", None)
+    running = chat(kernel, 1, agent=agent.id)
+    agent.usage.first_call = time.time()   # it made a call: the kernel forgets it on end
+    assert running.state is CallState.RUNNING
+    kernel.state.agents.disconnect(agent, time.time())
+    kernel.life.agent_ended(agent)
+    assert running.state is CallState.CANCELLING
+    assert kernel.state.tally.calls == {("llm.chat", "dropped"): 1}
+    assert (agent.usage.calls, agent.usage.failed) == (1, 1)
+    # the core lets go of it later: that is no second end
+    msg = protocol.Message(MsgType.ERROR, protocol.new_id(),
+                           {"code": int(ErrorCode.CANCELLED), "message": "cancelled"}, re=running.kid)
+    kernel.on_worker_frames([b"core0", *protocol.encode(msg)])
+    assert kernel.state.tally.calls == {("llm.chat", "dropped"): 1}
+    assert kernel.state.tally.latency["llm.chat"].count == 1
+
+
 def test_error_codes_make_a_bounded_set_of_outcomes() -> None:
     assert outcome_of(int(ErrorCode.OVERLOADED)) == "overloaded"
     assert {outcome_of(x) for x in (999, "x", None, 3.5)} == {"unknown"}

@@ -73,6 +73,15 @@ def test_a_dip_shorter_than_the_configured_time_is_not_flagged() -> None:
     assert det.flagged is None
 
 
+def test_slow_windows_apart_across_an_idle_gap_are_not_slow_all_along() -> None:
+    det, core = detector()
+    assert run(det, core, 1, rate=30.0) == []
+    core.now += 3600.0                           # an hour with no window: the core idled
+    assert run(det, core, 1, rate=30.0) == []    # one more slow window is not ten seconds' worth
+    assert det.flagged is None
+    assert len(run(det, core, 21, rate=30.0)) == 1   # slow all along from here: flagged
+
+
 def test_a_busier_core_is_compared_with_its_own_rate_at_that_batch_size() -> None:
     det, core = detector()
     assert run(det, core, 30, rate=400.0, batch=8) == []   # batched: more tokens a second

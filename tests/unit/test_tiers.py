@@ -23,6 +23,7 @@ def test_a_conversation_comes_back_as_it_went(tmp_path: Path) -> None:
     [path] = (tmp_path / "kv").iterdir()
     assert path.suffix == ".kv" and path.stat().st_mode & 0o777 == 0o600
     assert t.take("agent-1") == ([1, 2, 300000], b"cells" * 10)
+    t.flush()   # deleted on the tier's thread too
     assert t.take("agent-1") is None and not list((tmp_path / "kv").iterdir())
     assert t.stats["spilled_seqs"] == 1
 
@@ -36,6 +37,7 @@ def test_a_flipped_byte_is_refused_and_counted(tmp_path: Path) -> None:
     data[-100] ^= 0x01
     path.write_bytes(bytes(data))
     assert t.take("a") is None
+    t.flush()
     assert t.stats["corrupt_seqs"] == 1 and not path.exists() and t.bytes == 0
 
 
@@ -75,6 +77,7 @@ def test_a_file_read_ahead_is_ready_when_taken(tmp_path: Path) -> None:
     t.flush()
     assert t.ready("a") and "a" in t     # read, still the tier's until taken
     assert t.take("a") == ([1, 2, 3], b"state") and t.stats["read_ahead"] == 1
+    t.flush()
     assert t.bytes == 0 and not list((tmp_path / "kv").iterdir())
 
 
@@ -91,6 +94,28 @@ def test_a_file_read_ahead_then_forgotten_or_written_again_is_not_served(tmp_pat
     assert not list((tmp_path / "kv").iterdir()) and t.bytes == 0
 
 
+def test_a_file_read_ahead_for_a_call_gone_from_the_queue_stays_on_disk(tmp_path: Path) -> None:
+    t = tier(tmp_path)
+    t.put("a", [1, 2], b"cells")
+    t.put("b", [3], b"more")
+    t.read_ahead("a")
+    t.read_ahead("b")
+    t.flush()
+    t.release_reads({"b"})              # a's call left the queue; b's waits still
+    assert set(t.reads) == {"b"} and "a" in t and t.ready("b") and not t.ready("a")
+    assert t.take("a") == ([1, 2], b"cells") and t.stats["read_ahead"] == 0   # read again
+
+
+def test_spills_queued_for_the_disk_are_bounded(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(tiers, "MAX_WRITING", 3 * len(tiers.encode([1], b"x" * 100)))
+    t = tier(tmp_path, limit=10**6)
+    for i in range(10):
+        t.put(f"k{i}", [1], b"x" * 100)
+        assert t.writing_bytes <= tiers.MAX_WRITING
+    t.flush()
+    assert len(list((tmp_path / "kv").iterdir())) == 10
+
+
 def test_a_file_that_cannot_be_written_is_a_miss_not_an_error(tmp_path: Path) -> None:
     t = tier(tmp_path)
     (tmp_path / "kv").write_text("a file where the directory should be")
@@ -99,5 +124,7 @@ def test_a_file_that_cannot_be_written_is_a_miss_not_an_error(tmp_path: Path) ->
 
 
 def test_a_new_core_starts_with_an_empty_tier(tmp_path: Path) -> None:
-    tier(tmp_path).put("a", [1], b"x")
+    old = tier(tmp_path)
+    old.put("a", [1], b"x")
+    old.flush()
     assert len(tier(tmp_path)) == 0 and not (tmp_path / "kv").exists()
