@@ -32,6 +32,9 @@ MIN_STEPS = 8
 MIN_HISTORY = 5
 #: Healthy windows a batch class keeps (its "recent" median).
 HISTORY = 120
+#: seconds a core may go without decoding before its slow windows count
+#: afresh (it was idle, not slow, in between)
+IDLE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,11 @@ class SlowCore:
         self._base = counters
         if tokens <= 0 or seconds <= 0:
             return None
-        return self._judge(now, tokens / seconds, batch_class(tokens / steps))
+        return self._judge(now, tokens / seconds, batch_class(tokens / steps), seconds)
 
-    def _judge(self, now: float, rate: float, batch: int) -> Change | None:
+    def _judge(self, now: float, rate: float, batch: int, busy: float) -> Change | None:
+        """Judge a window of ``rate`` tokens a second at ``batch``, whose
+        decoding took ``busy`` seconds."""
         history = self._history.setdefault(batch, deque(maxlen=HISTORY))
         if len(history) < MIN_HISTORY:
             history.append(rate)
@@ -114,9 +119,10 @@ class SlowCore:
             return None
         median = statistics.median(history)
         self.last = (rate, median)
-        if self._judged is not None and now - self._judged > self.seconds:
-            # a gap with no window (the core was idle): slow windows on
-            # either side of it are not slow all along
+        if self._judged is not None and now - self._judged - busy > max(self.seconds, IDLE_S):
+            # the core did not decode for a while (idle): slow windows on
+            # either side of the gap are not slow all along. (A slow window
+            # itself lasts long: only the time it was not decoding counts.)
             self._under_since = None
         self._judged = now
         if rate < self.fraction * median:

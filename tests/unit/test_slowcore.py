@@ -82,6 +82,18 @@ def test_slow_windows_apart_across_an_idle_gap_are_not_slow_all_along() -> None:
     assert len(run(det, core, 21, rate=30.0)) == 1   # slow all along from here: flagged
 
 
+def test_windows_that_last_long_because_the_core_is_slow_are_no_idle_gap() -> None:
+    """A throttled core's windows each take longer than the configured time:
+    the time between them is spent decoding, so they count as slow all along."""
+    det, core = SlowCore(fraction=0.5, seconds=1.0), FakeCore()
+    assert run(det, core, 1 + slowcore.MIN_HISTORY + 20, rate=100.0) == []
+    changes = []
+    for _ in range(3):
+        counters = core.beat(5.0, dt=2.0)     # 10 steps at 5 tokens/s: 2 s of decoding
+        changes.append(det.observe(core.now, counters))
+    assert [c.slow for c in changes if c is not None] == [True]
+
+
 def test_a_busier_core_is_compared_with_its_own_rate_at_that_batch_size() -> None:
     det, core = detector()
     assert run(det, core, 30, rate=400.0, batch=8) == []   # batched: more tokens a second
