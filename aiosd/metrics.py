@@ -42,15 +42,20 @@ TOOL_OUTCOMES = ("ok", "error", "timeout", "cancelled")
 DECISIONS = ("approved", "denied", "expired")
 
 
-def _histogram(family: HistogramMetricFamily, labels: list[str], data: Any) -> None:
-    """Add the histogram ``data`` (Histogram.to_dict) under ``labels``; one
-    that does not read as a histogram is left out rather than shown wrong."""
-    try:
-        hist = Histogram.from_dict(data)
-    except ValueError:
-        return
-    buckets = [(floatToGoString(le), n) for le, n in hist.cumulative()]   # "1.0", "+Inf"
-    family.add_metric(labels, buckets=buckets, sum_value=hist.total)
+def _histograms(name: str, doc: str, labels: list[str],
+                rows: Iterable[tuple[list[str], Any]]) -> HistogramMetricFamily:
+    """A histogram family of the ``rows``: each the label values and a
+    histogram (Histogram.to_dict); one that does not read as a histogram is
+    left out rather than shown wrong."""
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for values, data in rows:
+        try:
+            hist = Histogram.from_dict(data)
+        except ValueError:
+            continue
+        buckets = [(floatToGoString(le), n) for le, n in hist.cumulative()]   # "1.0", "+Inf"
+        family.add_metric(values, buckets=buckets, sum_value=hist.total)
+    return family
 
 
 def _kernel(f: dict[str, Any]) -> Iterator[Metric]:
@@ -74,12 +79,9 @@ def _resources(f: dict[str, Any]) -> Iterator[Metric]:
     for resource, n in f.get("running", {}).items():
         running.add_metric([resource], n)
     yield running
-    wait = HistogramMetricFamily("aios_queue_wait_seconds",
-                                 "Time a finished call waited in its resource's queue.",
-                                 labels=["resource"])
-    for resource, data in f.get("wait", {}).items():
-        _histogram(wait, [resource], data)
-    yield wait
+    yield _histograms("aios_queue_wait_seconds",
+                      "Time a finished call waited in its resource's queue.", ["resource"],
+                      (([resource], data) for resource, data in f.get("wait", {}).items()))
 
 
 def _calls(f: dict[str, Any]) -> Iterator[Metric]:
@@ -89,24 +91,16 @@ def _calls(f: dict[str, Any]) -> Iterator[Metric]:
     for row in f.get("calls", []):
         calls.add_metric([row["type"], row["outcome"]], row["count"])
     yield calls
-    latency = HistogramMetricFamily("aios_call_duration_seconds",
-                                    "Time from a call's arrival to its final answer.",
-                                    labels=["type"])
-    for kind, data in f.get("latency", {}).items():
-        _histogram(latency, [kind], data)
-    yield latency
-    first = HistogramMetricFamily("aios_llm_time_to_first_token_seconds",
-                                  "Time from a chat's arrival to its first generated piece.",
-                                  labels=["model"])
-    for model, data in f.get("first_token", {}).items():
-        _histogram(first, [model], data)
-    yield first
-    tokens = HistogramMetricFamily("aios_llm_call_tokens",
-                                   "Tokens of one chat that ended well, prompt or completion.",
-                                   labels=["model", "kind"])
-    for row in f.get("tokens", []):
-        _histogram(tokens, [row["model"], row["kind"]], row)
-    yield tokens
+    yield _histograms("aios_call_duration_seconds",
+                      "Time from a call's arrival to its final answer.", ["type"],
+                      (([kind], data) for kind, data in f.get("latency", {}).items()))
+    yield _histograms("aios_llm_time_to_first_token_seconds",
+                      "Time from a chat's arrival to its first generated piece.", ["model"],
+                      (([model], data) for model, data in f.get("first_token", {}).items()))
+    yield _histograms("aios_llm_call_tokens",
+                      "Tokens of one chat that ended well, prompt or completion.",
+                      ["model", "kind"],
+                      (([row["model"], row["kind"]], row) for row in f.get("tokens", [])))
 
 
 def _cores(f: dict[str, Any]) -> Iterator[Metric]:
@@ -183,16 +177,16 @@ def _tools(f: dict[str, Any]) -> Iterator[Metric]:
     calls = CounterMetricFamily("aios_tool_calls",
                                 "Tool calls the tool manager ran, by outcome.",
                                 labels=["tool", "outcome"])
-    seconds = HistogramMetricFamily("aios_tool_duration_seconds", "Time a tool call ran.",
-                                    labels=["tool"])
+    tools = f.get("tools", {})
+    seconds = _histograms("aios_tool_duration_seconds", "Time a tool call ran.", ["tool"],
+                          (([tool], figures["seconds"]) for tool, figures in tools.items()
+                           if "seconds" in figures))
     running = GaugeMetricFamily("aios_tool_running", "Calls of a tool running now.",
                                 labels=["tool"])
-    for tool, figures in f.get("tools", {}).items():
+    for tool, figures in tools.items():
         counts = figures.get("calls") or {}
         for outcome in TOOL_OUTCOMES:
             calls.add_metric([tool, outcome], counts.get(outcome, 0))
-        if "seconds" in figures:
-            _histogram(seconds, [tool], figures["seconds"])
         running.add_metric([tool], figures.get("running", 0))
     yield from (calls, seconds, running)
 
