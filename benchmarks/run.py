@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 
@@ -44,7 +44,27 @@ def pct(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-class PeakRSS:
+class Watcher:
+    """A thread that watches a run from the side while a ``with`` block
+    lasts: ``_run`` (the subclass's) loops until ``_stop`` is set."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class PeakRSS(Watcher):
     """Samples the summed RSS of this process's descendants every
     ``interval`` seconds. Finding the descendants reads every process's
     status, which with hundreds of agents took half a core away from the
@@ -57,8 +77,7 @@ class PeakRSS:
         self.kernel_pid: int | None = None
         self.kernel_peak = 0
         self.interval, self.refresh = interval, refresh
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _run(self) -> None:
         me = psutil.Process()
@@ -88,20 +107,12 @@ class PeakRSS:
             self.kernel_peak = max(self.kernel_peak, kernel)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
 
 #: seconds between the progress lines of a run
 PROGRESS_EVERY = 15.0
 
 
-class Progress:
+class Progress(Watcher):
     """While a run lasts, a line every ``PROGRESS_EVERY`` seconds: the time,
     the agents that have finished and, of a daemon's (``env`` points at it),
     the calls its cores have answered: one status call on a connection kept
@@ -111,17 +122,11 @@ class Progress:
                  env: dict[str, str] | None = None) -> None:
         self.label, self.procs, self.calls, self.env = label, procs, calls, env
         self._client: Any = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
         self._start = time.time()
-
-    def __enter__(self) -> Progress:
-        self._thread.start()
-        return self
+        super().__init__()
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__exit__(*exc)
         if self._client is not None:
             self._client.close()
 
