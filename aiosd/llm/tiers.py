@@ -57,6 +57,11 @@ def digest(tokens: bytes, state: bytes) -> bytes:
     return h.digest()
 
 
+def file_size(n_tokens: int, n_state: int) -> int:
+    """The bytes of a file holding ``n_tokens`` tokens and ``n_state`` bytes of state."""
+    return len(MAGIC) + HEADER.size + 4 * n_tokens + n_state
+
+
 def encode(tokens: list[int], state: bytes) -> bytes:
     """A file's bytes: the magic, the header, the tokens (int32), the state."""
     packed = array("i", tokens).tobytes()
@@ -72,10 +77,10 @@ def decode(data: bytes) -> tuple[list[int], bytes]:
         n_tokens, n_state, want = HEADER.unpack_from(data, len(MAGIC))
     except struct.error:
         raise ValueError("truncated header") from None
+    if len(data) != file_size(n_tokens, n_state):
+        raise ValueError(f"{len(data)} bytes where the header says {file_size(n_tokens, n_state)}")
     start = len(MAGIC) + HEADER.size
     end = start + 4 * n_tokens
-    if len(data) != end + n_state:
-        raise ValueError(f"{len(data)} bytes where the header says {end + n_state}")
     packed, state = data[start:end], data[end:]
     if digest(packed, state) != want:
         raise ValueError("checksum mismatch")
@@ -150,7 +155,7 @@ class DiskTier:
         thread); False if it cannot be: it is larger than the tier. (A
         write that fails is logged, and the conversation prefilled again.)"""
         self.forget(key)
-        size = len(MAGIC) + HEADER.size + 4 * len(tokens) + len(state)
+        size = file_size(len(tokens), len(state))
         if size > self.limit:
             return False
         path = self._path(key)
