@@ -279,6 +279,7 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         streams = self.streams
+        cells = (len(streams.seqs) + 1) * self.n_ctx
         with self._lock:
             return {
                 "slots": self.slots,
@@ -286,9 +287,9 @@ class Engine:
                 "waiting": len(self.waiting),
                 "seqs": len(streams.seqs),
                 "seq_ctx": self.n_ctx,
-                "kv_bytes": (len(streams.seqs) + 1) * self.n_ctx * self.token_bytes,
+                "kv_bytes": cells * self.token_bytes,
                 # the cache's cells (the spare stream's too), and those holding a token
-                "kv_cells": (len(streams.seqs) + 1) * self.n_ctx,
+                "kv_cells": cells,
                 "kv_cells_used": sum(len(s.tokens) for s in streams.seqs),
                 "retained_seqs": sum(1 for s in streams.seqs if s.tokens and not s.busy),
                 "evicted_kept": len(streams.evicted),

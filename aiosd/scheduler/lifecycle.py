@@ -147,8 +147,7 @@ class Lifecycle:
             if call.type is MsgType.LLM_CHAT:
                 prompt, completion = chat_usage(result)
                 state.tally.chat_tokens(call.model or "", prompt, completion)
-        state.tally.ended(call, outcome, now)
-        log_end(call, result, now)
+        self.record_end(call, outcome, result, now)
         agent = state.agents.get(call.agent)
         if agent is None:
             return
@@ -271,13 +270,19 @@ class Lifecycle:
         ``outcome`` (its caller has ``answer``, or is gone: None): the
         worker's reply, when it lets go, is no longer the call's end. Its
         figures, its log record and its agent's usage are counted here."""
-        self.state.tally.ended(call, outcome, now)
-        log_end(call, answer, now, running_s=now - call.dispatched)
+        self.record_end(call, outcome, answer, now, running_s=now - call.dispatched)
         agent = self.state.agents.get(call.agent)
         if agent is not None:
             agent.usage.calls += 1
             agent.usage.failed += 1
             agent.usage.throttled += call.throttled
+
+    def record_end(self, call: Call, outcome: str, result: Message | None, now: float,
+                   running_s: float = 0.0) -> None:
+        """Count ``call``'s end in the metrics and log it: once a call, however
+        it ends (see log_end for ``running_s``)."""
+        self.state.tally.ended(call, outcome, now)
+        log_end(call, result, now, running_s)
 
     def give_up(self, call: Call, now: float) -> bool:
         """Its caller gave up on ``call`` (call.cancel): False if it was
