@@ -32,13 +32,13 @@ def main(argv: list[str]) -> int:
     runtime_dir = Path(os.environ.get("AIOS_RUNTIME_DIR") or paths.runtime_dir())
     role = argv[0]
     if role == roles.SCHEDULER:
-        logs.setup(cfg.kernel.log_level, "scheduler", cfg.kernel.log_format)
+        logs.setup(cfg.kernel, "scheduler")
         from .scheduler.server import serve
 
         serve(cfg, runtime_dir)
         return 0
     if role == roles.LLM and len(argv) == 2:
-        logs.setup(cfg.kernel.log_level, f"llm:{argv[1]}", cfg.kernel.log_format)
+        logs.setup(cfg.kernel, f"llm:{argv[1]}")
         from .llm.core import serve as serve_core
 
         try:
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
             return roles.EX_CONFIG  # restarting cannot help
         return 0
     if role == roles.GATEWAY:
-        logs.setup(cfg.kernel.log_level, "gateway", cfg.kernel.log_format)
+        logs.setup(cfg.kernel, "gateway")
         from .gateway.service import serve as serve_gateway
 
         try:
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     if role in roles.SERVICES and len(argv) == 1:
         import importlib
 
-        logs.setup(cfg.kernel.log_level, role, cfg.kernel.log_format)
+        logs.setup(cfg.kernel, role)
         module = importlib.import_module(roles.SERVICES[role][1])
         module.serve(cfg, paths.ipc(runtime_dir, paths.WORKERS_SOCKET))
         return 0

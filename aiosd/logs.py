@@ -27,9 +27,12 @@ import stat
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import journal
+
+if TYPE_CHECKING:
+    from .config import KernelConfig
 
 #: The structured fields a record may carry (``extra=fields(...)``).
 FIELDS = ("event", "agent", "call_id")
@@ -171,9 +174,11 @@ def stderr_file() -> str | None:
         return None
 
 
-def setup(level: str, role: str, fmt: str = "text") -> None:
-    """Log records of ``level`` and above, as ``role``, in format ``fmt``
-    ("text" or "json"): to the journal under systemd, else to stderr."""
+def setup(kernel: KernelConfig, role: str) -> None:
+    """Log records of ``kernel.log_level`` and above, as ``role``, in
+    ``kernel.log_format`` ("text" or "json"): to the journal under
+    systemd, else to stderr."""
+    level, fmt = kernel.log_level, kernel.log_format
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(JsonFormatter(role) if fmt == "json" else TextFormatter(role))
     handler: logging.Handler = stream

@@ -55,7 +55,7 @@ def main(config_path: str | None, print_default_config: bool, check_config: bool
     if check_config:
         click.echo("configuration OK")
         return
-    logs.setup(cfg.kernel.log_level, "aiosd", cfg.kernel.log_format)
+    logs.setup(cfg.kernel, "aiosd")
     sup = Supervisor(cfg, paths.runtime_dir(), paths.data_dir())
     try:
         sys.exit(sup.run())
